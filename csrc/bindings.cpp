@@ -1,0 +1,120 @@
+// pfkernels._C: raw pointers, sizes, dtype codes and streams in; backend entry points out.
+// This file is the only one that sees pybind11. It links no libtorch, so one build serves every
+// torch release; pfkernels/ops.py is its only caller.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "common/macros.h"
+#include "cpu/cpu_kernels.h"
+#ifdef PFKERNELS_WITH_CUDA
+#include "cuda/cuda_kernels.h"
+#endif
+
+namespace py = pybind11;
+using Ptrs = std::vector<uintptr_t>;
+using Sizes = std::vector<int64_t>;
+
+namespace {
+
+template <typename T>
+std::vector<T> as_pointers(const Ptrs& p) {
+  std::vector<T> out(p.size());
+  for (size_t i = 0; i < p.size(); ++i) out[i] = reinterpret_cast<T>(p[i]);
+  return out;
+}
+
+void check_lists(const Ptrs& a, const Ptrs& b, const Sizes& sizes, const char* na, const char* nb) {
+  PFK_CHECK_ARG(a.size() == b.size(), nb, "list length differs from '" + std::string(na) + "'");
+  PFK_CHECK_ARG(a.size() == sizes.size(), "sizes", "list length differs from the tensor lists");
+}
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pfkernels compiled backends (private: use pfkernels.ops)";
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = PFKERNELS_VERSION;
+#ifdef PFKERNELS_WITH_CUDA
+    d["cuda_built"] = true;
+    d["cuda_archs"] = std::string(PFKERNELS_CUDA_ARCHS);
+    d["multi_tensor_chunk"] = pfk::cuda::kMultiTensorChunk;
+#else
+    d["cuda_built"] = false;
+    d["cuda_archs"] = std::string();
+#endif
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    d["cpu_threads"] = pfk::cpu::max_threads();
+    return d;
+  });
+
+  m.def(
+      "multi_tensor_dot_cpu",
+      [](const Ptrs& a, const Ptrs& b, const Sizes& sizes, int dtype, uintptr_t out) {
+        check_lists(a, b, sizes, "a", "b");
+        auto pa = as_pointers<const void*>(a);
+        auto pb = as_pointers<const void*>(b);
+        py::gil_scoped_release nogil;
+        pfk::cpu::multi_tensor_dot(pa.data(), pb.data(), sizes.data(),
+                                   static_cast<int64_t>(sizes.size()), dtype, ptr<void>(out));
+      },
+      py::arg("a"), py::arg("b"), py::arg("sizes"), py::arg("dtype"), py::arg("out"));
+
+  m.def(
+      "multi_tensor_axpy_cpu",
+      [](const Ptrs& x, const Ptrs& y, const Sizes& sizes, int dtype, uintptr_t alpha) {
+        check_lists(x, y, sizes, "x", "y");
+        auto px = as_pointers<void*>(x);
+        auto py_ = as_pointers<const void*>(y);
+        py::gil_scoped_release nogil;
+        pfk::cpu::multi_tensor_axpy(px.data(), py_.data(), sizes.data(),
+                                    static_cast<int64_t>(sizes.size()), dtype,
+                                    ptr<const void>(alpha));
+      },
+      py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("dtype"), py::arg("alpha"));
+
+#ifdef PFKERNELS_WITH_CUDA
+  m.def("cuda_device_count", &pfk::cuda::device_count);
+
+  m.def(
+      "multi_tensor_dot_cuda",
+      [](const Ptrs& a, const Ptrs& b, const Sizes& sizes, int dtype, uintptr_t out,
+         uintptr_t workspace, uintptr_t stream) {
+        check_lists(a, b, sizes, "a", "b");
+        auto pa = as_pointers<const void*>(a);
+        auto pb = as_pointers<const void*>(b);
+        pfk::cuda::multi_tensor_dot(pa.data(), pb.data(), sizes.data(),
+                                    static_cast<int64_t>(sizes.size()), dtype, ptr<void>(out),
+                                    ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("a"), py::arg("b"), py::arg("sizes"), py::arg("dtype"), py::arg("out"),
+      py::arg("workspace"), py::arg("stream"));
+
+  m.def(
+      "multi_tensor_axpy_cuda",
+      [](const Ptrs& x, const Ptrs& y, const Sizes& sizes, int dtype, uintptr_t alpha,
+         uintptr_t stream) {
+        check_lists(x, y, sizes, "x", "y");
+        auto px = as_pointers<void*>(x);
+        auto py_ = as_pointers<const void*>(y);
+        pfk::cuda::multi_tensor_axpy(px.data(), py_.data(), sizes.data(),
+                                     static_cast<int64_t>(sizes.size()), dtype,
+                                     ptr<const void>(alpha), ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("dtype"), py::arg("alpha"),
+      py::arg("stream"));
+#endif
+}

@@ -1,0 +1,19 @@
+// Entry points of the CPU backend, one block per kernel family. Pointers are raw data pointers
+// of contiguous tensors; dtype is a pfk::DType code.
+#pragma once
+
+#include <cstdint>
+
+namespace pfk::cpu {
+
+// multi_tensor: out[0..2] = (sum <a_i, b_i>, sum |a_i|^2, sum |b_i|^2), accumulated in float64,
+// written in the inputs' dtype. Deterministic for any thread count.
+void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
+                      int64_t count, int dtype, void* out);
+// multi_tensor: x_i += alpha * y_i with alpha read from a one-element buffer of the same dtype.
+void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
+                       int dtype, const void* alpha);
+
+int max_threads();
+
+}  // namespace pfk::cpu

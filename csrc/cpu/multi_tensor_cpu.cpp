@@ -1,0 +1,137 @@
+// multi_tensor family, CPU: fused dot/norms over two tensor lists and a fused axpy.
+//
+// Work is cut into fixed chunks of the flattened lists; each chunk's partial sums use a fixed
+// number of lanes and are added in chunk order afterwards, so results do not depend on the
+// number of OpenMP threads.
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/macros.h"
+#include "cpu/cpu_kernels.h"
+
+namespace pfk::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+constexpr int kLanes = 8;
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> make_chunks(const int64_t* sizes, int64_t count) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t s = 0; s < sizes[t]; s += kChunk)
+      chunks.push_back({t, s, s + kChunk < sizes[t] ? s + kChunk : sizes[t]});
+  return chunks;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define PFK_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PFK_VECTOR_CLONES
+#endif
+
+template <typename T>
+PFK_VECTOR_CLONES void dot3_range(const T* a, const T* b, int64_t n, double* out3) {
+  double ab[kLanes] = {}, aa[kLanes] = {}, bb[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double x = a[i + l], y = b[i + l];
+      ab[l] += x * y;
+      aa[l] += x * x;
+      bb[l] += y * y;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const double x = a[i], y = b[i];
+    ab[l] += x * y;
+    aa[l] += x * x;
+    bb[l] += y * y;
+  }
+  double s0 = 0, s1 = 0, s2 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    s0 += ab[l];
+    s1 += aa[l];
+    s2 += bb[l];
+  }
+  out3[0] = s0;
+  out3[1] = s1;
+  out3[2] = s2;
+}
+
+template <typename T>
+PFK_VECTOR_CLONES void axpy_range(T* x, const T* y, int64_t n, T alpha) {
+  for (int64_t i = 0; i < n; ++i) x[i] += alpha * y[i];
+}
+
+template <typename T>
+void dot_impl(const void* const* a, const void* const* b, const int64_t* sizes, int64_t count,
+              void* out) {
+  const std::vector<Chunk> chunks = make_chunks(sizes, count);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> partial(3 * nc);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk& k = chunks[c];
+    dot3_range(static_cast<const T*>(a[k.tensor]) + k.begin,
+               static_cast<const T*>(b[k.tensor]) + k.begin, k.end - k.begin, &partial[3 * c]);
+  }
+  double s[3] = {0, 0, 0};
+  for (int64_t c = 0; c < nc; ++c)
+    for (int j = 0; j < 3; ++j) s[j] += partial[3 * c + j];
+  T* o = static_cast<T*>(out);
+  for (int j = 0; j < 3; ++j) o[j] = static_cast<T>(s[j]);
+}
+
+template <typename T>
+void axpy_impl(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
+               const void* alpha) {
+  const T a = *static_cast<const T*>(alpha);
+  const std::vector<Chunk> chunks = make_chunks(sizes, count);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk& k = chunks[c];
+    axpy_range(static_cast<T*>(x[k.tensor]) + k.begin,
+               static_cast<const T*>(y[k.tensor]) + k.begin, k.end - k.begin, a);
+  }
+}
+
+}  // namespace
+
+void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
+                      int64_t count, int dtype, void* out) {
+  switch (dtype) {
+    case kFloat32: return dot_impl<float>(a, b, sizes, count, out);
+    case kFloat64: return dot_impl<double>(a, b, sizes, count, out);
+    default: PFK_CHECK_ARG(false, "a", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
+                       int dtype, const void* alpha) {
+  switch (dtype) {
+    case kFloat32: return axpy_impl<float>(x, y, sizes, count, alpha);
+    case kFloat64: return axpy_impl<double>(x, y, sizes, count, alpha);
+    default: PFK_CHECK_ARG(false, "x", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace pfk::cpu

@@ -1,0 +1,21 @@
+// Entry points of the CUDA backend. Plain C++ (no CUDA or Python headers) so that bindings.cpp
+// compiles with the host compiler. Streams are passed as void* (a cudaStream_t). Every launch
+// goes to the caller's stream and nothing synchronizes the host.
+#pragma once
+
+#include <cstdint>
+
+namespace pfk::cuda {
+
+// Elements handled by one block of the multi-tensor launch; the reduction workspace holds
+// 3 doubles per chunk: 3 * sum_i ceil(sizes[i] / kMultiTensorChunk).
+constexpr int64_t kMultiTensorChunk = 65536;
+
+void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
+                      int64_t count, int dtype, void* out, double* workspace, void* stream);
+void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
+                       int dtype, const void* alpha, void* stream);
+
+int device_count();
+
+}  // namespace pfk::cuda

@@ -1,0 +1,244 @@
+"""Custom ops over the compiled backends, their fake (meta) implementations and pure-torch twins.
+
+This is the only module that imports ``pfkernels._C``. Every op is a ``torch.library.custom_op``
+(so it works under ``torch.compile`` and CUDA-graph capture) with a pure-PyTorch ``<op>_ref`` of
+the same signature; tests compare the two. Where the extension has no backend for a tensor's
+device (or failed to load) the op runs its ref and warns once; :func:`backend_info` says what was
+built.
+
+Kernel families live in ``csrc/<cpu|cuda>/<family>_*.{cpp,cu}`` and ``tests/test_ops_<family>.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._version import __version__
+
+try:
+    from . import _C
+except ImportError as exc:  # a source checkout without a build, or a broken install
+    _C = None
+    _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+# Shared with csrc/common/macros.h (pfk::DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_warned: set[tuple[str, str]] = set()
+
+
+def backend_info() -> dict:
+    """What the compiled extension provides on this machine.
+
+    Returns a dict with ``version``, ``extension_loaded``, ``cuda_built`` (the CUDA kernels were
+    compiled in), ``cuda_archs`` (their targets, comma separated), ``cuda_available`` (a GPU is
+    usable by them now), ``openmp`` and ``cpu_threads`` (the CPU kernels' OpenMP threads),
+    ``torch_version`` and, when the extension failed to load, ``import_error``.
+    """
+    info = {
+        "version": __version__,
+        "extension_loaded": _C is not None,
+        "cuda_built": False,
+        "cuda_archs": "",
+        "cuda_available": False,
+        "openmp": False,
+        "cpu_threads": 1,
+        "torch_version": torch.__version__,
+    }
+    if _C is None:
+        info["import_error"] = _IMPORT_ERROR
+        return info
+    built = dict(_C.build_info())
+    info.update({k: built[k] for k in ("cuda_built", "cuda_archs", "openmp", "cpu_threads")})
+    if info["cuda_built"]:
+        info["cuda_available"] = bool(torch.cuda.is_available() and _C.cuda_device_count() > 0)
+    return info
+
+
+def _has_backend(device: torch.device) -> bool:
+    if _C is None:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return hasattr(_C, "multi_tensor_dot_cuda")
+    return False
+
+
+def _warn_fallback(op: str, device: torch.device) -> None:
+    key = (op, device.type)
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = _IMPORT_ERROR or f"the extension was built without a {device.type} backend"
+    warnings.warn(
+        f"pfkernels.{op}: no compiled kernel for {device.type} ({why}); running {op}_ref",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _check_arg(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"argument '{name}': {message}")
+
+
+def _check_pair_lists(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, name_b: str) -> None:
+    """The checks both multi_tensor ops share; messages name the offending argument."""
+    _check_arg(isinstance(a, (list, tuple)), name_a, "must be a list of tensors")
+    _check_arg(isinstance(b, (list, tuple)), name_b, "must be a list of tensors")
+    _check_arg(
+        len(a) == len(b), name_b, f"has {len(b)} tensors but '{name_a}' has {len(a)}"
+    )
+    if not a:
+        return
+    dtype, device = a[0].dtype, a[0].device
+    _check_arg(
+        dtype in (torch.float32, torch.float64),
+        name_a,
+        f"dtype must be float32 or float64, got {dtype}",
+    )
+    for i, (x, y) in enumerate(zip(a, b)):
+        for name, t in ((name_a, x), (name_b, y)):
+            _check_arg(isinstance(t, Tensor), f"{name}[{i}]", "must be a tensor")
+            _check_arg(t.dtype == dtype, f"{name}[{i}]", f"dtype {t.dtype} differs from {dtype}")
+            _check_arg(t.device == device, f"{name}[{i}]", f"device {t.device} differs from {device}")
+            _check_arg(t.layout == torch.strided, f"{name}[{i}]", "sparse tensors are not supported")
+        _check_arg(
+            x.shape == y.shape,
+            f"{name_b}[{i}]",
+            f"shape {tuple(y.shape)} differs from {name_a}[{i}] {tuple(x.shape)}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# multi_tensor family: fused reductions and updates over tensor lists (the engine of DAL and of
+# the Lanczos driver's vector arithmetic).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pfkernels::multi_tensor_dot", mutates_args=())
+def _multi_tensor_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    device = a[0].device
+    if not _has_backend(device):
+        _warn_fallback("multi_tensor_dot", device)
+        return multi_tensor_dot_ref(a, b)
+    a = [t.contiguous() for t in a]
+    b = [t.contiguous() for t in b]
+    out = torch.empty(3, dtype=a[0].dtype, device=device)
+    pa = [t.data_ptr() for t in a]
+    pb = [t.data_ptr() for t in b]
+    sizes = [t.numel() for t in a]
+    code = _DTYPE_CODES[a[0].dtype]
+    if device.type == "cpu":
+        _C.multi_tensor_dot_cpu(pa, pb, sizes, code, out.data_ptr())
+    else:
+        chunk = _C.build_info()["multi_tensor_chunk"]
+        nchunks = sum(math.ceil(n / chunk) for n in sizes)
+        workspace = torch.empty(max(3 * nchunks, 1), dtype=torch.float64, device=device)
+        _C.multi_tensor_dot_cuda(
+            pa, pb, sizes, code, out.data_ptr(), workspace.data_ptr(), _stream(device)
+        )
+    return out
+
+
+@_multi_tensor_dot_op.register_fake
+def _(a, b):
+    return a[0].new_empty(3)
+
+
+def multi_tensor_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Fused ``(Σᵢ⟨aᵢ, bᵢ⟩, Σᵢ‖aᵢ‖², Σᵢ‖bᵢ‖²)`` over two lists of tensors, in one pass.
+
+    Args:
+        a, b: equally long lists of tensors; ``a[i]`` and ``b[i]`` have the same shape. All
+            tensors share one dtype (float32 or float64) and one device (CPU or CUDA).
+
+    Returns:
+        A tensor of shape ``[3]`` in the inputs' dtype on their device (``torch.zeros(3)`` for
+        empty lists). Sums are accumulated in float64 on both backends and the order of
+        accumulation is fixed, so the result is deterministic. No host synchronisation.
+
+    Equivalent to :func:`multi_tensor_dot_ref`.
+    """
+    _check_pair_lists(a, b, "a", "b")
+    if not a:
+        return torch.zeros(3)
+    return torch.ops.pfkernels.multi_tensor_dot(list(a), list(b))
+
+
+def multi_tensor_dot_ref(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Pure-torch twin of :func:`multi_tensor_dot` (float64 accumulation)."""
+    if not a:
+        return torch.zeros(3)
+    acc = torch.zeros(3, dtype=torch.float64, device=a[0].device)
+    for x, y in zip(a, b):
+        x64, y64 = x.reshape(-1).double(), y.reshape(-1).double()
+        acc += torch.stack([x64 @ y64, x64 @ x64, y64 @ y64])
+    return acc.to(a[0].dtype)
+
+
+@torch.library.custom_op("pfkernels::multi_tensor_axpy", mutates_args={"x"})
+def _multi_tensor_axpy_op(x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
+    device = x[0].device
+    if not _has_backend(device):
+        _warn_fallback("multi_tensor_axpy", device)
+        multi_tensor_axpy_ref(x, y, alpha)
+        return
+    y = [t.contiguous() for t in y]
+    alpha = alpha.reshape(()).to(x[0].dtype)
+    px = [t.data_ptr() for t in x]
+    py = [t.data_ptr() for t in y]
+    sizes = [t.numel() for t in x]
+    code = _DTYPE_CODES[x[0].dtype]
+    if device.type == "cpu":
+        _C.multi_tensor_axpy_cpu(px, py, sizes, code, alpha.data_ptr())
+    else:
+        _C.multi_tensor_axpy_cuda(px, py, sizes, code, alpha.data_ptr(), _stream(device))
+
+
+@_multi_tensor_axpy_op.register_fake
+def _(x, y, alpha):
+    return None
+
+
+def multi_tensor_axpy(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tensor) -> None:
+    """In place ``xᵢ += alpha · yᵢ`` for every pair, in one fused launch.
+
+    Args:
+        x: list of contiguous tensors, updated in place.
+        y: list of tensors with the shapes of ``x``; same dtype (float32/float64) and device.
+        alpha: a one-element tensor on the same device (read on the device: no host sync).
+
+    Equivalent to :func:`multi_tensor_axpy_ref`.
+    """
+    _check_pair_lists(x, y, "x", "y")
+    _check_arg(isinstance(alpha, Tensor), "alpha", "must be a one-element tensor")
+    _check_arg(alpha.numel() == 1, "alpha", f"must have one element, got shape {tuple(alpha.shape)}")
+    if not x:
+        return
+    _check_arg(
+        alpha.device == x[0].device,
+        "alpha",
+        f"device {alpha.device} differs from the tensors' device {x[0].device}",
+    )
+    _check_arg(alpha.is_floating_point(), "alpha", f"must be floating point, got {alpha.dtype}")
+    for i, t in enumerate(x):
+        _check_arg(t.is_contiguous(), f"x[{i}]", "must be contiguous (it is updated in place)")
+    torch.ops.pfkernels.multi_tensor_axpy(list(x), list(y), alpha)
+
+
+def multi_tensor_axpy_ref(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tensor) -> None:
+    """Pure-torch twin of :func:`multi_tensor_axpy`."""
+    for xi, yi in zip(x, y):
+        xi.add_(yi * alpha.reshape(()).to(xi.dtype))

@@ -1,0 +1,32 @@
+"""Shared test fixtures: fresh random seeds (printed, so a failure can be replayed) and devices."""
+
+import os
+
+import pytest
+import torch
+
+import pfkernels
+
+CUDA_OK = pfkernels.backend_info()["cuda_available"]
+DEVICES = ["cpu"] + (["cuda"] if CUDA_OK else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and a CUDA build of pfkernels")
+    for item in items:
+        if "cuda" in item.keywords and not CUDA_OK:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test; replay a failure with PFK_SEED=<printed value>."""
+    value = int(os.environ.get("PFK_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"PFK_SEED={value}")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
