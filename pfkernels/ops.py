@@ -61,14 +61,9 @@ def backend_info() -> dict:
     return info
 
 
-def _has_backend(device: torch.device) -> bool:
-    if _C is None:
-        return False
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return hasattr(_C, "multi_tensor_dot_cuda")
-    return False
+def _has_backend(entry: str, device: torch.device) -> bool:
+    """True when ``_C`` has ``<entry>_<device type>``, e.g. ``multi_tensor_dot_cuda``."""
+    return _C is not None and hasattr(_C, f"{entry}_{device.type}")
 
 
 def _warn_fallback(op: str, device: torch.device) -> None:
@@ -130,7 +125,7 @@ def _check_pair_lists(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, nam
 @torch.library.custom_op("pfkernels::multi_tensor_dot", mutates_args=())
 def _multi_tensor_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
     device = a[0].device
-    if not _has_backend(device):
+    if not _has_backend("multi_tensor_dot", device):
         _warn_fallback("multi_tensor_dot", device)
         return multi_tensor_dot_ref(a, b)
     a = [t.contiguous() for t in a]
@@ -191,7 +186,7 @@ def multi_tensor_dot_ref(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 @torch.library.custom_op("pfkernels::multi_tensor_axpy", mutates_args={"x"})
 def _multi_tensor_axpy_op(x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
     device = x[0].device
-    if not _has_backend(device):
+    if not _has_backend("multi_tensor_axpy", device):
         _warn_fallback("multi_tensor_axpy", device)
         multi_tensor_axpy_ref(x, y, alpha)
         return
