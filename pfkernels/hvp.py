@@ -136,6 +136,12 @@ class HessianOperator:
         check_finite: after each product, one ``isfinite`` reduction over the result (on CUDA a
             host sync); a NaN/Inf raises ``FloatingPointError`` saying which batch and which
             parameters. Pass ``False`` to skip it on hot GPU paths.
+        cache_graph: double-backward only. Keep the first-order graph (∇E built with
+            ``create_graph``) between products while the parameters and buffers are unchanged
+            (same storage, same ``_version``, i.e. no in-place update such as an optimizer step),
+            so each further product costs one backward pass instead of a forward and two
+            backwards. It holds the activations of every batch in memory. ``None`` (default):
+            on when ``data`` is one batch; ``True`` also caches a list of batches.
 
     Vectors are flat over the selected parameters in ``model.named_parameters()`` order, of the
     operator's ``dtype`` and ``device``. Parameters that do not reach the loss get zero rows.
@@ -154,6 +160,7 @@ class HessianOperator:
         dtype: torch.dtype | None = None,
         mode: str = "eval",
         check_finite: bool = True,
+        cache_graph: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}")
@@ -218,6 +225,15 @@ class HessianOperator:
                 "is a one-shot iterator; pass a re-iterable (a list of batches or a DataLoader)",
             )
         self._data_checked = self._cached is not None
+        if cache_graph is None:
+            cache_graph = _is_one_batch(data)
+        _check_arg(
+            not cache_graph or self._cached is not None,
+            "cache_graph",
+            "needs in-memory data (one batch or a list of batches), not a streaming iterable",
+        )
+        self._cache_graph = bool(cache_graph) and self._method == "double-backward"
+        self._graph: tuple[tuple, list[tuple[Tensor, Tensor | None, int]]] | None = None
         self.num_matvecs = 0
 
     @classmethod
@@ -261,6 +277,8 @@ class HessianOperator:
         op._data_source = None
         op._cached = [(None, None, 1)]
         op._data_checked = True
+        op._cache_graph = False
+        op._graph = None
         op.num_matvecs = 0
         return op
 
@@ -518,17 +536,70 @@ class HessianOperator:
         self._check_vector(v, "v", batched=True)
         if v.dim() == 2 and v.shape[0] == 0:
             return torch.empty_like(v)
-        out = self._accumulate(self._hvp_term(v))
+        if self._cache_graph:
+            out = self._cached_products(v)
+        else:
+            out = self._accumulate(self._hvp_term(v))
         self.num_matvecs += 1 if v.dim() == 1 else v.shape[0]
         if self._check_finite and not bool(torch.isfinite(out).all()):
             self._raise_not_finite(out, v)
         return out
 
+    def _state_key(self) -> tuple:
+        """Identifies the model's parameters and buffers: storage and in-place version counter
+        (bumped by every in-place write, e.g. ``optimizer.step()`` or ``copy_``)."""
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        for inputs, targets, _ in self._cached:  # in-memory batches may be the caller's tensors
+            tensors += [*_tensors(inputs), *_tensors(targets)]
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+    def _first_order_graphs(self) -> list[tuple[Tensor, Tensor | None, int]]:
+        """Per batch ``(θ leaf, ∇loss_b with its graph or None, n_b)``, rebuilt when stale."""
+        key = self._state_key()
+        if self._graph is not None and self._graph[0] == key:
+            return self._graph[1]
+        self._graph = None  # free the old graph before building the new one
+        theta = self._point()
+        graphs = []
+        with self._evaluation():
+            for closure, n in self._losses():
+                th = theta.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    graphs.append((th, _derivative(closure(th), th, create_graph=True), n))
+        self._graph = (key, graphs)
+        return graphs
+
+    def clear_cache(self) -> None:
+        """Drop the cached first-order graph (see ``cache_graph``), freeing its memory."""
+        self._graph = None
+
+    def _cached_products(self, v: Tensor) -> Tensor:
+        graphs = self._first_order_graphs()
+        total = torch.zeros_like(v)
+        for th, g, n in graphs:
+            if g is None or not g.requires_grad:
+                continue
+            if v.dim() == 1:
+                total.add_(_or_zeros(_derivative(g, th, v, retain_graph=True), v), alpha=n)
+            else:
+                for row, u in zip(total, v):
+                    row.add_(_or_zeros(_derivative(g, th, u, retain_graph=True), u), alpha=n)
+        return total / sum(n for _, _, n in graphs)
+
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.matvec(v)
 
     def gradient(self) -> Tensor:
-        """∇E(θ), a new ``[n]`` tensor of the operator's dtype and device."""
+        """∇E(θ), a new ``[n]`` tensor of the operator's dtype and device.
+
+        With ``cache_graph`` the gradient is taken with its graph kept, so products at the same
+        parameters that follow cost one backward each.
+        """
+        if self._cache_graph:
+            graphs = self._first_order_graphs()
+            theta = graphs[0][0]
+            total = sum(n * _or_zeros(g, theta).detach() for _, g, n in graphs)
+            return total / sum(n for _, _, n in graphs)
 
         def grad_term(closure, theta):
             th = theta.detach().requires_grad_(True)

@@ -470,3 +470,43 @@ def test_nan_in_the_product_is_reported(seed, method):
         op @ torch.ones(op.shape[0], dtype=torch.float64)
     quiet = HessianOperator(model, mse_loss, (x, y), method=method, check_finite=False)
     assert not torch.isfinite(quiet @ torch.ones(op.shape[0], dtype=torch.float64)).all()
+
+
+def test_cached_graph(seed):
+    model, x, y = tiny_problem(seed)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    cached = HessianOperator(model, mse_loss, (x, y))
+    fresh = HessianOperator(model, mse_loss, (x, y), cache_graph=False)
+    listed = HessianOperator(model, mse_loss, [(x[:4], y[:4]), (x[4:], y[4:])], cache_graph=True)
+    v = torch.randn(3, cached.shape[0], dtype=torch.float64)
+    expected, expected_grad = fresh @ v, fresh.gradient()
+    calls.clear()
+    first = cached @ v[0]
+    assert rel(cached @ v, expected) < 1e-13
+    assert rel(cached.gradient(), expected_grad) < 1e-13
+    assert len(calls) == 1  # one forward for every product and the gradient at this point
+    assert rel(listed @ v, expected) < 1e-12
+    assert len(calls) == 3  # one per batch
+    calls.clear()
+    with torch.no_grad():
+        model[2].bias.add_(0.5)  # an in-place update, like an optimizer step
+    moved = cached @ v[0]
+    assert len(calls) == 1 and not torch.equal(moved, first)
+    assert rel(moved, fresh @ v[0]) < 1e-13
+    with torch.no_grad():
+        x.mul_(2.0)  # the caller's data changed in place
+    assert rel(cached @ v[0], fresh @ v[0]) < 1e-13
+    cached.clear_cache()
+    assert rel(cached @ v[0], fresh @ v[0]) < 1e-13
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    with pytest.raises(ValueError, match="'cache_graph'"):
+        HessianOperator(model, mse_loss, loader, cache_graph=True)
+
+
+def test_info_hvp_check():
+    from pfkernels.cli import _hvp_check
+
+    info = _hvp_check()
+    assert info["hvp_vs_finite_diff"] < 1e-6
+    assert info["hvp_float32_vs_64"] < 1e-4
