@@ -5,18 +5,24 @@ variant (2x256 tanh, 85,002) and the digits CNN (6,090 parameters), full batch o
 MSE loss, float32 on the CPU, we time in one run:
 
 - ``gradient``: one reverse pass, ``torch.autograd.grad(loss, params)`` (the unit);
-- ours, single vector, per method: ``HessianOperator.matvec(v)`` for v [n];
-- ours, 16 vectors: ``matvec(V)`` for V [16, n] against 16 sequential ``matvec(v)`` calls;
-- the alternatives we did not pick, so the choice stays visible: double backward batched with
-  ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the second backward) and
-  forward-over-reverse looped over the 16 vectors;
-- PyHessian's HVP (``pyhessian.hessian``: double backward over the model's parameters; it builds
-  the gradient graph once in its constructor and then each HVP is one second backward, so we
+- ours, one vector at a fresh point (forward, create_graph backward, second backward) for
+  double backward (``cache_graph=False``) and forward-over-reverse; and double backward with the
+  first-order graph reused between products (``cache_graph``, the default for one batch: what a
+  Lanczos solve at fixed parameters pays per product after the first);
+- ours, 16 vectors: ``matvec(V)`` for V [16, n] (double backward: one forward and first backward
+  shared by the 16 second backwards; forward-over-reverse: ``torch.func.vmap``) against 16
+  sequential ``matvec(v)`` calls;
+- the batched alternative we did not pick, so the choice stays visible: double backward with
+  ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the second backward);
+- PyHessian's HVP (``pyhessian.hessian``: double backward over the model's parameters; its
+  constructor builds the gradient graph once and each HVP is then one second backward, so we
   report both the per-HVP cost with that graph reused and the cost at a fresh point, constructor
   included);
 - curvlinops' ``HessianLinearOperator`` (forward-over-reverse with vmap), for one vector and 16.
 
-Each timing is the median of ``--repeats`` runs after ``--warmup`` runs. Results go to
+Each timing is the median over ``--repeats`` rounds of the mean of 3 consecutive runs (after one
+untimed run), the cases interleaved round by round (the development machine is shared, so load
+falls on all cases alike). Results go to
 ``bench/results/hvp_cpu.json``; the goal (issue 2) is the best method <= 2.5x a gradient.
 """
 
@@ -29,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,15 +45,23 @@ from pfkernels import HessianOperator
 from pfkernels.data import cnn, digits, mlp, mse_loss
 
 
-def median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(cases: dict, warmup: int, repeats: int, inner: int = 3) -> dict:
+    """Median seconds per case over ``repeats`` rounds. Each round runs every case once untimed
+    (so no case pays for the previous one's allocations and cache state), then times ``inner``
+    consecutive runs and keeps their mean. Rounds interleave the cases, so load from other
+    processes on a shared machine falls on all of them alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in cases.items():
+            fn()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class HalfSumMSE(nn.Module):
@@ -62,97 +77,95 @@ class HalfSumMSE(nn.Module):
 
 
 def bench_model(name: str, model: nn.Module, x, y, args) -> dict:
-    params = [p for p in model.parameters()]
+    from curvlinops import HessianLinearOperator
+    from pyhessian import hessian as pyhessian_hessian
+    from pyhessian.utils import hessian_vector_product
+
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
     n = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(args.seed)
     v = torch.randn(n, generator=gen)
     block = torch.randn(args.block, n, generator=gen)
-    t = lambda fn: median_time(fn, args.warmup, args.repeats)  # noqa: E731
+    b = args.block
+
+    cold = HessianOperator(model, mse_loss, (x, y), method="double-backward", cache_graph=False)
+    warm = HessianOperator(model, mse_loss, (x, y), method="double-backward")
+    fwd = HessianOperator(model, mse_loss, (x, y), method="forward-over-reverse")
+    reference = cold @ v
 
     def gradient():
         return torch.autograd.grad(mse_loss(model(x), y), params)
 
-    grad_s = t(gradient)
-    row: dict = {"model": name, "num_parameters": n, "examples": x.shape[0], "gradient_s": grad_s}
-
-    ops = {m: HessianOperator(model, mse_loss, (x, y), method=m)
-           for m in ("double-backward", "forward-over-reverse")}
-    reference = ops["double-backward"] @ v
-    for method, op in ops.items():
-        key = method.replace("-", "_")
-        single = t(lambda op=op: op @ v)
-        batched = t(lambda op=op: op @ block)
-        sequential = t(lambda op=op: [op @ u for u in block])
-        row[f"{key}_s"] = single
-        row[f"{key}_per_grad"] = single / grad_s
-        row[f"{key}_block{args.block}_s"] = batched
-        row[f"{key}_block{args.block}_per_grad"] = batched / grad_s
-        row[f"{key}_sequential{args.block}_s"] = sequential
-        row[f"{key}_block_speedup_vs_sequential"] = sequential / batched
-        row[f"{key}_rel_diff_to_double_backward"] = float(
-            (op @ v - reference).norm() / reference.norm()
-        )
-
-    # The batched alternatives HessianOperator does not use.
-    def double_backward_is_grads_batched():
+    def is_grads_batched():
         ps = [p.detach().requires_grad_(True) for p in params]
-        out = torch.func.functional_call(model, dict(zip([k for k, _ in model.named_parameters()], ps)), (x,))
+        out = torch.func.functional_call(model, dict(zip([k for k, _ in named], ps)), (x,))
         grads = torch.autograd.grad(mse_loss(out, y), ps, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
         return torch.autograd.grad(flat, ps, block, is_grads_batched=True)
 
-    row[f"double_backward_is_grads_batched_block{args.block}_s"] = t(double_backward_is_grads_batched)
-
-    # PyHessian: graph built once by the constructor, then one second backward per HVP.
-    from pyhessian import hessian as pyhessian_hessian
-    from pyhessian.utils import hessian_vector_product
-
-    vs = list(torch.split(v, [p.numel() for p in params]))
-    vs = [c.view_as(p) for c, p in zip(vs, params)]
+    vs = [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in params]), params)]
     was_training = model.training
     comp = pyhessian_hessian(model, HalfSumMSE(), data=(x, y), cuda=False)
-    py_hv = torch.cat([h.reshape(-1) for h in hessian_vector_product(comp.gradsH, comp.params, vs)])
-    row["pyhessian_rel_diff"] = float((py_hv - reference).norm() / reference.norm())
-    row["pyhessian_reused_graph_s"] = t(lambda: hessian_vector_product(comp.gradsH, comp.params, vs))
 
     def pyhessian_fresh():
         c = pyhessian_hessian(model, HalfSumMSE(), data=(x, y), cuda=False)
         hessian_vector_product(c.gradsH, c.params, vs)
-        model.zero_grad(set_to_none=True)
-
-    row["pyhessian_fresh_point_s"] = t(pyhessian_fresh)
-    del comp
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    row["pyhessian_reused_graph_per_grad"] = row["pyhessian_reused_graph_s"] / grad_s
-    row["pyhessian_fresh_point_per_grad"] = row["pyhessian_fresh_point_s"] / grad_s
-
-    from curvlinops import HessianLinearOperator
+        for p in params:
+            p.grad = None  # PyHessian leaves create_graph gradients in .grad
 
     curv = HessianLinearOperator(model, HalfSumMSE(), params, [(x, y)], check_deterministic=False)
-    row["curvlinops_rel_diff"] = float(((curv @ v) - reference).norm() / reference.norm())
-    row["curvlinops_s"] = t(lambda: curv @ v)
-    row["curvlinops_per_grad"] = row["curvlinops_s"] / grad_s
-    row[f"curvlinops_block{args.block}_s"] = t(lambda: curv @ block.T)
-    row[f"curvlinops_block{args.block}_per_grad"] = row[f"curvlinops_block{args.block}_s"] / grad_s
-
-    best = min(row["double_backward_per_grad"], row["forward_over_reverse_per_grad"])
-    row["best_method_per_grad"] = best
-    row["goal_best_le_2.5_grad"] = best <= 2.5
+    cases = {
+        "gradient": gradient,
+        "double_backward": lambda: cold @ v,
+        "double_backward_cached_graph": lambda: warm @ v,
+        "forward_over_reverse": lambda: fwd @ v,
+        f"double_backward_block{b}": lambda: cold @ block,
+        f"double_backward_cached_graph_block{b}": lambda: warm @ block,
+        f"double_backward_is_grads_batched_block{b}": is_grads_batched,
+        f"double_backward_sequential{b}": lambda: [cold @ u for u in block],
+        f"forward_over_reverse_vmap_block{b}": lambda: fwd @ block,
+        f"forward_over_reverse_sequential{b}": lambda: [fwd @ u for u in block],
+        "pyhessian_reused_graph": lambda: hessian_vector_product(comp.gradsH, comp.params, vs),
+        "pyhessian_fresh_point": pyhessian_fresh,
+        "curvlinops": lambda: curv @ v,
+        f"curvlinops_block{b}": lambda: curv @ block.T,
+    }
+    medians = interleaved_medians(cases, args.warmup, args.repeats)
+    grad_s = medians["gradient"]
+    row: dict = {"model": name, "num_parameters": n, "examples": x.shape[0]}
+    row["seconds"] = medians
+    row["per_gradient"] = {k: t / grad_s for k, t in medians.items()}
+    py_hv = torch.cat([h.reshape(-1) for h in hessian_vector_product(comp.gradsH, comp.params, vs)])
+    row["rel_diff_to_double_backward"] = {
+        "double_backward_cached_graph": float((warm @ v - reference).norm() / reference.norm()),
+        "forward_over_reverse": float((fwd @ v - reference).norm() / reference.norm()),
+        "pyhessian": float((py_hv - reference).norm() / reference.norm()),
+        "curvlinops": float(((curv @ v) - reference).norm() / reference.norm()),
+    }
+    del comp
+    for p in params:
+        p.grad = None
+    model.train(was_training)
+    best = min(row["per_gradient"]["double_backward"], row["per_gradient"]["forward_over_reverse"])
+    row["best_method_per_gradient_fresh_point"] = best
+    row["goal_best_le_2.5_gradients"] = best <= 2.5
     return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--block", type=int, default=16, help="vectors per batched product")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default="mlp,mlp85k,cnn")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "hvp_cpu.json"))
     args = p.parse_args(argv)
+    # PyHessian calls loss.backward(create_graph=True); torch warns about the .grad cycle it makes.
+    warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = digits(n_train=args.n_train, n_test=0)
@@ -167,16 +180,22 @@ def main(argv=None) -> int:
         label, build = builders[key]
         row = bench_model(label, build(), x, y, args)
         rows.append(row)
+        pg = row["per_gradient"]
         print(
-            f"{label:>26} n={row['num_parameters']:>6}  grad {row['gradient_s'] * 1e3:7.2f} ms | "
-            f"HVP/grad: double-bwd {row['double_backward_per_grad']:.2f}, "
-            f"fwd-over-rev {row['forward_over_reverse_per_grad']:.2f}, "
-            f"PyHessian reused {row['pyhessian_reused_graph_per_grad']:.2f} "
-            f"fresh {row['pyhessian_fresh_point_per_grad']:.2f}, "
-            f"curvlinops {row['curvlinops_per_grad']:.2f} | "
-            f"{args.block} vectors/grad: double-bwd {row[f'double_backward_block{args.block}_per_grad']:.1f}"
-            f" fwd-over-rev {row[f'forward_over_reverse_block{args.block}_per_grad']:.1f}"
-            f" curvlinops {row[f'curvlinops_block{args.block}_per_grad']:.1f}",
+            f"{label:>25} n={row['num_parameters']:>6} "
+            f"grad {row['seconds']['gradient'] * 1e3:6.2f} ms"
+            f" | HVP/grad: double-bwd {pg['double_backward']:.2f} (cached graph "
+            f"{pg['double_backward_cached_graph']:.2f}), "
+            f"fwd-over-rev {pg['forward_over_reverse']:.2f}, "
+            f"PyHessian {pg['pyhessian_reused_graph']:.2f} "
+            f"(fresh {pg['pyhessian_fresh_point']:.2f}),"
+            f" curvlinops {pg['curvlinops']:.2f} | {args.block} vectors/grad: double-bwd "
+            f"{pg[f'double_backward_block{args.block}']:.1f} (cached "
+            f"{pg[f'double_backward_cached_graph_block{args.block}']:.1f}, sequential "
+            f"{pg[f'double_backward_sequential{args.block}']:.1f}), fwd-over-rev vmap "
+            f"{pg[f'forward_over_reverse_vmap_block{args.block}']:.1f} (sequential "
+            f"{pg[f'forward_over_reverse_sequential{args.block}']:.1f}), curvlinops "
+            f"{pg[f'curvlinops_block{args.block}']:.1f}",
             flush=True,
         )
     result = {

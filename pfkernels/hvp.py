@@ -42,17 +42,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .ops import _check_arg
+
 __all__ = ["HessianOperator"]
 
 _METHODS = ("double-backward", "forward-over-reverse", "auto")
 _MODES = ("eval", "train")
 # Chosen by measurement, see the module docstring and bench/results/hvp_cpu.json.
 _AUTO_METHOD = "double-backward"
-
-
-def _check_arg(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"argument '{name}': {message}")
 
 
 def _math_sdpa():
@@ -96,7 +93,9 @@ def _is_one_batch(data: Any) -> bool:
     )
 
 
-def _derivative(out: Tensor, theta: Tensor, direction: Tensor | None = None, **kwargs) -> Tensor | None:
+def _derivative(
+    out: Tensor, theta: Tensor, direction: Tensor | None = None, **kwargs
+) -> Tensor | None:
     """∇_θ(out·direction) by reverse mode, or None where ``out`` does not depend on θ (a zero
     derivative: parameters that never reach the loss, or a loss at most linear in them)."""
     if not out.requires_grad:
@@ -163,7 +162,9 @@ class HessianOperator:
         cache_graph: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}"
+            )
         if not callable(loss_fn):
             raise TypeError(f"argument 'loss_fn': must be callable, got {type(loss_fn).__name__}")
         self._set_method(method)
@@ -195,7 +196,7 @@ class HessianOperator:
                 f"selected parameters mix dtypes {dtypes}; pass dtype= to convert them",
             )
             dtype = next(iter(dtypes))
-            _check_arg(dtype.is_floating_point, "params", f"parameters of dtype {dtype} are not floating")
+            _check_arg(dtype.is_floating_point, "params", f"dtype {dtype} is not floating")
         self._dtype = dtype
         self._device = next(iter(devices))
         self._names = [name for name, _ in selected]
@@ -217,7 +218,8 @@ class HessianOperator:
             _check_arg(
                 isinstance(data, Iterable),
                 "data",
-                f"must be a batch (inputs, targets) or an iterable of batches, got {type(data).__name__}",
+                "must be a batch (inputs, targets) or an iterable of batches, got "
+                f"{type(data).__name__}",
             )
             _check_arg(
                 iter(data) is not data,
@@ -287,7 +289,9 @@ class HessianOperator:
         self._method = _AUTO_METHOD if method == "auto" else method
 
     @staticmethod
-    def _select(named: list[tuple[str, nn.Parameter]], params: Any) -> list[tuple[str, nn.Parameter]]:
+    def _select(
+        named: list[tuple[str, nn.Parameter]], params: Any
+    ) -> list[tuple[str, nn.Parameter]]:
         if params is None:
             selected = [(n, p) for n, p in named if p.requires_grad]
             _check_arg(len(selected) > 0, "model", "has no trainable parameters (requires_grad)")
@@ -459,7 +463,9 @@ class HessianOperator:
         def wrapped(theta: Tensor) -> Tensor:
             out = fn(theta)
             if not isinstance(out, Tensor):
-                raise TypeError(f"argument '{name}': must return a tensor, got {type(out).__name__}")
+                raise TypeError(
+                    f"argument '{name}': must return a tensor, got {type(out).__name__}"
+                )
             _check_arg(
                 out.dim() == 0,
                 name,
@@ -488,7 +494,8 @@ class HessianOperator:
         ok = (v.dim() == 1 or (batched and v.dim() == 2)) and v.shape[-1] == self._n
         want = f"[{self._n}]" + (f" or [B, {self._n}]" if batched else "")
         _check_arg(ok, name, f"must have shape {want}, got {tuple(v.shape)}")
-        _check_arg(v.dtype == self._dtype, name, f"dtype {v.dtype} differs from the operator's {self._dtype}")
+        _check_arg(v.dtype == self._dtype, name,
+                   f"dtype {v.dtype} differs from the operator's {self._dtype}")
         _check_arg(v.device == self._device, name,
                    f"device {v.device} differs from the operator's {self._device}")
 
@@ -520,9 +527,8 @@ class HessianOperator:
                     return _or_zeros(_derivative(g, th, v), v)
                 # The forward pass and first backward are shared by every vector of the block.
                 last = v.shape[0] - 1
-                return torch.stack(
-                    [_or_zeros(_derivative(g, th, u, retain_graph=i < last), u) for i, u in enumerate(v)]
-                )
+                rows = [_derivative(g, th, u, retain_graph=i < last) for i, u in enumerate(v)]
+                return torch.stack([_or_zeros(row, u) for row, u in zip(rows, v)])
 
         return double_backward
 
