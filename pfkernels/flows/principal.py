@@ -73,21 +73,35 @@ def _scale(z: Tensor, s: float) -> Tensor:
     return torch.complex(z.real * s, z.imag * s)
 
 
-def _log_one_minus(x: Tensor) -> Tensor:
-    """Principal log(1 − x) as complex128, accurate for small |x|, −inf + 0i at x = 1."""
+def _log_one_minus(x: Tensor, continuous: bool = False) -> Tensor:
+    """log(1 − x) as complex128, accurate for small |x|, −inf + 0i at x = 1.
+
+    ``continuous=False``: the principal branch, arg ∈ (−π, π]. ``continuous=True`` (what the
+    integrators use): arg ∈ (−π/2, 3π/2], i.e. the cut moved from the negative real axis of
+    1 − x to the negative imaginary one. Both agree wherever 1 − x is real, so every real
+    eigenvalue gets the principal value; the moved cut keeps the coefficient continuous for the
+    nearly real eigenvalues of the complex-symmetric Hessian along a complex trajectory, whose
+    1 − hλ sits next to the negative real axis with an imaginary part of either sign. With the
+    principal cut the phase of an oscillating direction would jump by 2π between substeps and
+    the flow would run backwards there.
+    """
     if not x.is_complex():
         return _log_real(x)
     small = x.abs() < 0.5
     # A signed zero decides the branch of log on the negative axis: 1 − x must carry +0i when x is
     # real-valued, so that hλ > 1 gives +iπ as on the real path.
     w = torch.complex(1 - x.real, -x.imag + 0.0)
-    return torch.where(small, torch.log1p(-torch.where(small, x, 0)), torch.log(w))
+    big = torch.log(w)
+    if continuous:
+        wrap = (w.real < 0) & (w.imag < 0)
+        big = torch.where(wrap, torch.complex(big.real, big.imag + 2 * math.pi), big)
+    return torch.where(small, torch.log1p(-torch.where(small, x, 0)), big)
 
 
 def _log_real(x: Tensor) -> Tensor:
     below = x < 1
     re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
-    im = torch.where(x > 1, math.pi, 0.0).to(re.dtype)
+    im = (x > 1).to(re.dtype) * math.pi
     return torch.complex(re, im)
 
 
@@ -110,14 +124,19 @@ def principal_flow_coefficients(eigenvalues: Tensor, h: float) -> Tensor:
         ``hλ = 1`` gives ``−inf + 0i``: GD removes that direction in one step, the flow in zero
         time, and the propagator :func:`principal_flow_propagator` is exactly 0 there for t > 0.
         For real ``hλ > 1``, ``Im r = π/(hλ)``. Real eigenvalues use the same case split as the
-        ``flow`` kernel (``csrc/common/flow.h``). Equation: REFERENCES.md §1.
+        ``flow`` kernel (``csrc/common/flow.h``). Complex eigenvalues get the principal branch
+        here; the integrators continue it across the negative real axis (see
+        ``_log_one_minus``), which changes nothing for real eigenvalues. Equation: REFERENCES.md §1.
     """
     h = _check_h(h)
-    x = _h_lambda(_check_eigenvalues(eigenvalues), h)
+    return _coefficients(_h_lambda(_check_eigenvalues(eigenvalues), h), continuous=False)
+
+
+def _coefficients(x: Tensor, continuous: bool) -> Tensor:
     if not x.is_complex():
         return ops._pf_coefficients_real(x)
     one = x == 1
-    r = _log_one_minus(x) / torch.where((x == 0) | one, 1.0, x)
+    r = _log_one_minus(x, continuous) / torch.where((x == 0) | one, 1.0, x)
     r = torch.where(x == 0, -1.0 + 0j, r)
     return torch.where(one, complex(-math.inf, 0.0), r)
 
@@ -145,7 +164,7 @@ def _step_coefficients(eigenvalues: Tensor, h: float, tau: float) -> Tensor:
     x = 0 (gradient flow) and φ = −h at x = 1 (the component is annihilated).
     """
     x = _h_lambda(eigenvalues, h)
-    e = torch.expm1(_scale(_log_one_minus(x), tau / h))
+    e = torch.expm1(_scale(_log_one_minus(x, continuous=True), tau / h))
     zero = x == 0
     safe = torch.where(zero, 1.0, x)
     phi = torch.complex(e.real / safe, e.imag / safe) if not x.is_complex() else e / safe
@@ -452,7 +471,7 @@ def principal_flow_field(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor
 
 def _pf_field(h: float, spectrum: _Spectrum, g: Tensor, drop_annihilated: bool) -> Tensor:
     p, rest = spectrum.coordinates(g)
-    r = principal_flow_coefficients(spectrum.values, h)
+    r = _coefficients(_h_lambda(spectrum.values, h), continuous=True)
     if drop_annihilated:
         r = torch.where(torch.isinf(r.real), 0j, r)
     out = spectrum.vectors @ torch.where(p == 0, 0j, r * p)
