@@ -142,8 +142,8 @@ def test_sc_changes_sign_exactly_at_two_and_zero():
     assert sc.classes == (
         "oscillating-stable", "neutral", "oscillating-unstable", "unstable", "neutral", "stable",
     )
-    more = flows.stability_coefficients(torch.tensor([1.0, 2.0, 3.0, -1.0], dtype=torch.float64), 1.0)
-    assert more.classes == ("stable", "oscillating-stable", "neutral", "unstable")
+    more = flows.stability_coefficients(torch.tensor([1.0, 1.5, 2.0, 3.0, -1.0], dtype=torch.float64), 1.0)
+    assert more.classes == ("stable", "oscillating-stable", "neutral", "oscillating-unstable", "unstable")
     assert more.values[0] == -math.inf
     assert set(sc.classes) <= set(flows.STABILITY_CLASSES)
 
