@@ -377,8 +377,9 @@ def flow_field_ref(
     u = eigenvectors.double()
     p = u.T @ g
     r = _pf_coefficients_real(float(h) * eigenvalues.double())
-    # Real and imaginary parts scaled separately: a complex product would turn -inf·p into NaN
-    # in the imaginary part where the kernel keeps 0.
-    weights = torch.where(p == 0, 0.0, torch.complex(r.real * p + p, r.imag * p))
-    field = u.to(torch.complex128) @ weights - g
+    # Real and imaginary parts in separate real products, as in the kernel: complex products
+    # would turn -inf·p (hλ = 1) into NaN where the kernel keeps -inf and 0.
+    a = torch.where(p == 0, 0.0, r.real * p + p)
+    b = torch.where(p == 0, 0.0, r.imag * p)
+    field = torch.complex(u @ a - g, u @ b)
     return field.to(_COMPLEX_OF[grad.dtype]), p.to(grad.dtype)
