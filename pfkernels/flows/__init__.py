@@ -13,3 +13,6 @@ from .principal import principal_flow_field
 from .principal import principal_flow_propagator
 from .principal import stability_coefficients
 from .principal import third_derivative
+from .principal import StabilityReport
+from .principal import model_loss
+from .principal import stability_report

@@ -821,3 +821,160 @@ def compare_flows(
         out.trajectories[name] = traj
         out.distances[name] = torch.linalg.vector_norm(traj.at_steps() - gd.theta, dim=1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: a flat holomorphic loss, and the stability report at a real training point
+# ---------------------------------------------------------------------------------------------
+
+
+def model_loss(model: torch.nn.Module, loss_fn, data, *, dtype: torch.dtype = torch.float64):
+    """A model's mean loss on one batch as a flat function, for the integrators.
+
+    Args:
+        model: an ``nn.Module`` (not modified); all its parameters with ``requires_grad``, in
+            ``named_parameters()`` order, make up θ.
+        loss_fn: ``loss_fn(outputs, targets)`` → the batch's mean loss (e.g.
+            :func:`pfkernels.data.mse_loss`); holomorphic for complex θ.
+        data: one batch ``(inputs, targets)`` of tensors.
+        dtype: the dtype of the returned ``theta0`` (float64 default).
+
+    Returns:
+        ``(flat_loss, theta0)``: ``flat_loss(theta)`` evaluates the model with parameters taken
+        from ``theta`` (real or complex; floating inputs and targets are cast to its dtype) via
+        ``torch.func.functional_call``; ``theta0`` is a detached ``[n]`` copy of the parameters.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError("argument 'data': must be one batch (inputs, targets)")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("argument 'model': has no trainable parameters")
+    names = [name for name, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    theta0 = torch.cat([p.detach().reshape(-1) for _, p in named]).to(dtype)
+    inputs, targets = data
+
+    def cast(t, like):
+        return t.to(like.dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+    def flat_loss(theta: Tensor) -> Tensor:
+        params = {n: c.reshape(s) for n, c, s in zip(names, torch.split(theta, sizes), shapes)}
+        outputs = torch.func.functional_call(model, params, (cast(inputs, theta),))
+        return loss_fn(outputs, cast(targets, theta))
+
+    return flat_loss, theta0
+
+
+@dataclass
+class StabilityReport:
+    """What :func:`stability_report` returns; ``to_dict()`` gives a JSON-ready summary.
+
+    Attributes (k = number of eigenpairs, descending):
+        lr: the learning rate h.
+        loss: E(θ); gradient_norm: ‖g‖.
+        eigenvalues, residuals: float64 ``[k]`` from Lanczos; converged: bool ``[k]``.
+        coefficients: complex128 ``[k]``, the PF coefficients rᵢ.
+        stability: float64 ``[k]``, scᵢ = log|1 − hλᵢ|/h; classes: one of
+            :data:`STABILITY_CLASSES` per direction.
+        growth: float64 ``[k]``, |1 − hλᵢ|, GD's predicted per-step factor along uᵢ.
+        projections: float64 ``[k]``, g·uᵢ; gradient_fractions: (g·uᵢ)²/‖g‖².
+        pf_field: the top-k PF field ``[n]`` (complex, from the ``flow`` kernel).
+        num_matvecs: HVPs spent by Lanczos (the report adds one gradient evaluation).
+    """
+
+    lr: float
+    loss: float
+    gradient_norm: float
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: Tensor
+    coefficients: Tensor
+    stability: Tensor
+    classes: tuple
+    growth: Tensor
+    projections: Tensor
+    gradient_fractions: Tensor
+    pf_field: Tensor
+    num_matvecs: int
+
+    def to_dict(self) -> dict:
+        field_ = self.pf_field.to(torch.complex128)
+        return {
+            "lr": self.lr,
+            "loss": self.loss,
+            "gradient_norm": self.gradient_norm,
+            "eigenvalues": self.eigenvalues.tolist(),
+            "residuals": self.residuals.tolist(),
+            "converged": self.converged.tolist(),
+            "coefficients_real": self.coefficients.real.tolist(),
+            "coefficients_imag": self.coefficients.imag.tolist(),
+            "stability_coefficients": self.stability.tolist(),
+            "classes": list(self.classes),
+            "growth": self.growth.tolist(),
+            "projections": self.projections.tolist(),
+            "gradient_fractions": self.gradient_fractions.tolist(),
+            "pf_field_norm_real": float(torch.linalg.vector_norm(field_.real)),
+            "pf_field_norm_imag": float(torch.linalg.vector_norm(field_.imag)),
+            "num_matvecs": self.num_matvecs,
+        }
+
+
+def stability_report(
+    model: torch.nn.Module,
+    loss_fn,
+    data,
+    lr: float,
+    k: int = 20,
+    *,
+    tol: float = 1e-4,
+    v0: Tensor | None = None,
+    seed: int | None = 0,
+    params=None,
+    dtype: torch.dtype | None = None,
+    mode: str = "eval",
+) -> StabilityReport:
+    """The PF's view of one training point: top-k curvature, coefficients and stability.
+
+    Builds ``pfkernels.HessianOperator(model, loss_fn, data, params=, dtype=, mode=)``, finds the
+    top ``k`` eigenpairs with ``pfkernels.eigsh(which="LA", tol=, v0=, seed=)`` (pass the previous
+    report's eigenvectors as ``v0`` to warm start), evaluates the gradient once and runs the
+    ``flow`` kernel for the projections gᵀuᵢ and the top-k PF field. Equations: REFERENCES.md §1
+    (rᵢ, scᵢ = log|1 − hλᵢ|/h, growth |1 − hλᵢ| per GD step).
+
+    Returns a :class:`StabilityReport` on the model's device (eigen quantities in float64).
+    """
+    from ..hvp import HessianOperator
+    from ..lanczos import eigsh
+
+    lr = _check_h(lr)
+    op = HessianOperator(model, loss_fn, data, params=params, dtype=dtype, mode=mode)
+    n = op.shape[0]
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n):
+        raise ValueError(f"argument 'k': must be an integer in [1, {n}], got {k!r}")
+    eig = eigsh(op, k=k, which="LA", tol=tol, v0=v0, seed=seed)
+    grad = op.gradient()
+    lam = eig.eigenvalues.to(grad.dtype)
+    field_, proj = ops.flow_field(grad, lam, eig.eigenvectors.to(grad.dtype).contiguous(), lr)
+    lam64 = eig.eigenvalues.double()
+    stab = stability_coefficients(lam64, lr)
+    gnorm = float(torch.linalg.vector_norm(grad.double()))
+    proj64 = proj.double()
+    return StabilityReport(
+        lr=lr,
+        loss=float(op.loss()),
+        gradient_norm=gnorm,
+        eigenvalues=lam64,
+        residuals=eig.residuals.double(),
+        converged=eig.converged,
+        coefficients=principal_flow_coefficients(lam64, lr),
+        stability=stab.values,
+        classes=stab.classes,
+        growth=(1 - lr * lam64).abs(),
+        projections=proj64,
+        gradient_fractions=proj64**2 / max(gnorm**2, torch.finfo(torch.float64).tiny),
+        pf_field=field_,
+        num_matvecs=int(eig.num_matvecs),
+    )
