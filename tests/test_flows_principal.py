@@ -462,3 +462,19 @@ def test_flow_comparison_figure(tmp_path):
     cmp = flows.compare_flows(reference_loss, THETA0, 1.05, 2, flows=("pf", "ngf"), substeps=2)
     report.plot_flow_comparison(cmp, tmp_path / "fig.png", title="test")
     assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_principal_flow_step_is_gd_at_tau_h_and_matches_the_integrator(gen):
+    h = 0.9
+    lam, u = LAMBDAS, torch.eye(2, dtype=torch.float64)
+    g = 2 * DIAG * THETA0
+    step = flows.principal_flow_step(THETA0, g, lam, u, h, h)
+    torch.testing.assert_close(step, (THETA0 - h * g).to(torch.complex128), rtol=0, atol=1e-15)
+    half = flows.principal_flow_step(THETA0, g, lam, u, h, h / 2)
+    traj = flows.integrate_principal_flow(reference_loss, THETA0, h, 1, substeps=2)
+    torch.testing.assert_close(half, traj.theta[1], rtol=0, atol=1e-15)
+    # Top-1: the second direction follows gradient flow.
+    one = flows.principal_flow_step(THETA0, g, lam[:1], u[:, :1], h, h)
+    assert one[1] == THETA0[1] - h * g[1]
+    with pytest.raises(ValueError, match="argument 'tau'"):
+        flows.principal_flow_step(THETA0, g, lam, u, h, 0.0)

@@ -469,6 +469,40 @@ def principal_flow_field(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor
     return u @ (weights + p) - g
 
 
+def principal_flow_step(
+    theta: Tensor, grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float, tau: float
+) -> Tensor:
+    """One exponential-method PF substep of length ``tau`` from k eigenpairs, Hessian frozen.
+
+    ``θ + Σᵢ ((1 − hλᵢ)^{τ/h} − 1)/λᵢ · (g·uᵢ) uᵢ − τ (g − Σᵢ (g·uᵢ) uᵢ)``: each eigen-component
+    follows its exact propagator (exactly GD's update at ``tau = h`` on a quadratic; a direction
+    with hλᵢ = 1 is removed), the complement follows gradient flow. ``theta``, ``grad`` ``[n]``;
+    ``eigenvalues`` ``[k]``, ``eigenvectors`` ``[n, k]`` orthonormal columns (real, or complex
+    under ``uᵀv``). Returns complex128 ``[n]``. What :func:`integrate_principal_flow` does per
+    substep with ``method="exponential"``.
+    """
+    h = _check_h(h)
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"argument 'tau': must be a positive finite number, got {tau!r}")
+    theta = _check_theta(theta).to(torch.complex128)
+    grad = _check_theta(grad, "grad").to(torch.complex128)
+    _check_eigenvalues(eigenvalues)
+    if eigenvectors.shape != (theta.shape[0], eigenvalues.shape[0]):
+        raise ValueError(
+            f"argument 'eigenvectors': must be [n, k] = [{theta.shape[0]}, {eigenvalues.shape[0]}], "
+            f"got shape {tuple(eigenvectors.shape)}"
+        )
+    u = eigenvectors.to(torch.complex128)
+    spec = _Spectrum(eigenvalues.to(torch.complex128), u, u.T, False, 0)
+    return theta + _exponential_displacement(spec, grad, h, tau)
+
+
+def _exponential_displacement(spec: _Spectrum, g: Tensor, h: float, tau: float) -> Tensor:
+    p, rest = spec.coordinates(g)
+    delta = spec.vectors @ (_step_coefficients(spec.values, h, tau) * p)
+    return delta if rest is None else delta - tau * rest
+
+
 def _pf_field(h: float, spectrum: _Spectrum, g: Tensor, drop_annihilated: bool) -> Tensor:
     p, rest = spectrum.coordinates(g)
     r = _coefficients(_h_lambda(spectrum.values, h), continuous=True)
@@ -679,10 +713,7 @@ def integrate_principal_flow(
     def exponential_step(t, tau):
         graph, spec = spectrum_at(t)
         g = graph.g()
-        p, rest = spec.coordinates(g)
-        delta = spec.vectors @ (_step_coefficients(spec.values, h, tau) * p)
-        if rest is not None:
-            delta = delta - tau * rest
+        delta = _exponential_displacement(spec, g, h, tau)
         if non_principal:
             delta = delta - tau * (h * h / 12) * graph.third(g, g)
         return t + delta, spec.values, spec.num_hvps + (2 if non_principal else 0)
