@@ -478,3 +478,15 @@ def test_principal_flow_step_is_gd_at_tau_h_and_matches_the_integrator(gen):
     assert one[1] == THETA0[1] - h * g[1]
     with pytest.raises(ValueError, match="argument 'tau'"):
         flows.principal_flow_step(THETA0, g, lam, u, h, 0.0)
+
+
+def test_third_derivative_agrees_with_hessian_operator(gen):
+    from pfkernels import HessianOperator
+
+    theta = torch.randn(2, generator=gen, dtype=torch.float64) * 0.5
+    u, v = (torch.randn(2, generator=gen, dtype=torch.float64) for _ in range(2))
+    op = HessianOperator.from_function(nonquadratic_loss, theta)
+    torch.testing.assert_close(flows.third_derivative(nonquadratic_loss, theta, u, v),
+                               op.third_derivative(u, v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flows.holomorphic_hvp(nonquadratic_loss, theta, v), op.matvec(v),
+                               rtol=1e-12, atol=1e-12)

@@ -433,6 +433,17 @@ def _spectrum(graph: _GradGraph, eig: str, k: int | None, lanczos_steps: int | N
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_eigenpairs(vector: Tensor, eigenvalues, eigenvectors) -> None:
+    _check_eigenvalues(eigenvalues)
+    if not isinstance(eigenvectors, Tensor):
+        raise TypeError("argument 'eigenvectors': must be a tensor")
+    if eigenvectors.shape != (vector.shape[0], eigenvalues.shape[0]):
+        raise ValueError(
+            f"argument 'eigenvectors': must be [n, k] = [{vector.shape[0]}, {eigenvalues.shape[0]}], "
+            f"got shape {tuple(eigenvectors.shape)}"
+        )
+
+
 def principal_flow_field(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float) -> Tensor:
     """The PF field ``Σᵢ rᵢ (g·uᵢ) uᵢ − (g − Σᵢ (g·uᵢ) uᵢ)`` from k eigenpairs.
 
@@ -453,13 +464,7 @@ def principal_flow_field(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor
     h = _check_h(h)
     if not any(isinstance(t, Tensor) and t.is_complex() for t in (grad, eigenvalues, eigenvectors)):
         return ops.flow_field(grad, eigenvalues, eigenvectors, h)[0]
-    _check_theta(grad, "grad")
-    _check_eigenvalues(eigenvalues)
-    if eigenvectors.shape != (grad.shape[0], eigenvalues.shape[0]):
-        raise ValueError(
-            f"argument 'eigenvectors': must be [n, k] = [{grad.shape[0]}, {eigenvalues.shape[0]}], "
-            f"got shape {tuple(eigenvectors.shape)}"
-        )
+    _check_eigenpairs(_check_theta(grad, "grad"), eigenvalues, eigenvectors)
     g = grad.to(torch.complex128)
     u = eigenvectors.to(torch.complex128)
     p = u.T @ g
@@ -486,12 +491,9 @@ def principal_flow_step(
         raise ValueError(f"argument 'tau': must be a positive finite number, got {tau!r}")
     theta = _check_theta(theta).to(torch.complex128)
     grad = _check_theta(grad, "grad").to(torch.complex128)
-    _check_eigenvalues(eigenvalues)
-    if eigenvectors.shape != (theta.shape[0], eigenvalues.shape[0]):
-        raise ValueError(
-            f"argument 'eigenvectors': must be [n, k] = [{theta.shape[0]}, {eigenvalues.shape[0]}], "
-            f"got shape {tuple(eigenvectors.shape)}"
-        )
+    if grad.shape != theta.shape:
+        raise ValueError(f"argument 'grad': shape {tuple(grad.shape)} differs from theta's {tuple(theta.shape)}")
+    _check_eigenpairs(theta, eigenvalues, eigenvectors)
     u = eigenvectors.to(torch.complex128)
     spec = _Spectrum(eigenvalues.to(torch.complex128), u, u.T, False, 0)
     return theta + _exponential_displacement(spec, grad, h, tau)
