@@ -277,8 +277,11 @@ def _flow_field_op(
         return flow_field_ref(grad, eigenvalues, eigenvectors, h)
     grad = grad.contiguous()
     eigenvalues = eigenvalues.contiguous()
-    eigenvectors = eigenvectors.contiguous()
     n, k = eigenvectors.shape
+    # Both layouts stream U contiguously: row-major [n, k] and column-major (eigsh's output).
+    column_major = eigenvectors.t().is_contiguous() and not eigenvectors.is_contiguous()
+    if not column_major:
+        eigenvectors = eigenvectors.contiguous()
     field = torch.empty(n, dtype=_COMPLEX_OF[grad.dtype], device=device)
     projections = torch.empty(k, dtype=grad.dtype, device=device)
     args = (
@@ -287,6 +290,7 @@ def _flow_field_op(
         eigenvectors.data_ptr(),
         n,
         k,
+        column_major,
         float(h),
         _DTYPE_CODES[grad.dtype],
         torch.view_as_real(field).data_ptr(),
@@ -321,7 +325,8 @@ def flow_field(
     Args:
         grad: ``[n]`` float32 or float64, CPU or CUDA.
         eigenvalues: ``[k]`` (``0 <= k <= n``), same dtype and device.
-        eigenvectors: ``[n, k]``, columns ``uᵢ``, same dtype and device.
+        eigenvectors: ``[n, k]``, columns ``uᵢ``, same dtype and device; row-major or column-major
+            (as :func:`pfkernels.eigsh` returns them) are read in place, other layouts copied.
         h: the learning rate, a positive finite number.
 
     Returns:

@@ -20,7 +20,7 @@ void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* size
 // float64 workspace holds k * ceil(n / kFlowRowsPerBlock) partials plus 2 * k weights.
 constexpr int64_t kFlowRowsPerBlock = 1024;
 void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
-                int64_t k, double h, int dtype, void* field, void* projections, double* workspace,
+                int64_t k, bool column_major, double h, int dtype, void* field, void* projections, double* workspace,
                 void* stream);
 
 int device_count();
