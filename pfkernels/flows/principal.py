@@ -990,7 +990,7 @@ def stability_report(
     eig = eigsh(op, k=k, which="LA", tol=tol, v0=v0, seed=seed)
     grad = op.gradient()
     lam = eig.eigenvalues.to(grad.dtype)
-    field_, proj = ops.flow_field(grad, lam, eig.eigenvectors.to(grad.dtype).contiguous(), lr)
+    field_, proj = ops.flow_field(grad, lam, eig.eigenvectors.to(grad.dtype), lr)
     lam64 = eig.eigenvalues.double()
     stab = stability_coefficients(lam64, lr)
     gnorm = float(torch.linalg.vector_norm(grad.double()))
