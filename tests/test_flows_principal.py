@@ -490,3 +490,10 @@ def test_third_derivative_agrees_with_hessian_operator(gen):
                                op.third_derivative(u, v), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(flows.holomorphic_hvp(nonquadratic_loss, theta, v), op.matvec(v),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_cli_pf_is_registered():
+    from pfkernels import cli
+
+    args = cli.build_parser().parse_args(["pf", "--out", "somewhere", "--substeps", "4"])
+    assert args.func is cli._run_pf and args.substeps == 4 and args.out == "somewhere"
