@@ -14,6 +14,13 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha);
 
+// flow: principal-flow field from k eigenpairs (eigenvectors [n, k], columns u_i, row-major or
+// with column_major, column i at eigenvectors + i * n):
+// projections[i] = u_i . g (float64 accumulation, deterministic) and field (interleaved complex
+// [n]) = sum_i r_i p_i u_i - (g - sum_i p_i u_i) with r_i from common/flow.h.
+void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
+                int64_t k, bool column_major, double h, int dtype, void* field, void* projections);
+
 int max_threads();
 
 }  // namespace pfk::cpu

@@ -16,6 +16,13 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha, void* stream);
 
+// flow: as pfk::cpu::flow_field. Rows of U handled by one block of the projection pass; the
+// float64 workspace holds k * ceil(n / kFlowRowsPerBlock) partials plus 2 * k weights.
+constexpr int64_t kFlowRowsPerBlock = 1024;
+void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
+                int64_t k, bool column_major, double h, int dtype, void* field, void* projections, double* workspace,
+                void* stream);
+
 int device_count();
 
 }  // namespace pfk::cuda
