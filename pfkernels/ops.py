@@ -237,3 +237,173 @@ def multi_tensor_axpy_ref(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tenso
     """Pure-torch twin of :func:`multi_tensor_axpy`."""
     for xi, yi in zip(x, y):
         xi.add_(yi * alpha.reshape(()).to(xi.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# tridiag family: batched symmetric tridiagonal eigensolver (the Rayleigh-Ritz step of Lanczos).
+# ---------------------------------------------------------------------------------------------
+
+# Which part of the eigenvector matrix Z is accumulated; shared with csrc/common/tridiag.h.
+_TRIDIAG_VECTORS = {"none": 0, "last_row": 1, "all": 2}
+
+
+def _tridiag_check(alpha: Tensor, beta: Tensor, vectors: str, check_finite: bool) -> None:
+    """Argument checks shared by :func:`tridiag_eigh` and :func:`tridiag_eigh_ref`."""
+    _check_arg(isinstance(alpha, Tensor), "alpha", f"must be a tensor, got {type(alpha).__name__}")
+    _check_arg(isinstance(beta, Tensor), "beta", f"must be a tensor, got {type(beta).__name__}")
+    _check_arg(
+        isinstance(vectors, str) and vectors in _TRIDIAG_VECTORS,
+        "vectors",
+        f"must be one of {sorted(_TRIDIAG_VECTORS)}, got {vectors!r}",
+    )
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        _check_arg(
+            t.dtype in (torch.float32, torch.float64),
+            name,
+            f"dtype must be float32 or float64, got {t.dtype}",
+        )
+        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
+    _check_arg(
+        alpha.dim() in (1, 2), "alpha", f"must have shape [m] or [B, m], got {tuple(alpha.shape)}"
+    )
+    _check_arg(
+        beta.device == alpha.device,
+        "beta",
+        f"device {beta.device} differs from alpha's device {alpha.device}",
+    )
+    m = alpha.shape[-1]
+    want = (*alpha.shape[:-1], max(m - 1, 0))
+    _check_arg(
+        tuple(beta.shape) == want,
+        "beta",
+        f"must have shape {want} for alpha of shape {tuple(alpha.shape)}, got {tuple(beta.shape)}",
+    )
+    if check_finite:
+        for name, t in (("alpha", alpha), ("beta", beta)):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"argument '{name}': non-finite entry at index {where}")
+
+
+@torch.library.custom_op("pfkernels::tridiag_eigh", mutates_args=())
+def _tridiag_eigh_op(alpha: Tensor, beta: Tensor, vectors: str) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha [B, m], beta [B, m-1] float64 contiguous -> (evals, vecs, status int32 [B])."""
+    device = alpha.device
+    if not _has_backend("tridiag_eigh", device):
+        _warn_fallback("tridiag_eigh", device)
+        evals, vecs = tridiag_eigh_ref(alpha, beta, vectors, check=False)
+        if vecs is None:
+            vecs = alpha.new_empty(alpha.shape[0], 0)
+        return evals, vecs, torch.zeros(alpha.shape[0], dtype=torch.int32, device=device)
+    batch, m = alpha.shape
+    # Poisoned, so an element the kernel failed to write shows up as NaN rather than garbage.
+    evals = torch.full((batch, m), math.nan, dtype=torch.float64, device=device)
+    vec_shape = {"none": (batch, 0), "last_row": (batch, m), "all": (batch, m, m)}[vectors]
+    vecs = torch.full(vec_shape, math.nan, dtype=torch.float64, device=device)
+    status = torch.full((batch,), -1, dtype=torch.int32, device=device)
+    mode = _TRIDIAG_VECTORS[vectors]
+    args = (alpha.data_ptr(), beta.data_ptr(), batch, m, mode, evals.data_ptr(), vecs.data_ptr(),
+            status.data_ptr())
+    if device.type == "cpu":
+        _C.tridiag_eigh_cpu(*args)
+    else:
+        words = _C.tridiag_workspace_words(batch, m, mode)
+        workspace = torch.empty(max(words, 1), dtype=torch.float64, device=device)
+        _C.tridiag_eigh_cuda(*args, workspace.data_ptr(), _stream(device))
+    return evals, vecs, status
+
+
+@_tridiag_eigh_op.register_fake
+def _(alpha, beta, vectors):
+    batch, m = alpha.shape
+    vec_shape = {"none": (batch, 0), "last_row": (batch, m), "all": (batch, m, m)}[vectors]
+    return (
+        alpha.new_empty(batch, m),
+        alpha.new_empty(vec_shape),
+        alpha.new_empty(batch, dtype=torch.int32),
+    )
+
+
+def tridiag_eigh(
+    alpha: Tensor, beta: Tensor, vectors: str = "all", *, check: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Eigen-decomposition of a batch of symmetric tridiagonal matrices, ``T = Z diag(λ) Zᵀ``.
+
+    ``T[b]`` has diagonal ``alpha[b]`` and off-diagonal ``beta[b]`` (``T[i, i+1] = T[i+1, i] =
+    beta[i]``): in Lanczos, the projection ``Vᵀ A V`` whose eigenpairs are the Ritz pairs. Solved by
+    implicit QL with Wilkinson shifts in float64 (csrc/common/tridiag.h, one algorithm for CPU and
+    CUDA), accumulating only the rows of ``Z`` that ``vectors`` asks for: ``"last_row"`` costs
+    O(m²) per problem like ``"none"``, ``"all"`` O(m³).
+
+    Args:
+        alpha: diagonal, ``[B, m]`` or ``[m]``, float32 or float64, CPU or CUDA.
+        beta: off-diagonal, ``[B, m-1]`` or ``[m-1]``, same device as ``alpha``.
+        vectors: ``"all"`` (the eigenvector matrix, vectors as columns as in
+            ``torch.linalg.eigh``), ``"last_row"`` (its last row ``Z[m-1, :]``: the Lanczos
+            residual estimate of Ritz pair ``i`` is ``β_m·|Z[m-1, i]|``) or ``"none"``.
+        check: validate values (finite inputs, every problem converged). Each check reads a
+            device value, so on CUDA ``check=False`` is what keeps the call free of host
+            synchronisation; a problem that did not converge then has NaN eigenvalues and vectors.
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: eigenvalues ``[B, m]`` ascending, float64, on the
+        input's device; eigenvectors ``[B, m, m]`` (``"all"``), ``[B, m]`` (``"last_row"``) or
+        ``None``, float64. Unbatched inputs give results without the ``B`` dimension. Each
+        eigenvector's sign is fixed so that its last component is ``>= 0``, which makes
+        ``"last_row"`` equal to the last row of ``"all"``. ``m = 0`` gives empty results.
+
+    Raises:
+        ValueError: naming ``alpha``, ``beta`` or ``vectors`` for a non-tensor, a non-floating
+            dtype, inconsistent shapes or devices, a non-finite entry, an unknown ``vectors``.
+        RuntimeError: a problem (named by its batch index) did not converge within 30·m QL
+            sweeps; not expected for finite input.
+
+    Equivalent to :func:`tridiag_eigh_ref` (dense ``torch.linalg.eigh`` in float64).
+    """
+    _tridiag_check(alpha, beta, vectors, check_finite=check)
+    unbatched = alpha.dim() == 1
+    a64 = (alpha[None] if unbatched else alpha).to(torch.float64).contiguous()
+    b64 = (beta[None] if unbatched else beta).to(torch.float64).contiguous()
+    batch, m = a64.shape
+    if batch == 0 or m == 0:
+        evals = a64.new_empty(batch, m)
+        vecs = {"none": None, "last_row": a64.new_empty(batch, m),
+                "all": a64.new_empty(batch, m, m)}[vectors]
+    else:
+        evals, vecs, status = torch.ops.pfkernels.tridiag_eigh(a64, b64, vectors)
+        if vectors == "none":
+            vecs = None
+        if check and bool((status != 0).any()):
+            failed = [int(i) for i in (status != 0).nonzero().flatten()[:10]]
+            raise RuntimeError(
+                f"pfkernels.tridiag_eigh: QL iteration did not converge for batch element(s) "
+                f"{failed} (status {[int(status[i]) for i in failed]}) within 30*m sweeps"
+            )
+    if unbatched:
+        evals = evals[0]
+        vecs = None if vecs is None else vecs[0]
+    return evals, vecs
+
+
+def tridiag_eigh_ref(
+    alpha: Tensor, beta: Tensor, vectors: str = "all", *, check: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Pure-torch twin of :func:`tridiag_eigh`: ``torch.linalg.eigh`` of the dense float64 ``T``
+    with the same sign convention (last component of each eigenvector ``>= 0``)."""
+    _tridiag_check(alpha, beta, vectors, check_finite=check)
+    a64 = alpha.to(torch.float64)
+    b64 = beta.to(torch.float64)
+    m = a64.shape[-1]
+    dense = torch.diag_embed(a64)
+    if m > 1:
+        dense = dense + torch.diag_embed(b64, offset=1) + torch.diag_embed(b64, offset=-1)
+    evals, z = torch.linalg.eigh(dense)
+    if m > 0:
+        sign = torch.where(z[..., -1:, :] < 0, -1.0, 1.0).to(z.dtype)
+        z = z * sign
+    if vectors == "none":
+        return evals, None
+    if vectors == "last_row":
+        return evals, z[..., -1, :].contiguous() if m > 0 else evals.new_empty(evals.shape)
+    return evals, z
