@@ -23,7 +23,7 @@ namespace pfk::tridiag {
 
 // Shared with pfkernels/ops.py (_TRIDIAG_VECTORS).
 enum Vectors : int { kNone = 0, kLastRow = 1, kAll = 2 };
-// Per-problem status written by the backends; shared with pfkernels/ops.py (_TRIDIAG_STATUS).
+// Per-problem status written by the backends; shared with pfkernels/ops.py (_TRIDIAG_OK, ...).
 enum Status : int { kOk = 0, kNoConvergence = 1, kNonFiniteAlpha = 2, kNonFiniteBeta = 3 };
 
 // LAPACK's dsteqr budget: QL sweeps per problem, in units of n.
@@ -66,11 +66,18 @@ PFK_HD void rotate_z(V z, int n, int i, double c, double s) {
   }
 }
 
-// sqrt(f^2 + g^2). The matrix is scaled to norm ~1, so the squares cannot overflow; only when
-// both are tiny (the squares underflow) is the careful libm hypot worth its cost.
-PFK_HD double pythag(double f, double g) {
-  const double r = sqrt(f * f + g * g);
-  return r < 1e-150 ? hypot(f, g) : r;
+// r = sqrt(f^2 + g^2) and 1/r for a Givens rotation. 1/r is formed as sqrt(x) * (1/x) so that
+// the square root and the division run side by side instead of one after the other: they sit
+// on the critical path of the QL sweep. T is scaled to entries below 1, so the squares cannot
+// overflow; when they underflow, the careful libm hypot takes over.
+PFK_HD void pythag_and_inverse(double f, double g, double& r, double& inv_r) {
+  const double x = f * f + g * g;
+  r = sqrt(x);
+  inv_r = r * (1.0 / x);
+  if (r < 1e-150) {
+    r = hypot(f, g);
+    inv_r = 1.0 / r;
+  }
 }
 
 // The state of one problem's QL iteration between rotations. The iteration is exposed in
@@ -168,7 +175,8 @@ PFK_HD void ql_step(QLState& q, V d, V e, V z) {
   const int i = q.i;
   const double f = q.s * e[i];
   const double b = q.c * e[i];
-  double r = pythag(f, q.g);
+  double r, inv_r;
+  pythag_and_inverse(f, q.g, r, inv_r);
   e[i + 1] = r;
   if (r == 0.0) {
     // Both rotation inputs vanished: T splits at i+1. Undo the partial shift; the next plan
@@ -178,7 +186,6 @@ PFK_HD void ql_step(QLState& q, V d, V e, V z) {
     q.sweeping = false;
     return;
   }
-  const double inv_r = 1.0 / r;
   const double s = f * inv_r;
   const double c = q.g * inv_r;
   const double g = d[i + 1] - q.p;
