@@ -5,9 +5,11 @@ Anchors, measured in the same run on the same inputs: a Python loop over
 ``eigvalsh`` on the batched dense tridiagonal matrices. Contenders run round-robin, one timed
 call each per round, so load changes on a shared machine hit all of them alike; the median over
 rounds is reported, per problem, with the ratios the goals of issue 3 refer to:
-``last_row`` >= 10x and ``all`` >= 1.5x faster than the SciPy loop with vectors.
+``last_row`` >= 10x and ``all`` >= 1.5x faster than the SciPy loop with vectors. The whole
+comparison runs once per CPU thread count in ``--threads`` (torch.set_num_threads, which also
+sets the OpenMP threads of the pfkernels kernels; the SciPy loop is single-threaded either way).
 
-    python bench/bench_tridiag.py [--batch 1024] [--m 64] [--rounds 7] [--out PATH]
+    python bench/bench_tridiag.py [--batch 1024] [--m 64] [--rounds 5] [--threads 1,2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def accuracy(alpha: torch.Tensor, beta: torch.Tensor) -> dict:
     evals, last = ops.tridiag_eigh(alpha, beta, "last_row")
     _, z = ops.tridiag_eigh(alpha, beta, "all")
     a_np, b_np = alpha.numpy(), beta.numpy()
-    ev_err, last_err, resid = 0.0, 0.0, 0.0
+    ev_err, last_err = 0.0, 0.0
     for i in range(alpha.shape[0]):
         w, v = scipy.linalg.eigh_tridiagonal(a_np[i], b_np[i])
         ev_err = max(ev_err, float(np.abs(evals[i].numpy() - w).max()))
@@ -78,11 +80,43 @@ def accuracy(alpha: torch.Tensor, beta: torch.Tensor) -> dict:
     }
 
 
+def measure(runs: dict, args: argparse.Namespace) -> dict:
+    """Round-robin timing of every contender; medians per problem, ratios, goals."""
+    load_before = os.getloadavg()[0]
+    for _ in range(args.warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    load_after = os.getloadavg()[0]
+    us = {n: statistics.median(t) / args.batch * 1e6 for n, t in times.items()}
+    ratios = {
+        "last_row_vs_scipy_vectors": us["scipy_loop_vectors"] / us["pfkernels_last_row"],
+        "all_vs_scipy_vectors": us["scipy_loop_vectors"] / us["pfkernels_all"],
+        "none_vs_scipy_values": us["scipy_loop_values"] / us["pfkernels_none"],
+        "all_vs_torch_eigh_dense": us["torch_eigh_dense"] / us["pfkernels_all"],
+        "none_vs_torch_eigvalsh_dense": us["torch_eigvalsh_dense"] / us["pfkernels_none"],
+    }
+    return {
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "median_us_per_problem": us,
+        "all_us_per_problem": {n: [x / args.batch * 1e6 for x in t] for n, t in times.items()},
+        "speedups": ratios,
+        "goals": {k: {"target": v, "measured": ratios[k], "met": ratios[k] >= v}
+                  for k, v in GOALS.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--m", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path,
@@ -93,31 +127,15 @@ def main() -> None:
     alpha = torch.randn(args.batch, args.m, generator=gen, dtype=torch.float64)
     beta = torch.randn(args.batch, args.m - 1, generator=gen, dtype=torch.float64)
     runs = contenders(alpha, beta)
-    load_before = os.getloadavg()
-    for _ in range(args.warmup):
-        for fn in runs.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    load_after = os.getloadavg()
-
-    per_problem_us = {n: statistics.median(t) / args.batch * 1e6 for n, t in times.items()}
-    ratios = {
-        "last_row_vs_scipy_vectors": per_problem_us["scipy_loop_vectors"]
-        / per_problem_us["pfkernels_last_row"],
-        "all_vs_scipy_vectors": per_problem_us["scipy_loop_vectors"]
-        / per_problem_us["pfkernels_all"],
-        "none_vs_scipy_values": per_problem_us["scipy_loop_values"]
-        / per_problem_us["pfkernels_none"],
-        "all_vs_torch_eigh_dense": per_problem_us["torch_eigh_dense"]
-        / per_problem_us["pfkernels_all"],
-        "none_vs_torch_eigvalsh_dense": per_problem_us["torch_eigvalsh_dense"]
-        / per_problem_us["pfkernels_none"],
-    }
+    by_threads = {}
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        by_threads[threads] = measure(runs, args)
+        print(f"--- {threads} thread(s), load average {by_threads[threads]['load_average']}")
+        for name, us in by_threads[threads]["median_us_per_problem"].items():
+            print(f"{name:<34}{us:10.2f} us/problem")
+        for name, ratio in by_threads[threads]["speedups"].items():
+            print(f"{name:<34}{ratio:10.2f}x")
     result = {
         "benchmark": "tridiag_eigh",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -125,30 +143,19 @@ def main() -> None:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-            "torch_threads": torch.get_num_threads(),
+            "note": "shared machine; see each run's load average (runnable processes)",
         },
         "versions": {"torch": torch.__version__, "scipy": scipy.__version__,
                      "numpy": np.__version__},
         "backend": ops.backend_info(),
         "config": {"batch": args.batch, "m": args.m, "rounds": args.rounds,
                    "warmup": args.warmup, "seed": args.seed, "dtype": "float64"},
-        "median_us_per_problem": per_problem_us,
-        "all_us_per_problem": {n: [x / args.batch * 1e6 for x in t] for n, t in times.items()},
-        "speedups": ratios,
-        "goals": {k: {"target": v, "measured": ratios[k], "met": ratios[k] >= v}
-                  for k, v in GOALS.items()},
+        "by_threads": by_threads,
         "accuracy": accuracy(alpha, beta),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    width = max(map(len, per_problem_us))
-    for name, us in per_problem_us.items():
-        print(f"{name:<{width}}  {us:9.2f} us/problem")
-    for name, r in ratios.items():
-        print(f"{name:<{width}}  {r:9.2f}x")
-    print(f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; wrote {args.out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
