@@ -70,7 +70,12 @@ void eigh_lanes(const double* alpha, const double* beta, int64_t batch, int64_t 
   const int64_t nvec = tridiag::z_words(n64, kMode);
   const int64_t lane_words = 2 * n64 + std::max<int64_t>(nvec, 1);
   std::atomic<int64_t> next_problem{0};
-#pragma omp parallel
+  // Threads only for batches worth waking them for: a Lanczos convergence check solves a few
+  // small problems, and on a loaded machine waiting for a second thread to be scheduled can
+  // cost milliseconds. Work is counted in element rotations (about n^2 per problem, n^3/16
+  // more with all vectors); 2^20 of them take a few milliseconds.
+  const int64_t work = batch * n64 * n64 * (kMode == tridiag::kAll ? 1 + n64 / 16 : 1);
+#pragma omp parallel if (work >= (int64_t{1} << 20))
   {
     constexpr int kL = kLanes<kMode>;
     std::vector<double> buffer(kL * lane_words);
