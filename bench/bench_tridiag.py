@@ -1,32 +1,30 @@
-"""Benchmark: batched tridiagonal eigensolves, pfkernels.ops.tridiag_eigh against the anchors.
+"""tridiag family: batched tridiagonal eigensolves, pfkernels.ops.tridiag_eigh against anchors.
 
 Anchors, measured in the same run on the same inputs: a Python loop over
-``scipy.linalg.eigh_tridiagonal`` (with vectors, and values only) and ``torch.linalg.eigh`` /
-``eigvalsh`` on the batched dense tridiagonal matrices. Contenders run round-robin, one timed
-call each per round, so load changes on a shared machine hit all of them alike; the median over
-rounds is reported, per problem, with the ratios the goals of issue 3 refer to:
-``last_row`` >= 10x and ``all`` >= 1.5x faster than the SciPy loop with vectors. The whole
-comparison runs once per CPU thread count in ``--threads`` (torch.set_num_threads, which also
-sets the OpenMP threads of the pfkernels kernels; the SciPy loop is single-threaded either way).
+``scipy.linalg.eigh_tridiagonal`` (with vectors, and values only; always on the CPU) and
+``torch.linalg.eigh`` / ``eigvalsh`` on the batched dense tridiagonal matrices (on --device).
+Contenders run round-robin, one timed call each per round, so load changes on a shared machine
+hit all of them alike; the median over rounds is reported, per problem, with the ratios the goals
+of issue 3 refer to: ``last_row`` >= 10x and ``all`` >= 1.5x faster than the SciPy loop with
+vectors. The comparison runs once per CPU thread count in ``--threads`` (torch.set_num_threads,
+which also sets the OpenMP threads of the pfkernels kernels; the SciPy loop is single-threaded).
+Writes bench/results/tridiag_<device>.json (or into --out).
 
-    python bench/bench_tridiag.py [--batch 1024] [--m 64] [--rounds 5] [--threads 1,2] [--out PATH]
+    python bench/bench_tridiag.py [--device cpu] [--batch 1024] [--m 64] [--rounds 5] [--threads 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy
 import scipy.linalg
 import torch
+from _common import sync, write_json
 
 from pfkernels import ops
 
@@ -37,8 +35,9 @@ def dense(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
 
 
-def contenders(alpha: torch.Tensor, beta: torch.Tensor) -> dict:
+def contenders(alpha: torch.Tensor, beta: torch.Tensor, device: torch.device) -> dict:
     a_np, b_np = alpha.numpy(), beta.numpy()
+    alpha, beta = alpha.to(device), beta.to(device)
     t = dense(alpha, beta)
     batch = alpha.shape[0]
 
@@ -59,10 +58,10 @@ def contenders(alpha: torch.Tensor, beta: torch.Tensor) -> dict:
     }
 
 
-def accuracy(alpha: torch.Tensor, beta: torch.Tensor) -> dict:
+def accuracy(alpha: torch.Tensor, beta: torch.Tensor, device: torch.device) -> dict:
     """Largest eigenvalue and last-row differences to SciPy over the benchmark's problems."""
-    evals, last = ops.tridiag_eigh(alpha, beta, "last_row")
-    _, z = ops.tridiag_eigh(alpha, beta, "all")
+    evals, last = (x.cpu() for x in ops.tridiag_eigh(alpha.to(device), beta.to(device), "last_row"))
+    z = ops.tridiag_eigh(alpha.to(device), beta.to(device), "all")[1].cpu()
     a_np, b_np = alpha.numpy(), beta.numpy()
     ev_err, last_err = 0.0, 0.0
     for i in range(alpha.shape[0]):
@@ -80,7 +79,7 @@ def accuracy(alpha: torch.Tensor, beta: torch.Tensor) -> dict:
     }
 
 
-def measure(runs: dict, args: argparse.Namespace) -> dict:
+def measure(runs: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """Round-robin timing of every contender; medians per problem, ratios, goals."""
     load_before = os.getloadavg()[0]
     for _ in range(args.warmup):
@@ -89,8 +88,10 @@ def measure(runs: dict, args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, fn in runs.items():
+            sync(device)
             start = time.perf_counter()
             fn()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     load_after = os.getloadavg()[0]
     us = {n: statistics.median(t) / args.batch * 1e6 for n, t in times.items()}
@@ -113,49 +114,41 @@ def measure(runs: dict, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--m", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent / "results" / "tridiag_cpu.json")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     gen = torch.Generator().manual_seed(args.seed)
     alpha = torch.randn(args.batch, args.m, generator=gen, dtype=torch.float64)
     beta = torch.randn(args.batch, args.m - 1, generator=gen, dtype=torch.float64)
-    runs = contenders(alpha, beta)
+    runs = contenders(alpha, beta, device)
     by_threads = {}
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        by_threads[threads] = measure(runs, args)
+        by_threads[threads] = measure(runs, args, device)
         print(f"--- {threads} thread(s), load average {by_threads[threads]['load_average']}")
         for name, us in by_threads[threads]["median_us_per_problem"].items():
             print(f"{name:<34}{us:10.2f} us/problem")
         for name, ratio in by_threads[threads]["speedups"].items():
             print(f"{name:<34}{ratio:10.2f}x")
-    result = {
+    payload = {
         "benchmark": "tridiag_eigh",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "note": "shared machine; see each run's load average (runnable processes)",
-        },
-        "versions": {"torch": torch.__version__, "scipy": scipy.__version__,
-                     "numpy": np.__version__},
-        "backend": ops.backend_info(),
-        "config": {"batch": args.batch, "m": args.m, "rounds": args.rounds,
-                   "warmup": args.warmup, "seed": args.seed, "dtype": "float64"},
+        "note": "shared machine: each run records the load average (runnable processes)",
+        "versions": {"scipy": scipy.__version__, "numpy": np.__version__},
+        "config": {"device": str(device), "batch": args.batch, "m": args.m,
+                   "rounds": args.rounds, "warmup": args.warmup, "seed": args.seed,
+                   "dtype": "float64"},
         "by_threads": by_threads,
-        "accuracy": accuracy(alpha, beta),
+        "accuracy": accuracy(alpha, beta, device),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(f"tridiag_{device.type}.json", payload, args.out)
 
 
 if __name__ == "__main__":
