@@ -34,7 +34,21 @@ def multi_tensor(device) -> bool:
     return ok
 
 
-FAMILIES = [multi_tensor]
+def tridiag(device) -> bool:
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    for batch, m in ((1, 1), (37, 2), (33, 17), (5, 64)):
+        alpha = torch.randn(batch, m, generator=g, dtype=torch.float64)
+        beta = torch.randn(batch, m - 1, generator=g, dtype=torch.float64)
+        beta[:, ::4] = 0.0  # split matrices
+        want, _ = ops.tridiag_eigh_ref(alpha, beta, "none")
+        for vectors in ("none", "last_row", "all"):
+            got, _ = ops.tridiag_eigh(alpha.to(device), beta.to(device), vectors)
+            ok &= check(f"tridiag_eigh {vectors} B={batch} m={m}", got.cpu(), want, 1e-12)
+    return ok
+
+
+FAMILIES = [multi_tensor, tridiag]
 
 
 def main() -> int:

@@ -20,6 +20,12 @@ void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* size
 // [n]) = sum_i r_i p_i u_i - (g - sum_i p_i u_i) with r_i from common/flow.h.
 void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
                 int64_t k, bool column_major, double h, int dtype, void* field, void* projections);
+// tridiag: eigenvalues (ascending) of B symmetric tridiagonal matrices alpha [B, n] (diagonal),
+// beta [B, n-1] (off-diagonal), all float64 contiguous; mode is a tridiag::Vectors code choosing
+// vecs: [B, n, n] eigenvectors as columns, [B, n] their last row, or nothing. status [B] gets a
+// tridiag::Status per problem.
+void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
+                  double* evals, double* vecs, int32_t* status);
 
 int max_threads();
 

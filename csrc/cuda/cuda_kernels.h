@@ -22,6 +22,11 @@ constexpr int64_t kFlowRowsPerBlock = 1024;
 void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
                 int64_t k, bool column_major, double h, int dtype, void* field, void* projections, double* workspace,
                 void* stream);
+// tridiag: as pfk::cpu::tridiag_eigh, with a float64 workspace of
+// tridiag_workspace_words(batch, n, mode) elements.
+int64_t tridiag_workspace_words(int64_t batch, int64_t n, int mode);
+void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
+                  double* evals, double* vecs, int32_t* status, double* workspace, void* stream);
 
 int device_count();
 
