@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._closure import gradients, hessian_vector_products, run_closure
+from ._closure import finite_difference_hvp, gradients, hessian_vector_products, run_closure
 
 _HVP_METHODS = ("exact", "finite-difference")
 
@@ -186,10 +186,24 @@ class DAL(torch.optim.Optimizer):
         self.fd_eps = float(fd_eps)
         self.fused = bool(fused)
         self.check_finite = bool(check_finite)
-        self.last_lr: Tensor | None = None
-        self.last_lrs: list[Tensor | None] = []
-        self.last_stats: list[Tensor | None] = []
+        # Mutated, never reassigned: torch.compile drops attribute writes on optimizers.
+        self._log: dict[str, list[Tensor | None]] = {"lrs": [], "stats": []}
         super().__init__(params, defaults)
+
+    @property
+    def last_lr(self) -> Tensor | None:
+        """The rate of the last step of the first group: a 0-d tensor on its device."""
+        return self._log["lrs"][0] if self._log["lrs"] else None
+
+    @property
+    def last_lrs(self) -> list[Tensor | None]:
+        """One rate per group (None for a group without gradients in the last step)."""
+        return list(self._log["lrs"])
+
+    @property
+    def last_stats(self) -> list[Tensor | None]:
+        """Per group ``(g·Hg, ‖g‖², ‖Hg‖²)`` of the last step, None where no HVP was computed."""
+        return list(self._log["stats"])
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -231,7 +245,7 @@ class DAL(torch.optim.Optimizer):
             if exact:
                 hv = hessian_vector_products(u_grads, u_params, u_grads)
             else:
-                hv = self._finite_difference_hvp(closure, u_params, u_grads)
+                hv = finite_difference_hvp(closure, u_params, u_grads, self.fd_eps, "DAL")
             hvps = dict(zip(used, hv))
         grad_of = {id(params[i]): grads[i].detach() for i in used}
         hvp_of = {id(params[i]): h for i, h in hvps.items()}
@@ -253,12 +267,12 @@ class DAL(torch.optim.Optimizer):
                     f"DAL: the loss ({float(loss)}) or the gradient / H·g is not finite; "
                     "parameters and optimizer state were left unchanged"
                 )
-        self.last_lrs, self.last_stats = [], []
+        lrs, stats = [], []
         for group, plan in zip(self.param_groups, plans):
             group["step"] += 1
             if plan is None:
-                self.last_lrs.append(None)
-                self.last_stats.append(None)
+                lrs.append(None)
+                stats.append(None)
                 continue
             ps, gs, sums, rule = plan
             rate = rate_fn(sums, group["p"], group["lr_max"], group["lr"], rule)
@@ -270,32 +284,8 @@ class DAL(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p)
                     bufs.append(state["momentum_buffer"])
             update(ps, gs, bufs, rate, group["momentum"])
-            self.last_lrs.append(rate)
-            self.last_stats.append(sums if rule else None)
-        self.last_lr = self.last_lrs[0] if self.last_lrs else None
+            lrs.append(rate)
+            stats.append(sums if rule else None)
+        self._log["lrs"] = lrs
+        self._log["stats"] = stats
         return loss.detach()
-
-    def _finite_difference_hvp(
-        self, closure: Callable[[], Tensor], params: list[Tensor], grads: list[Tensor]
-    ) -> list[Tensor]:
-        """``(∇E(θ + ε ĝ) − ∇E(θ)) ‖g‖/ε``, the authors' forward difference along ĝ = g/‖g‖.
-
-        θ is restored from a copy (not by subtracting), so the parameters come back bit for bit;
-        with g = 0 the probe is θ itself and H·g = 0.
-        """
-        gnorm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-        shift = torch.where(gnorm > 0, self.fd_eps / gnorm, torch.zeros_like(gnorm))
-        saved = [p.detach().clone() for p in params]
-        try:
-            for p, g in zip(params, grads):
-                p.add_(g * shift.to(p.dtype))
-            loss = run_closure(closure, params, "DAL")
-            probe = gradients(loss, params, create_graph=False)
-        finally:
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        scale = gnorm / self.fd_eps
-        return [
-            -g * scale.to(g.dtype) if q is None else (q - g) * scale.to(g.dtype)
-            for g, q in zip(grads, probe)
-        ]
