@@ -4,14 +4,13 @@ Reference values from REFERENCES.md §2 (DAL) and §6 (Arora, Li, Panigrahi toy 
 """
 
 import copy
-import gzip
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import pfkernels
+import pfkernels.data
 from pfkernels import ops
 from pfkernels.optim import DAL, DALScaler, NormalizedGD, dal_learning_rate, sqrt_loss
 from pfkernels.optim._closure import finite_difference_hvp, gradients, hessian_vector_products
@@ -235,18 +234,11 @@ def test_zero_gradient_is_a_noop_with_rate_lr_max():
 
 
 def _digits_mlp(n, dtype, seed):
-    """The digits MLP (64-200-200-10 tanh, MSE ½‖f − y‖²) on the first n digits, standardised."""
-    raw = gzip.open(Path(pfkernels.__file__).parent / "datasets" / "digits.csv.gz").read()
-    rows = torch.tensor([[float(v) for v in line.split(",")] for line in raw.decode().split()[:n]])
-    x = rows[:, :64]
-    x = ((x - x.mean(0)) / x.std(0).clamp_min(1e-6)).to(dtype)
-    y = torch.nn.functional.one_hot(rows[:, 64].long(), 10).to(dtype)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 200), torch.nn.Tanh(), torch.nn.Linear(200, 200), torch.nn.Tanh(),
-        torch.nn.Linear(200, 10),
-    ).to(dtype)
-    return model, lambda: 0.5 * ((model(x) - y) ** 2).sum(1).mean()
+    """The digits MLP (64-200-200-10 tanh, MSE ½‖f − y‖²) on n training digits."""
+    data = pfkernels.data.digits(n_train=n, n_test=0, seed=seed, dtype=dtype)
+    model = pfkernels.data.mlp(seed=seed).to(dtype)
+    x, y = data.train
+    return model, lambda: pfkernels.data.mse_loss(model(x), y)
 
 
 def test_finite_difference_hvp_is_first_order_accurate(seed):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import ops
 from ._closure import gradients, hessian_vector_products, run_closure
-from .dal import _check_window, in_window
+from .dal import _check_window, check_params, in_window, step_kernels
 
 
 def _adam_preconditioner(opt, group: dict, p: Tensor, g: Tensor) -> Tensor:
@@ -122,17 +122,7 @@ class DALScaler:
         ops._check_dal_hyperparameters(p, lr_max)
         self.window = _check_window(window)
         for group in base_optimizer.param_groups:
-            for i, t in enumerate(group["params"]):
-                ops._check_arg(
-                    t.dtype in (torch.float32, torch.float64),
-                    "base_optimizer",
-                    f"parameters must be float32 or float64; parameter {i} is {t.dtype}",
-                )
-                ops._check_arg(
-                    t.dtype == group["params"][0].dtype and t.device == group["params"][0].device,
-                    "base_optimizer",
-                    "each parameter group must have one dtype and device",
-                )
+            check_params(group["params"], "DALScaler", "base_optimizer")
         self.base = base_optimizer
         self.p = float(p)
         self.lr_max = float(lr_max)
@@ -188,11 +178,11 @@ class DALScaler:
             hu = hessian_vector_products([grad_of[id(p)] for p in ps], ps, u)
             u_of = {id(p): x for p, x in zip(ps, u)}
             w_of = {id(p): h / pre[id(p)] if pre[id(p)] is not None else h for p, h in zip(ps, hu)}
+            dot = step_kernels()[0]
             for k, group in enumerate(groups):
                 gp = [p for p in group["params"] if id(p) in grad_of]
                 if gp:
-                    plans[k] = ops.multi_tensor_dot([u_of[id(p)] for p in gp],
-                                                    [w_of[id(p)] for p in gp])
+                    plans[k] = dot([u_of[id(p)] for p in gp], [w_of[id(p)] for p in gp])
         if self.check_finite:
             checks = [torch.isfinite(loss)]
             checks += [torch.isfinite(g).all() for g in grad_of.values()]
@@ -205,8 +195,9 @@ class DALScaler:
         for p in params:
             if id(p) in grad_of:
                 p.grad = grad_of[id(p)].detach()
+        rate_fn = step_kernels()[1]
         rates = [
-            None if s is None else ops.dal_rate(s, self.p, self.lr_max, float(g["lr"]), True)
+            None if s is None else rate_fn(s, self.p, self.lr_max, float(g["lr"]), True)
             for g, s in zip(groups, plans)
         ]
         self._apply(rates)
