@@ -16,6 +16,18 @@ from pfkernels.optim import DAL, DALScaler, NormalizedGD, dal_learning_rate, sqr
 from pfkernels.optim._closure import finite_difference_hvp, gradients, hessian_vector_products
 
 DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    # These tests run many tiny ops; on a loaded 2-core machine two intra-op threads waiting on
+    # each other made single steps ~100x slower. Restored for the modules that follow.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 A_DIAG = (1.0, 0.01)
 THETA0 = (-0.35, -0.2)
 
