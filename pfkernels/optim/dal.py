@@ -161,7 +161,9 @@ class DAL(torch.optim.Optimizer):
             ``start <= step < stop`` (``stop=None``: forever), ``lr`` elsewhere, as in the
             authors' code. The step counter is a host int (``group["step"]``), so the window
             costs no sync.
-        hvp: ``"exact"`` (double backward) or ``"finite-difference"``:
+        hvp: ``"exact"`` (double backward through the closure's graph; forward-over-reverse
+            would need a functional form of the model, which a closure does not give — use
+            :class:`pfkernels.HessianOperator` for that) or ``"finite-difference"``:
             ``Hg ≈ (∇E(θ + ε ĝ) − ∇E(θ)) ‖g‖/ε`` along the unit gradient ĝ, ε = ``fd_eps``.
         fd_eps: the finite-difference step ε (authors' 0.01).
         momentum: heavy-ball coefficient in [0, 1) applied as in ``torch.optim.SGD``
