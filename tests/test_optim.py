@@ -11,7 +11,6 @@ import torch
 
 import pfkernels
 import pfkernels.data
-from pfkernels import ops
 from pfkernels.optim import DAL, DALScaler, NormalizedGD, dal_learning_rate, sqrt_loss
 from pfkernels.optim._closure import finite_difference_hvp, gradients, hessian_vector_products
 

@@ -49,7 +49,9 @@ class NormalizedGD(torch.optim.Optimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None
+    ) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -84,7 +86,9 @@ def sqrt_loss(loss: Tensor, min_loss: float = 0.0) -> Tensor:
         ValueError naming ``loss`` when ``loss < min_loss`` or it is not finite. The check reads
         the loss on the host (one sync).
     """
-    ops._check_arg(isinstance(loss, Tensor) and loss.numel() == 1, "loss", "must be a one-element tensor")
+    ops._check_arg(
+        isinstance(loss, Tensor) and loss.numel() == 1, "loss", "must be a one-element tensor"
+    )
     ops._check_arg(
         isinstance(min_loss, (int, float)) and math.isfinite(min_loss),
         "min_loss",

@@ -295,7 +295,8 @@ class DAL(torch.optim.Optimizer):
                 stats.append(None)
                 continue
             ps, gs, sums, rule = plan
-            rate = rate_fn(sums, float(group["p"]), float(group["lr_max"]), float(group["lr"]), rule)
+            hyper = (float(group["p"]), float(group["lr_max"]), float(group["lr"]))
+            rate = rate_fn(sums, *hyper, rule)
             bufs = []
             if group["momentum"] != 0:
                 for p in ps:
