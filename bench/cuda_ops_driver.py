@@ -48,7 +48,35 @@ def tridiag(device) -> bool:
     return ok
 
 
-FAMILIES = [multi_tensor, tridiag]
+def dal(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        sizes = [0, 1, 3, 65_537, 130_000] + [7] * 40
+        g = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+        h = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+        sums = ops.multi_tensor_dot(g, h)
+        for p, in_window in ((1.0, True), (0.5, True), (2.0, False), (0.0, True)):
+            ok &= check(f"dal_rate p={p} window={in_window} {dtype}",
+                        ops.dal_rate(sums, p, 5.0, 0.1, in_window),
+                        ops.dal_rate_ref(sums, p, 5.0, 0.1, in_window), tol)
+        zero = torch.zeros(3, dtype=dtype, device=device)
+        ok &= check(f"dal_rate zero gradient {dtype}", ops.dal_rate(zero, 1.0, 5.0, 0.1), ops.dal_rate_ref(zero, 1.0, 5.0, 0.1), 0)
+        for bufs_on in (False, True):
+            x, x_ref = [t.clone() for t in h], [t.clone() for t in h]
+            b = [torch.randn_like(t) for t in g] if bufs_on else []
+            b_ref = [t.clone() for t in b]
+            rate = torch.tensor(0.3, dtype=dtype, device=device)
+            ops.multi_tensor_momentum_update(x, g, b, rate, 0.9)
+            ops.multi_tensor_momentum_update_ref(x_ref, g, b_ref, rate, 0.9)
+            ok &= check(f"multi_tensor_momentum_update bufs={bufs_on} {dtype}",
+                        torch.cat(x + b), torch.cat(x_ref + b_ref), tol)
+            before = torch.cat(x + b)
+            ops.multi_tensor_momentum_update(x, g, b, torch.full_like(rate, float("nan")), 0.9)
+            ok &= check(f"multi_tensor_momentum_update NaN rate skips {dtype}", torch.cat(x + b), before, 0)
+    return ok
+
+
+FAMILIES = [multi_tensor, tridiag, dal]
 
 
 def main() -> int:

@@ -26,6 +26,17 @@ void flow_field(const void* grad, const void* eigenvalues, const void* eigenvect
 // tridiag::Status per problem.
 void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
                   double* evals, double* vecs, int32_t* status);
+// multi_tensor: the fused DAL/SGD update. With bufs == nullptr: params_i -= rate * grads_i; else
+// bufs_i = momentum * bufs_i + grads_i, then params_i -= rate * bufs_i (torch SGD's heavy ball).
+// rate is one element of the same dtype; a non-finite rate leaves everything untouched.
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum);
+
+// dal: out[0] = the DAL rate (common/dal.h) from sums[0..2] = (g.Hg, |g|^2, |Hg|^2); sums and out
+// share the dtype.
+void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
+              void* out);
 
 int max_threads();
 

@@ -27,6 +27,13 @@ void flow_field(const void* grad, const void* eigenvalues, const void* eigenvect
 int64_t tridiag_workspace_words(int64_t batch, int64_t n, int mode);
 void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
                   double* evals, double* vecs, int32_t* status, double* workspace, void* stream);
+// See cpu_kernels.h; bufs == nullptr for plain descent. rate stays on the device.
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum, void* stream);
+// One-thread kernel writing the DAL rate to out (device memory), see cpu_kernels.h.
+void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
+              void* out, void* stream);
 
 int device_count();
 
