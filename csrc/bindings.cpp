@@ -86,8 +86,34 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("dtype"), py::arg("alpha"));
 
+  m.def(
+      "tridiag_eigh_cpu",
+      [](uintptr_t alpha, uintptr_t beta, int64_t batch, int64_t n, int mode, uintptr_t evals,
+         uintptr_t vecs, uintptr_t status) {
+        py::gil_scoped_release nogil;
+        pfk::cpu::tridiag_eigh(ptr<const double>(alpha), ptr<const double>(beta), batch, n, mode,
+                               ptr<double>(evals), ptr<double>(vecs), ptr<int32_t>(status));
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("batch"), py::arg("n"), py::arg("mode"),
+      py::arg("evals"), py::arg("vecs"), py::arg("status"));
+
 #ifdef PFKERNELS_WITH_CUDA
   m.def("cuda_device_count", &pfk::cuda::device_count);
+
+  m.def("tridiag_workspace_words", &pfk::cuda::tridiag_workspace_words, py::arg("batch"),
+        py::arg("n"), py::arg("mode"));
+
+  m.def(
+      "tridiag_eigh_cuda",
+      [](uintptr_t alpha, uintptr_t beta, int64_t batch, int64_t n, int mode, uintptr_t evals,
+         uintptr_t vecs, uintptr_t status, uintptr_t workspace, uintptr_t stream) {
+        pfk::cuda::tridiag_eigh(ptr<const double>(alpha), ptr<const double>(beta), batch, n, mode,
+                                ptr<double>(evals), ptr<double>(vecs), ptr<int32_t>(status),
+                                ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("batch"), py::arg("n"), py::arg("mode"),
+      py::arg("evals"), py::arg("vecs"), py::arg("status"), py::arg("workspace"),
+      py::arg("stream"));
 
   m.def(
       "multi_tensor_dot_cuda",

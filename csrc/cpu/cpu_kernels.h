@@ -14,6 +14,13 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha);
 
+// tridiag: eigenvalues (ascending) of B symmetric tridiagonal matrices alpha [B, n] (diagonal),
+// beta [B, n-1] (off-diagonal), all float64 contiguous; mode is a tridiag::Vectors code choosing
+// vecs: [B, n, n] eigenvectors as columns, [B, n] their last row, or nothing. status [B] gets a
+// tridiag::Status per problem.
+void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
+                  double* evals, double* vecs, int32_t* status);
+
 int max_threads();
 
 }  // namespace pfk::cpu

@@ -16,6 +16,12 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha, void* stream);
 
+// tridiag: as pfk::cpu::tridiag_eigh, with a float64 workspace of
+// tridiag_workspace_words(batch, n, mode) elements.
+int64_t tridiag_workspace_words(int64_t batch, int64_t n, int mode);
+void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
+                  double* evals, double* vecs, int32_t* status, double* workspace, void* stream);
+
 int device_count();
 
 }  // namespace pfk::cuda
