@@ -32,11 +32,16 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .hvp import HessianOperator
 
-__all__ = ["EigResult", "eigsh"]
+__all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
+           "layer_sharpness", "sharpness", "spectral_density"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
 _KEEP_FRAC = 0.5
+# Projected problems are solved on the host; a batch of tridiagonals (first cycle) goes to the
+# batched tridiag_eigh kernel, a few problems to LAPACK (as fast for one small matrix).
+_TRIDIAG_MIN_BATCH = 8
 
 
 class EigResult(NamedTuple):
@@ -112,16 +117,14 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
 
         if A.shape[0] != A.shape[1]:
             raise ValueError(f"argument 'A': the operator must be square, got {A.shape}")
-        if batch is not None:
-            raise ValueError("argument 'batch': a SciPy LinearOperator is unbatched")
         device = v0_t.device if v0_t is not None else torch.device("cpu")
 
         def apply(X: Tensor) -> Tensor:
-            x = X[0].detach().to("cpu", torch.float64).numpy()
-            y = np.asarray(A.matvec(x), dtype=np.float64).reshape(-1)
-            return torch.from_numpy(y).to(device).unsqueeze(0)
+            rows = [np.asarray(A.matvec(x), dtype=np.float64).reshape(-1)
+                    for x in X.detach().to("cpu", torch.float64).numpy()]
+            return torch.from_numpy(np.stack(rows)).to(device)
 
-        return _Operator(apply, int(A.shape[0]), torch.float64, device, None, fresh=True)
+        return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True)
 
     if hasattr(A, "matvec") and hasattr(A, "shape"):
         shape = tuple(A.shape)
@@ -132,6 +135,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         op_dtype = op_dtype if isinstance(op_dtype, torch.dtype) else None
         op_device = getattr(A, "device", None)
         mv = A.matvec
+        fresh = isinstance(A, HessianOperator)  # its matvec returns a new tensor
     elif callable(A):
         if n_kw is not None:
             n = int(n_kw)
@@ -140,7 +144,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
                 else v0_t.shape[-1]
         else:
             raise ValueError("argument 'n': a callable operator needs n= (or v0) to fix the size")
-        op_dtype, op_device, mv = None, None, A
+        op_dtype, op_device, mv, fresh = None, None, A, False
     else:
         raise TypeError(
             f"argument 'A': expected a HessianOperator, an object with matvec and shape, a "
@@ -156,7 +160,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         apply = lambda X: mv(X[0].to(op_dtype)).reshape(1, -1).to(work)  # noqa: E731
     else:
         apply = lambda X: mv(X.to(op_dtype)).reshape(X.shape).to(work)  # noqa: E731
-    return _Operator(apply, n, work, torch.device(op_device), batch)
+    return _Operator(apply, n, work, torch.device(op_device), batch, fresh=fresh)
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -347,12 +351,16 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
 
     vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, ncv,
                                                         x0, seed, storage, work, check_residuals)
+    _warn_unconverged(conv, tol, max_matvecs)
+    return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
+
+
+def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int) -> None:
     if not bool(conv.all()):
         bad = (~conv).sum().item()
         warnings.warn(f"eigsh: {bad} of {conv.numel()} wanted eigenpairs did not reach "
                       f"tol={tol:g} within max_matvecs={max_matvecs}; returning the best Ritz "
-                      f"pairs with converged=False", RuntimeWarning, stacklevel=2)
-    return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
+                      f"pairs with converged=False", RuntimeWarning, stacklevel=3)
 
 
 def _finish(vals, vecs, res, nmv, conv, batched) -> EigResult:
@@ -372,7 +380,8 @@ class _Lanczos:
     """
 
     def __init__(self, op: _Operator, B: int, k: int, which: str, tol: float, max_matvecs: int,
-                 m: int, x0: Tensor, seed, storage, work):
+                 m: int, x0: Tensor, seed, storage, work, mask: Tensor | None = None):
+        self.mask = mask  # [B, n] 0/1: keeps breakdown restarts inside each problem's subspace
         self.op, self.B, self.k, self.which, self.tol = op, B, k, which, tol
         self.max_matvecs, self.m, self.storage, self.work = max_matvecs, m, storage, work
         n, dev, f64 = op.n, op.device, torch.float64
@@ -429,6 +438,8 @@ class _Lanczos:
         beta_j = 0 in T (T is block diagonal there: an exact invariant subspace)."""
         B, n = self.B, self.op.n
         r = torch.randn(B, n, dtype=torch.float64, generator=self.gen).to(self.device, self.work)
+        if self.mask is not None:
+            r = r * self.mask
         r, _ = _orthonormalise_against(self.V[:, : j + 1], r, self.work)
         r = r / torch.linalg.vector_norm(r, dim=1, keepdim=True)
         mask = broke.to(self.device)
@@ -460,7 +471,7 @@ class _Lanczos:
                 self._replace_broken(first, broke[:, first])
                 self.j = j = first + 1
                 a_h, b_h = a_h[:, :j], self.beta[:, :j].cpu()
-        if l == 0:
+        if l == 0 and self.B >= _TRIDIAG_MIN_BATCH:
             theta, S = ops.tridiag_eigh(a_h, b_h[:, : j - 1], "all")
         else:
             T = self.arrow[:, :j, :j].clone()
@@ -563,11 +574,240 @@ def _ritz(S: Tensor, V: Tensor) -> Tensor:
 
 
 def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                           check_residuals):
-    lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work)
+                           check_residuals, mask=None):
+    lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask)
     lz.run()
     if check_residuals:
         lz.true_residuals()
     dev = op.device
     return (lz.vals.to(dev), lz.vecs.transpose(1, 2), lz.res.to(dev), lz.matvecs,
             lz.conv.to(dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Built on eigsh: sharpness, per-layer sharpness, spectral density (SLQ), Hutchinson trace.
+# ---------------------------------------------------------------------------------------------
+
+
+def sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, params=None,
+              method: str = "auto", hvp_dtype: torch.dtype | None = None, **eigsh_kwargs
+              ) -> EigResult:
+    """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model(inputs), targets)`` (the sharpness
+    is ``eigenvalues[0]``, in raw units: GD is stable below ``2/lr``).
+
+    Builds ``HessianOperator(model, loss_fn, data, params=params, method=method,
+    dtype=hvp_dtype)`` and returns ``eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)`` (pass
+    ``v0=previous.eigenvectors`` to warm start, ``seed=``, ``ncv=``, ``max_matvecs=``, ...).
+    Eigenvectors are flat over the selected parameters in ``model.named_parameters()`` order.
+    """
+    H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    return eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)
+
+
+def _parameter_blocks(names: list[str], numels: list[int], by: str) -> list[tuple[str, list]]:
+    """Consecutive index ranges of the flat parameter vector, one block per tensor or module."""
+    blocks: dict[str, list[tuple[int, int]]] = {}
+    offset = 0
+    for name, size in zip(names, numels):
+        label = name if by == "parameter" else name.rsplit(".", 1)[0] if "." in name else name
+        blocks.setdefault(label, []).append((offset, offset + size))
+        offset += size
+    return list(blocks.items())
+
+
+def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: str = "parameter",
+                    params=None, method: str = "auto", hvp_dtype: torch.dtype | None = None,
+                    ncv: int | None = None, max_matvecs: int | None = None,
+                    seed: int | None = None) -> dict[str, EigResult]:
+    """Top-``k`` eigenpairs of each diagonal block ``H_bb`` of the loss Hessian: one block per
+    parameter tensor (``by="parameter"``) or per module (``by="module"``: a layer's weight and
+    bias together).
+
+    Blocks of different sizes are batched by embedding: problem ``b`` lives in the full
+    parameter space with the operator ``P_b H P_b`` (``P_b`` zeroes the coordinates outside block
+    ``b``), its start and breakdown vectors are masked to the block, so its Krylov space never
+    leaves the block; all problems share one batched HVP per step, ``H [P_1 v_1; ...; P_B
+    v_B]``. Blocks no larger than ``ncv`` (biases of small layers) are solved densely from their
+    columns, ``max size`` batched HVPs for all of them together.
+
+    Returns ``{block label: EigResult}`` with eigenvectors over the block's own coordinates
+    ([n_b, k_b], ``k_b = min(k, n_b)``) and ``num_matvecs`` the batched products that block
+    took part in.
+    """
+    if by not in ("parameter", "module"):
+        raise ValueError(f"argument 'by': must be 'parameter' or 'module', got {by!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
+    H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    named = dict(model.named_parameters())
+    blocks = _parameter_blocks(H.param_names, [named[n].numel() for n in H.param_names], by)
+    n, dev = H.shape[0], H.device
+    work = torch.float64 if H.dtype == torch.float64 else torch.float32
+    ncv_of = lambda size: min(max(2 * k + 1, 20) if ncv is None else ncv, size)  # noqa: E731
+    idx = {label: torch.cat([torch.arange(a, b) for a, b in ranges]) for label, ranges in blocks}
+    small = [label for label, _ in blocks if idx[label].numel() <= ncv_of(idx[label].numel()) or
+             idx[label].numel() <= k]
+    large = [label for label, _ in blocks if label not in small]
+    out: dict[str, EigResult] = {}
+
+    if small:
+        width = max(idx[label].numel() for label in small)
+        cols = []
+        for c in range(width):
+            X = torch.zeros(len(small), n, dtype=H.dtype, device=dev)
+            for p, label in enumerate(small):
+                if c < idx[label].numel():
+                    X[p, idx[label][c]] = 1
+            cols.append(H.matvec(X))
+        for p, label in enumerate(small):
+            ib = idx[label].to(dev)
+            M = torch.stack([cols[c][p, ib] for c in range(ib.numel())], 1).to(torch.float64)
+            M = 0.5 * (M + M.T)
+            theta, S = torch.linalg.eigh(M.cpu())
+            kb = min(k, ib.numel())
+            out[label] = EigResult(theta[-kb:].flip(0).to(dev),
+                                   S[:, -kb:].flip(1).to(dev, work),
+                                   torch.zeros(kb, dtype=torch.float64, device=dev), width,
+                                   torch.ones(kb, dtype=torch.bool, device=dev))
+
+    if large:
+        P = len(large)
+        mask = torch.zeros(P, n, dtype=work, device=dev)
+        for p, label in enumerate(large):
+            mask[p, idx[label].to(dev)] = 1
+        op = _Operator(lambda X: H.matvec((X * mask).to(H.dtype)).to(work) * mask, n, work, dev, P,
+                       fresh=True)
+        m = min(ncv_of(n), min(idx[label].numel() for label in large))
+        m = max(m, k + 1)
+        x0 = _random_vectors(P, n, seed, dev, work) * mask
+        x0 = x0 / torch.linalg.vector_norm(x0, dim=1, keepdim=True)
+        budget = max(1000, 30 * m) if max_matvecs is None else max_matvecs
+        vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, P, k, "LA", tol, budget, m, x0,
+                                                            seed, work, work, False, mask)
+        _warn_unconverged(conv, tol, budget)
+        for p, label in enumerate(large):
+            ib = idx[label].to(dev)
+            out[label] = EigResult(vals[p], vecs[p][ib], res[p], int(nmv[p]), conv[p])
+    return {label: out[label] for label, _ in blocks}
+
+
+class SpectralDensity(NamedTuple):
+    """What :func:`spectral_density` returns.
+
+    * ``grid`` [G] float64: where the density is evaluated;
+    * ``density`` [G] float64: the Gaussian-broadened density, integrating to 1 over the grid;
+    * ``nodes`` [P, m] float64: Ritz values of each probe's Lanczos tridiagonal (ascending);
+    * ``weights`` [P, m] float64: their quadrature weights ``tau = (first row of S)^2``, summing
+      to 1 per probe;
+    * ``num_matvecs`` int: batched operator applications (each with P rows).
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    num_matvecs: int
+
+
+def _lanczos_tridiagonals(op: _Operator, P: int, m: int, x0: Tensor, seed) -> tuple[Tensor, Tensor]:
+    """m Lanczos steps (full reorthogonalisation) from each row of x0: (nodes, weights) [P, m]."""
+    lz = _Lanczos(op, P, 1, "LA", 1.0, 10 ** 9, m, x0, seed, op.dtype, op.dtype)
+    for _ in range(m):
+        lz.step()
+    theta, S, _ = lz._projected()
+    return theta, S[:, 0, :] ** 2
+
+
+def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | Tensor = 1000,
+                     sigma: float | None = None, *, seed: int | None = None,
+                     n: int | None = None, dtype: torch.dtype | None = None) -> SpectralDensity:
+    """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature (Ghorbani,
+    Krishnan & Xiao, ICML 2019, Sec. 3; Ubaru, Chen & Saad 2017), as in PyHessian's
+    ``density()``.
+
+    ``num_probes`` Rademacher probes (normalised) are run as one batch (A is applied to [P, n]
+    blocks: a :class:`HessianOperator`, a batched callable, a dense tensor or a SciPy operator,
+    which is applied row by row) for ``num_steps`` Lanczos steps each with full
+    reorthogonalisation. Probe ``p``'s tridiagonal ``T_p = S diag(theta) S^T`` gives the
+    quadrature ``v_p^T f(A) v_p ~ sum_i tau_{p,i} f(theta_{p,i})``, ``tau = S[0, :]^2``, and
+
+        phi(t) = (1/P) sum_p sum_i tau_{p,i} N(t; theta_{p,i}, sigma^2)
+
+    estimates the spectral density ``(1/n) sum_j delta(t - lambda_j)`` broadened by a Gaussian.
+
+    Args:
+        grid: number of evenly spaced points over ``[min theta - 5 sigma, max theta + 5 sigma]``,
+            or a 1-D tensor of points.
+        sigma: broadening; default ``0.01 * (max theta - min theta)`` (at least 1e-12).
+        seed: probes are drawn from ``Generator().manual_seed(seed)``.
+    """
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"argument 'num_steps': must be a positive int, got {num_steps!r}")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"argument 'sigma': must be positive and finite, got {sigma!r}")
+    op = _wrap_operator(A, n, None, num_probes, dtype)
+    m = min(num_steps, op.n)
+    z = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
+    x0 = z / math.sqrt(op.n)
+    nodes, weights = _lanczos_tridiagonals(op, num_probes, m, x0, seed)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        sigma = max(0.01 * (hi - lo), 1e-12)
+    if isinstance(grid, Tensor):
+        if grid.dim() != 1 or grid.numel() < 2:
+            raise ValueError("argument 'grid': a tensor grid must be 1-D with at least 2 points")
+        t = grid.detach().to("cpu", torch.float64)
+    else:
+        if not isinstance(grid, int) or grid < 2:
+            raise ValueError(f"argument 'grid': must be an int >= 2 or a 1-D tensor, got {grid!r}")
+        t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
+    gauss = torch.exp(-0.5 * ((t[:, None, None] - nodes[None]) / sigma) ** 2)
+    density = (gauss * weights[None]).sum((1, 2)) / (num_probes * sigma * math.sqrt(2 * math.pi))
+    return SpectralDensity(t, density, nodes, weights, m)
+
+
+def _rademacher(P: int, n: int, seed, device, dtype) -> Tensor:
+    g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    z = torch.randint(0, 2, (P, n), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
+    return z.to(device)
+
+
+class TraceEstimate(NamedTuple):
+    """What :func:`hutchinson_trace` returns: the estimate of ``tr(A)``, its standard error
+    (sample standard deviation of ``z^T A z`` over sqrt(num_probes)), and the matvecs spent."""
+
+    trace: float
+    std_error: float
+    num_matvecs: int
+
+
+def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: int | None = None,
+                     n: int | None = None, dtype: torch.dtype | None = None) -> TraceEstimate:
+    """Hutchinson's estimator ``tr(A) ~ (1/P) sum_p z_p^T A z_p`` with Rademacher probes
+    (Hutchinson 1990; PyHessian's ``trace()``), applying A to blocks of ``batch_size`` probes
+    at once ([b, n] -> [b, n]; a SciPy operator is applied row by row)."""
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"argument 'batch_size': must be a positive int, got {batch_size!r}")
+    z_all = None
+    samples = []
+    done = 0
+    first = True
+    while done < num_probes:
+        b = min(batch_size, num_probes - done)
+        op = _wrap_operator(A, n, None, b, dtype)
+        if first:
+            z_all = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
+            first = False
+        z = z_all[done: done + b]
+        Az = op.apply(z)
+        samples.append((z.to(torch.float64) * Az.to(torch.float64)).sum(1))
+        done += b
+    est = torch.cat(samples)
+    if not bool(torch.isfinite(est).all()):
+        raise FloatingPointError("hutchinson_trace: the operator returned NaN or infinity")
+    std = float(est.std()) / math.sqrt(num_probes) if num_probes > 1 else float("nan")
+    return TraceEstimate(float(est.mean()), std, num_probes)

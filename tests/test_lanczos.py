@@ -14,6 +14,16 @@ from pfkernels import eigsh
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are small: one thread avoids waking thread teams (very slow on the
+    shared, oversubscribed machines the suite runs on)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _with_spectrum(evals, gen):
     """Q diag(evals) Q^T with a Haar-random orthogonal Q."""
     evals = torch.as_tensor(evals, dtype=F64)

@@ -20,6 +20,10 @@
 namespace pfk::cpu {
 namespace {
 
+// Below this many multiply-adds a pass runs on one thread: waking a team costs more than it saves,
+// and far more on an oversubscribed machine, where a sleeping thread holds up the whole team.
+constexpr int64_t kParallelWork = int64_t(1) << 17;
+
 // A tile of the basis (rows x tile elements) should stay in L2 between the first pass's update
 // and the second pass's dot products, yet rows should be long enough for the hardware prefetcher
 // when V streams from memory: tile = largest power of two in [1024, 16384] with rows x tile x
@@ -87,6 +91,7 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
   std::vector<double> part(static_cast<size_t>(tiles * slots));
   std::vector<double> c1(static_cast<size_t>(B * rows)), c2(static_cast<size_t>(B * rows));
   std::vector<double> norm2(static_cast<size_t>(B));
+  const bool par = tiles > 1 && B * n * rows >= kParallelWork;
 
   auto reduce = [&](std::vector<double>& c, bool with_norm) {
     for (int64_t b = 0; b < B; ++b) {
@@ -103,7 +108,7 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
     }
   };
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
     double* out = &part[t * slots];
@@ -113,7 +118,7 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
   reduce(c1, true);
   for (int64_t b = 0; b < B; ++b) wnorm[b * cstride + j] = std::sqrt(norm2[b]);
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
     const S* Vb = V + b * vstride + x0;
@@ -123,7 +128,7 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
   }
   reduce(c2, false);
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
     A* wb = w + b * n + x0;
@@ -137,7 +142,7 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
     beta[b * cstride + j] = std::sqrt(s);
   }
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
     const A inv = static_cast<A>(lanczos_inverse_norm(beta[b * cstride + j]));
@@ -179,7 +184,7 @@ void ritz_impl(const double* Sm, const void* V_ptr, int64_t B, int64_t n, int64_
   const S* V = static_cast<const S*>(V_ptr);
   A* U = static_cast<A*>(U_ptr);
   const int64_t nc = (n + kRitzChunk - 1) / kRitzChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nc * B > 1 && B * n * rows * k >= kParallelWork)
   for (int64_t t = 0; t < B * nc; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kRitzChunk, len = std::min(kRitzChunk, n - x0);
     ritz_tile<S>(Sm + b * rows * k, V + b * vstride + x0, n, rows, k, U + b * k * n + x0, len);
