@@ -37,13 +37,19 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import torch
+# OpenMP reads its thread count once, when the runtime loads: fix it before torch and pfkernels
+# are imported (the --threads flag, default 1; see the module docstring).
+if "--threads" in sys.argv:
+    os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, time_call, write_json  # noqa: E402
+from _common import time_call, write_json  # noqa: E402
 
-import pfkernels  # noqa: E402
 from pfkernels import HessianOperator, eigsh, ops  # noqa: E402
 from pfkernels.data import cnn, digits, mlp, mse_loss  # noqa: E402
 
@@ -396,7 +402,6 @@ def main() -> int:
                    help="sections to skip: tools cheap batched warm kernels")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     device = torch.device(args.device)
     payload = {"settings": vars(args), "target_rel_err": TARGET}
     t_all = time.perf_counter()

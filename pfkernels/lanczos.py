@@ -1,4 +1,4 @@
-"""Thick-restart Lanczos for the extreme eigenpairs of symmetric operators, batched and GPU-resident.
+"""Thick-restart Lanczos for extreme eigenpairs of symmetric operators, batched and GPU-resident.
 
 :func:`eigsh` is the solver every curvature measurement in pfkernels runs on (sharpness tracking,
 the principal flow, central flows). The algorithm is thick-restart Lanczos (Wu & Simon, SIAM J.
@@ -200,14 +200,14 @@ def _orthonormalise_against(V: Tensor, x: Tensor, work) -> tuple[Tensor, Tensor]
     return x, h
 
 
-def _random_vectors(B: int, n: int, seed, device, work, offset: int = 0) -> Tensor:
+def _random_vectors(B: int, n: int, seed, device, work) -> Tensor:
     """Start vectors: problem ``i`` of a batch draws from ``Generator().manual_seed(seed + i)``
     (in float64 on the CPU, so a seed gives the same start on every device); no seed draws from
     torch's global generator."""
     if seed is None:
         return torch.randn(B, n, dtype=torch.float64).to(device, work)
     rows = [torch.randn(n, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(int(seed) + offset + i))
+                        generator=torch.Generator().manual_seed(int(seed) + i))
             for i in range(B)]
     return torch.stack(rows).to(device, work)
 
@@ -313,6 +313,19 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
 
     Small problems (``n <= ncv``, which includes ``k == n``) build the matrix from ``n`` matvecs
     and solve it densely in float64 (``num_matvecs = n + k``: the extra k give true residuals).
+
+    Convergence is checked on the host every step early in a cycle and every ~1/8 of the cycle
+    later (on CUDA each check is one host synchronisation; the steps between are free of them).
+    Batched problems step in lockstep; a converged problem is frozen (its result and matvec
+    count are final; the operator is still applied to its row unless A is a dense batch).
+
+    Like every single-vector Krylov method (ARPACK included), an eigenvalue of exact
+    multiplicity > 1 shows up once in exact arithmetic; its further copies appear only as
+    rounding and restarts expose them, so ``k`` spanning an exactly repeated eigenvalue (e.g.
+    the Kronecker-structured last-layer block of an MSE Hessian) may return a smaller eigenvalue
+    in place of a copy. Warm starting from a block of eigenvectors does not change that (the
+    solve starts from the block's column sum, measured in bench/bench_eigsh.py to need fewer
+    matvecs than its first column).
 
     Raises:
         ValueError/TypeError naming the argument for bad input; FloatingPointError naming the

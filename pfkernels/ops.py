@@ -476,7 +476,9 @@ def _lanczos_step_check(w, V, j, alpha, beta, wnorm) -> None:
                "alpha, beta and wnorm must share their row stride")
 
 
-@torch.library.custom_op("pfkernels::lanczos_step", mutates_args={"w", "V", "alpha", "beta", "wnorm"})
+@torch.library.custom_op(
+    "pfkernels::lanczos_step", mutates_args={"w", "V", "alpha", "beta", "wnorm"}
+)
 def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
                      wnorm: Tensor) -> None:
     device = V.device

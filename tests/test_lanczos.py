@@ -263,7 +263,8 @@ def test_tiny_mlp_hessian_against_dense(tiny_mlp_hessian, seed):
 
 
 def test_mid_mlp_hessian_against_scipy(seed):
-    """A 5,962-parameter digits MLP (64-48-48-10) in float64: eigsh at tol 1e-10 vs ARPACK at tol 1e-10."""
+    """A 5,962-parameter digits MLP (64-48-48-10) in float64: eigsh vs ARPACK, both at tol
+    1e-10."""
     ds = pfkernels.data.digits(n_train=300, n_test=10)
     model = pfkernels.data.mlp(width=48, depth=2, seed=2)
     H = pfkernels.HessianOperator(model, pfkernels.data.mse_loss, ds.train, dtype=F64)

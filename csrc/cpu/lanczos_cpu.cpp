@@ -44,8 +44,9 @@ int64_t step_tile(int64_t rows) {
 
 // out[i] = <V_i, w> over one tile for the rows 0..rows-1 (V_i starts at V + i * n).
 template <typename S>
-PFK_LANCZOS_CLONES void tile_dots(const S* V, int64_t n, int64_t rows, const typename LanczosTypes<S>::Arith* w,
-                                  int64_t len, double* out) {
+PFK_LANCZOS_CLONES void tile_dots(const S* V, int64_t n, int64_t rows,
+                                  const typename LanczosTypes<S>::Arith* w, int64_t len,
+                                  double* out) {
   using A = typename LanczosTypes<S>::Arith;
   for (int64_t i = 0; i < rows; ++i) {
     const S* v = V + i * n;

@@ -27,6 +27,17 @@ constexpr int kRowGroup = 32;  // rows reduced per shared-memory round
 template <typename S>
 using Arith = typename LanczosTypes<S>::Arith;
 
+// This thread's kPerThread elements of one tile of w (zero past n), coalesced across the block.
+template <typename A>
+__device__ __forceinline__ void load_tile(const A* __restrict__ w, int64_t n, int64_t x0,
+                                          A (&wr)[kPerThread]) {
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t x = x0 + e * kThreads + threadIdx.x;
+    wr[e] = x < n ? w[x] : A(0);
+  }
+}
+
 // partial[(b * tiles + tile) * slots + i] = <V_i, w> over the tile, i < rows; with_norm also
 // writes ||w||^2 of the tile to slot `rows`.
 template <typename S>
@@ -37,11 +48,7 @@ __global__ void dot_kernel(const S* __restrict__ V, const Arith<S>* __restrict__
   const int64_t b = blockIdx.y, tile = blockIdx.x, tiles = gridDim.x;
   const int64_t x0 = tile * kTile;
   A wr[kPerThread];
-#pragma unroll
-  for (int e = 0; e < kPerThread; ++e) {
-    const int64_t x = x0 + e * kThreads + threadIdx.x;
-    wr[e] = x < n ? w[b * n + x] : A(0);
-  }
+  load_tile(w + b * n, n, x0, wr);
   __shared__ double sm[kRowGroup][kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   double* out = partial + (b * tiles + tile) * slots;
@@ -96,11 +103,7 @@ __global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
   const int64_t b = blockIdx.y, tile = blockIdx.x;
   const int64_t x0 = tile * kTile;
   A wr[kPerThread];
-#pragma unroll
-  for (int e = 0; e < kPerThread; ++e) {
-    const int64_t x = x0 + e * kThreads + threadIdx.x;
-    wr[e] = x < n ? w[b * n + x] : A(0);
-  }
+  load_tile(w + b * n, n, x0, wr);
   for (int64_t i = 0; i < rows; ++i) {
     const A ci = static_cast<A>(c[b * ccols + i]);
     const S* v = V + b * vstride + i * n;
