@@ -129,7 +129,9 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
                     for x in X.detach().to("cpu", torch.float64).numpy()]
             return torch.from_numpy(np.stack(rows)).to(device)
 
-        return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True)
+        rows = lambda X, r: apply(X[r.to(X.device)])  # noqa: E731  (one operator for all rows)
+        return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True,
+                         apply_rows=rows)
 
     if hasattr(A, "matvec") and hasattr(A, "shape"):
         shape = tuple(A.shape)
@@ -165,7 +167,10 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         apply = lambda X: mv(X[0].to(op_dtype)).reshape(1, -1).to(work)  # noqa: E731
     else:
         apply = lambda X: mv(X.to(op_dtype)).reshape(X.shape).to(work)  # noqa: E731
-    return _Operator(apply, n, work, torch.device(op_device), batch, fresh=fresh)
+    # a HessianOperator applies one H to every row: finished problems can leave the product
+    rows = (lambda X, r: apply(X[r.to(X.device)])) if fresh and batch is not None else None
+    return _Operator(apply, n, work, torch.device(op_device), batch, fresh=fresh,
+                     apply_rows=rows)
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -317,7 +322,8 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     Convergence is checked on the host every step early in a cycle and every ~1/8 of the cycle
     later (on CUDA each check is one host synchronisation; the steps between are free of them).
     Batched problems step in lockstep; a converged problem is frozen (its result and matvec
-    count are final; the operator is still applied to its row unless A is a dense batch).
+    count are final; the operator is still applied to its row unless A is a dense batch, a
+    HessianOperator or a SciPy operator, whose rows are known to be separate products).
 
     Like every single-vector Krylov method (ARPACK included), an eigenvalue of exact
     multiplicity > 1 shows up once in exact arithmetic; its further copies appear only as

@@ -275,6 +275,17 @@ def test_mid_mlp_hessian_against_scipy(seed):
     assert np.allclose(res.eigenvalues.numpy(), np.sort(ref)[::-1], rtol=1e-9, atol=0)
 
 
+def test_batched_hessian_operator_equals_unbatched(tiny_mlp_hessian, seed):
+    """A HessianOperator applies one H to every row: B solves with different starts."""
+    _, _, H, M = tiny_mlp_hessian
+    rb = eigsh(H, k=2, tol=1e-9, seed=seed, batch=3)
+    for i in range(3):
+        ri = eigsh(H, k=2, tol=1e-9, seed=seed + i)
+        assert torch.allclose(rb.eigenvalues[i], ri.eigenvalues, rtol=1e-10, atol=0)
+        assert int(rb.num_matvecs[i]) == ri.num_matvecs
+    assert torch.allclose(rb.eigenvalues[0], _reference(M, 2, "LA"), rtol=1e-9, atol=0)
+
+
 def test_layer_sharpness_matches_dense_blocks(tiny_mlp_hessian, seed):
     model, ds, H, M = tiny_mlp_hessian
     out = pfkernels.layer_sharpness(model, pfkernels.data.mse_loss, ds.train, k=1, tol=1e-10,

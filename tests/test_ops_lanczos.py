@@ -36,7 +36,7 @@ def _run(fn, w, V, j, m):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("B,n,m,j", [(1, 1000, 20, 0), (3, 2049, 12, 11), (2, 5, 6, 3),
-                                     (1, 70001, 8, 5), (5, 33, 4, 2)])
+                                     (1, 40001, 8, 5), (5, 33, 4, 2)])
 def test_step_matches_ref(device, dtype, B, n, m, j, gen):
     V = _orthonormal_basis(B, m, n, j + 1, dtype, device, gen)
     w = torch.randn(B, n, dtype=ARITH[dtype], generator=gen).to(device)
@@ -97,8 +97,8 @@ def test_step_exact_invariant_subspace_writes_zeros(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_deterministic(device, gen):
-    V = _orthonormal_basis(2, 16, 50000, 10, torch.float32, device, gen)
-    w = torch.randn(2, 50000, generator=gen).to(device)
+    V = _orthonormal_basis(2, 16, 30000, 10, torch.float32, device, gen)
+    w = torch.randn(2, 30000, generator=gen).to(device)
     r1, r2 = _run(ops.lanczos_step, w, V, 9, 16), _run(ops.lanczos_step, w, V, 9, 16)
     for x, y in zip(r1, r2):
         assert torch.equal(x.nan_to_num(), y.nan_to_num())
@@ -126,7 +126,7 @@ def test_step_bad_inputs(gen):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("B,n,rows,k", [(1, 1000, 20, 1), (3, 777, 9, 5), (2, 1, 1, 1),
-                                        (1, 40000, 30, 12), (2, 64, 5, 0)])
+                                        (1, 20000, 30, 12), (2, 64, 5, 0)])
 def test_ritz_matches_ref(device, dtype, B, n, rows, k, gen):
     V = torch.randn(B, rows + 2, n, generator=gen).to(device, dtype)
     S = torch.randn(B, rows, k, dtype=F64, generator=gen).to(device)
