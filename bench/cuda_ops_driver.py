@@ -99,7 +99,27 @@ def lanczos(device) -> bool:
     return ok
 
 
-FAMILIES = [multi_tensor, tridiag, dal, lanczos]
+def flow(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        for n, k in ((1, 1), (3, 0), (2049, 20), (70_001, 7)):
+            U, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))
+            lam = torch.randn(k, dtype=torch.float64) * 3
+            g = torch.randn(n, dtype=torch.float64)
+            args = (g.to(device, dtype), lam.to(device, dtype), U.to(device, dtype), 0.7)
+            got_field, got_proj = ops.flow_field(*args)
+            want_field, want_proj = ops.flow_field_ref(*args)
+            ok &= check(f"flow_field {dtype} n={n} k={k}", torch.view_as_real(got_field),
+                        torch.view_as_real(want_field), tol)
+            ok &= check(f"flow_field projections {dtype} n={n} k={k}", got_proj, want_proj, tol)
+            col_major = U.to(device, dtype).t().contiguous().t()
+            got_cm, _ = ops.flow_field(args[0], args[1], col_major, 0.7)
+            ok &= check(f"flow_field column-major {dtype} n={n} k={k}", torch.view_as_real(got_cm),
+                        torch.view_as_real(want_field), tol)
+    return ok
+
+
+FAMILIES = [multi_tensor, tridiag, dal, lanczos, flow]
 
 
 def main() -> int:
