@@ -1,0 +1,187 @@
+"""pfkernels.eos: thresholds (formulas and simulation), preconditioned sharpness, the tracker."""
+
+import math
+
+import pytest
+import torch
+
+from pfkernels import eos
+
+# (name, factory, expected threshold, units); expected values from REFERENCES.md §3, §4 and the
+# dampening derivation in stability_thresholds' docstring.
+THRESHOLD_CASES = [
+    ("gd", lambda p: torch.optim.SGD(p, lr=0.1), 2 / 0.1, "raw"),
+    ("momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 3.8 / 0.1, "raw"),
+    (
+        "momentum-dampening",
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.3),
+        3.0 / (0.1 * 0.7),
+        "raw",
+    ),
+    (
+        "momentum-ema",
+        lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, dampening=0.9),
+        3.8 / (0.1 * 0.01),
+        "raw",
+    ),
+    (
+        "nesterov",
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        3.8 / (0.1 * 2.8),
+        "raw",
+    ),
+    ("gd-weight-decay", lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.5), 20 - 0.5, "raw"),
+    ("adam", lambda p: torch.optim.Adam(p, lr=1e-3), 38 / 1e-3, "preconditioned"),
+    (
+        "adamw",
+        lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.8, 0.99)),
+        3.6 / (0.2 * 0.01),
+        "preconditioned",
+    ),
+    ("rmsprop", lambda p: torch.optim.RMSprop(p, lr=0.01), 2 / 0.01, "preconditioned"),
+    (
+        "rmsprop-momentum",
+        lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5),
+        3.0 / 0.01,
+        "preconditioned",
+    ),
+]
+
+
+def _param(n=3, dtype=torch.float64):
+    return torch.zeros(n, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("case", THRESHOLD_CASES, ids=[c[0] for c in THRESHOLD_CASES])
+def test_threshold_formula(case):
+    _, factory, expected, units = case
+    t = eos.stability_threshold(factory([_param()]))
+    assert t.units == units
+    assert t.value == pytest.approx(expected, rel=1e-12)
+    assert t.reference and t.formula
+
+
+def test_threshold_adam_is_38_over_lr():
+    assert eos.stability_threshold(torch.optim.Adam([_param()], lr=0.5)).value == pytest.approx(76.0)
+
+
+def test_threshold_zero_lr_is_infinite():
+    assert eos.stability_threshold(torch.optim.SGD([_param()], lr=0.0)).value == math.inf
+
+
+def test_threshold_per_group():
+    a, b = _param(), _param()
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}])
+    values = [t.value for t in eos.stability_thresholds(opt)]
+    assert values == pytest.approx([20.0, 10.0])
+    with pytest.raises(ValueError, match="param groups 0 and 1"):
+        eos.stability_threshold(opt)
+
+
+def test_threshold_bad_input():
+    with pytest.raises(TypeError, match="no stability threshold is known for Adagrad"):
+        eos.stability_threshold(torch.optim.Adagrad([_param()], lr=0.1))
+    with pytest.raises(TypeError, match="optimizer"):
+        eos.stability_threshold("sgd")
+    with pytest.raises(ValueError, match="maximize"):
+        eos.stability_threshold(torch.optim.SGD([_param()], lr=0.1, maximize=True))
+
+
+def _run_quadratic(opt, x, curvatures, steps):
+    """Runs the real optimizer on E = ½ Σ a_i x_i²; returns |x_t| / |x_0| at the end, or as soon
+    as it exceeds 1e3 (an adaptive preconditioner would later grow and restabilise the run)."""
+    start = x.detach().norm()
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * (curvatures * x * x).sum()).backward()
+        opt.step()
+        if x.detach().norm() > 1e3 * start:
+            break
+    return float(x.detach().norm() / start)
+
+
+@pytest.mark.parametrize("case", THRESHOLD_CASES[:6], ids=[c[0] for c in THRESHOLD_CASES[:6]])
+@pytest.mark.parametrize("factor", [0.98, 1.02])
+def test_threshold_by_simulation_raw(case, factor, gen):
+    _, factory, _, _ = case
+    x = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    opt = factory([x])
+    top = eos.stability_threshold(opt).value
+    # Coupled weight decay adds to every curvature; the threshold is on the loss's own one.
+    curvatures = torch.tensor([factor * top, 0.5 * top, 0.05 * top], dtype=torch.float64)
+    growth = _run_quadratic(opt, x, curvatures, steps=800)
+    if factor < 1:
+        assert growth < 1e-3
+    else:
+        assert growth > 1e3
+
+
+def _frozen_adaptive(kind, x, lr, gen):
+    """An Adam/RMSprop whose preconditioner barely moves: β2 (or α) = 1 − 1e-7, bias corrections
+    at 1 (step = 1e8), ν from a previous run. Then the torch update is θ ← θ − ηP⁻¹m with fixed P,
+    the setting in which the threshold is derived."""
+    nu = 0.5 + torch.rand(x.shape, generator=gen, dtype=x.dtype)
+    if kind == "adam":
+        opt = torch.optim.Adam([x], lr=lr, betas=(0.9, 1 - 1e-7), eps=1e-8)
+        opt.state[x] = {
+            "step": torch.tensor(1e8, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(x),
+            "exp_avg_sq": nu,
+        }
+    elif kind == "rmsprop-centered":
+        opt = torch.optim.RMSprop([x], lr=lr, alpha=1 - 1e-7, centered=True, momentum=0.3)
+        mean = 0.3 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        opt.state[x] = {
+            "step": torch.tensor(1e8, dtype=torch.float32),
+            "square_avg": nu,
+            "grad_avg": mean,
+            "momentum_buffer": torch.zeros_like(x),
+        }
+    else:
+        opt = torch.optim.RMSprop([x], lr=lr, alpha=1 - 1e-7)
+        opt.state[x] = {"step": torch.tensor(1e8, dtype=torch.float32), "square_avg": nu}
+    return opt
+
+
+@pytest.mark.parametrize("kind", ["adam", "rmsprop", "rmsprop-centered"])
+@pytest.mark.parametrize("factor", [0.98, 1.02])
+def test_threshold_by_simulation_preconditioned(kind, factor, gen):
+    # Small start: the run must show its growth before ν, fed by g², starts to move.
+    x = (1e-6 * torch.randn(3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    opt = _frozen_adaptive(kind, x, lr=0.01, gen=gen)
+    top = eos.stability_threshold(opt).value
+    p_diag = eos.preconditioner_diagonal(opt, [x])
+    # P⁻¹A has eigenvalues a_i / P_i: the first at factor × threshold, the others well below.
+    curvatures = torch.tensor([factor, 0.5, 0.05], dtype=torch.float64) * top * p_diag
+    growth = _run_quadratic(opt, x, curvatures, steps=800)
+    if factor < 1:
+        assert growth < 1e-3
+    else:
+        assert growth > 1e3
+
+
+def test_preconditioner_diagonal_matches_torch_step(gen):
+    """P as torch applies it: one Adam step from a given state moves θ by −η P_next⁻¹ m_next."""
+    x = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.1, betas=(0.8, 0.95), eps=1e-3, amsgrad=True)
+    for _ in range(3):
+        opt.zero_grad()
+        (x**4).sum().backward()
+        opt.step()
+    before = x.detach().clone()
+    opt.zero_grad()
+    (x**4).sum().backward()
+    opt.step()
+    p_diag = eos.preconditioner_diagonal(opt, [x])
+    expected = before - 0.1 * opt.state[x]["exp_avg"] / p_diag
+    torch.testing.assert_close(x.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_preconditioner_diagonal_bad_input():
+    x = _param()
+    with pytest.raises(TypeError, match="Adam, AdamW or RMSprop"):
+        eos.preconditioner_diagonal(torch.optim.SGD([x], lr=0.1), [x])
+    with pytest.raises(ValueError, match="first step"):
+        eos.preconditioner_diagonal(torch.optim.Adam([x], lr=0.1), [x])
+    with pytest.raises(ValueError, match="not in any of its param groups"):
+        eos.preconditioner_diagonal(torch.optim.Adam([x], lr=0.1), [_param()])
