@@ -86,6 +86,33 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("dtype"), py::arg("alpha"));
 
+  m.def(
+      "multi_tensor_momentum_update_cpu",
+      [](const Ptrs& params, const Ptrs& grads, const Ptrs& bufs, const Sizes& sizes, int dtype,
+         uintptr_t rate, double momentum) {
+        check_lists(params, grads, sizes, "params", "grads");
+        PFK_CHECK_ARG(bufs.empty() || bufs.size() == params.size(), "bufs",
+                      "must be empty or as long as 'params'");
+        auto px = as_pointers<void*>(params);
+        auto pg = as_pointers<const void*>(grads);
+        auto pb = as_pointers<void*>(bufs);
+        py::gil_scoped_release nogil;
+        pfk::cpu::multi_tensor_momentum_update(px.data(), pg.data(), pb.empty() ? nullptr : pb.data(),
+                                               sizes.data(), static_cast<int64_t>(sizes.size()),
+                                               dtype, ptr<const void>(rate), momentum);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("sizes"), py::arg("dtype"),
+      py::arg("rate"), py::arg("momentum"));
+
+  m.def(
+      "dal_rate_cpu",
+      [](uintptr_t sums, int dtype, double p, double lr_max, double lr, bool in_window,
+         uintptr_t out) {
+        pfk::cpu::dal_rate(ptr<const void>(sums), dtype, p, lr_max, lr, in_window, ptr<void>(out));
+      },
+      py::arg("sums"), py::arg("dtype"), py::arg("p"), py::arg("lr_max"), py::arg("lr"),
+      py::arg("in_window"), py::arg("out"));
+
 #ifdef PFKERNELS_WITH_CUDA
   m.def("cuda_device_count", &pfk::cuda::device_count);
 
@@ -116,5 +143,33 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("dtype"), py::arg("alpha"),
       py::arg("stream"));
+
+  m.def(
+      "multi_tensor_momentum_update_cuda",
+      [](const Ptrs& params, const Ptrs& grads, const Ptrs& bufs, const Sizes& sizes, int dtype,
+         uintptr_t rate, double momentum, uintptr_t stream) {
+        check_lists(params, grads, sizes, "params", "grads");
+        PFK_CHECK_ARG(bufs.empty() || bufs.size() == params.size(), "bufs",
+                      "must be empty or as long as 'params'");
+        auto px = as_pointers<void*>(params);
+        auto pg = as_pointers<const void*>(grads);
+        auto pb = as_pointers<void*>(bufs);
+        pfk::cuda::multi_tensor_momentum_update(px.data(), pg.data(),
+                                                pb.empty() ? nullptr : pb.data(), sizes.data(),
+                                                static_cast<int64_t>(sizes.size()), dtype,
+                                                ptr<const void>(rate), momentum, ptr<void>(stream));
+      },
+      py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("sizes"), py::arg("dtype"),
+      py::arg("rate"), py::arg("momentum"), py::arg("stream"));
+
+  m.def(
+      "dal_rate_cuda",
+      [](uintptr_t sums, int dtype, double p, double lr_max, double lr, bool in_window,
+         uintptr_t out, uintptr_t stream) {
+        pfk::cuda::dal_rate(ptr<const void>(sums), dtype, p, lr_max, lr, in_window, ptr<void>(out),
+                            ptr<void>(stream));
+      },
+      py::arg("sums"), py::arg("dtype"), py::arg("p"), py::arg("lr_max"), py::arg("lr"),
+      py::arg("in_window"), py::arg("out"), py::arg("stream"));
 #endif
 }

@@ -8,3 +8,5 @@ from ._version import __version__
 from .ops import backend_info
 
 __all__ = ["__version__", "backend_info"]
+from .lanczos import EigResult  # noqa: E402
+from .lanczos import eigsh  # noqa: E402

@@ -237,3 +237,214 @@ def multi_tensor_axpy_ref(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tenso
     """Pure-torch twin of :func:`multi_tensor_axpy`."""
     for xi, yi in zip(x, y):
         xi.add_(yi * alpha.reshape(()).to(xi.dtype))
+
+
+def _check_update_lists(
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor]
+) -> None:
+    _check_pair_lists(params, grads, "params", "grads")
+    _check_arg(isinstance(bufs, (list, tuple)), "bufs", "must be a list of tensors (or empty)")
+    if bufs:
+        _check_pair_lists(params, bufs, "params", "bufs")
+    for name, lst in (("params", params), ("bufs", bufs)):
+        for i, t in enumerate(lst):
+            _check_arg(t.is_contiguous(), f"{name}[{i}]", "must be contiguous (it is updated in place)")
+
+
+@torch.library.custom_op(
+    "pfkernels::multi_tensor_momentum_update", mutates_args={"params", "bufs"}
+)
+def _multi_tensor_momentum_update_op(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rate: Tensor, momentum: float
+) -> None:
+    device = params[0].device
+    if not _has_backend("multi_tensor_momentum_update", device):
+        _warn_fallback("multi_tensor_momentum_update", device)
+        multi_tensor_momentum_update_ref(params, grads, bufs, rate, momentum)
+        return
+    grads = [t.contiguous() for t in grads]
+    rate = rate.reshape(()).to(params[0].dtype)
+    pp = [t.data_ptr() for t in params]
+    pg = [t.data_ptr() for t in grads]
+    pb = [t.data_ptr() for t in bufs]
+    sizes = [t.numel() for t in params]
+    code = _DTYPE_CODES[params[0].dtype]
+    if device.type == "cpu":
+        _C.multi_tensor_momentum_update_cpu(pp, pg, pb, sizes, code, rate.data_ptr(), momentum)
+    else:
+        _C.multi_tensor_momentum_update_cuda(
+            pp, pg, pb, sizes, code, rate.data_ptr(), momentum, _stream(device)
+        )
+
+
+@_multi_tensor_momentum_update_op.register_fake
+def _(params, grads, bufs, rate, momentum):
+    return None
+
+
+def multi_tensor_momentum_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    rate: Tensor,
+    momentum: float = 0.0,
+) -> None:
+    """The fused descent step of DAL (and of torch SGD): one launch over all tensors.
+
+    With ``bufs`` empty: ``pᵢ -= rate · gᵢ``. Otherwise the heavy-ball step of
+    ``torch.optim.SGD(momentum=momentum)`` (dampening 0, no Nesterov), buffer and parameter in
+    the same pass: ``bᵢ = momentum · bᵢ + gᵢ; pᵢ -= rate · bᵢ`` (zero-initialised buffers give
+    torch's first step ``b = g``).
+
+    Args:
+        params: contiguous tensors updated in place; one dtype (float32/float64), one device.
+        grads: tensors with the shapes of ``params``, same dtype and device.
+        bufs: ``[]``, or contiguous momentum buffers shaped like ``params`` (updated in place).
+        rate: a one-element floating tensor on the same device, read on the device (no host
+            sync). A non-finite rate (NaN from :func:`dal_rate` when the gradient or H·g was not
+            finite) leaves ``params`` and ``bufs`` untouched: the step is skipped on the device.
+        momentum: the heavy-ball coefficient (ignored when ``bufs`` is empty).
+
+    Equivalent to :func:`multi_tensor_momentum_update_ref`.
+    """
+    _check_update_lists(params, grads, bufs)
+    _check_arg(isinstance(rate, Tensor), "rate", "must be a one-element tensor")
+    _check_arg(rate.numel() == 1, "rate", f"must have one element, got shape {tuple(rate.shape)}")
+    _check_arg(rate.is_floating_point(), "rate", f"must be floating point, got {rate.dtype}")
+    _check_arg(
+        isinstance(momentum, (int, float)) and math.isfinite(momentum),
+        "momentum",
+        f"must be a finite number, got {momentum!r}",
+    )
+    if not params:
+        return
+    _check_arg(
+        rate.device == params[0].device,
+        "rate",
+        f"device {rate.device} differs from the tensors' device {params[0].device}",
+    )
+    torch.ops.pfkernels.multi_tensor_momentum_update(
+        list(params), list(grads), list(bufs), rate, float(momentum)
+    )
+
+
+def multi_tensor_momentum_update_ref(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    rate: Tensor,
+    momentum: float = 0.0,
+) -> None:
+    """Pure-torch twin of :func:`multi_tensor_momentum_update` (no host sync either)."""
+    if not params:
+        return
+    r = rate.reshape(()).to(params[0].dtype)
+    # A non-finite rate skips the step: multiply by 0 would still spread NaN, so select instead.
+    keep = ~torch.isfinite(r)
+    r = torch.where(keep, torch.zeros_like(r), r)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if bufs:
+            b = bufs[i]
+            b.copy_(torch.where(keep, b, momentum * b + g))
+            g = b
+        p.copy_(torch.where(keep, p, p - r * g))
+
+
+# ---------------------------------------------------------------------------------------------
+# dal family: the DAL rate computed on the device from the fused sums (csrc/common/dal.h).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pfkernels::dal_rate", mutates_args=())
+def _dal_rate_op(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool) -> Tensor:
+    device = sums.device
+    if not _has_backend("dal_rate", device):
+        _warn_fallback("dal_rate", device)
+        return dal_rate_ref(sums, p, lr_max, lr, in_window)
+    sums = sums.contiguous()
+    out = torch.empty((), dtype=sums.dtype, device=device)
+    code = _DTYPE_CODES[sums.dtype]
+    if device.type == "cpu":
+        _C.dal_rate_cpu(sums.data_ptr(), code, p, lr_max, lr, in_window, out.data_ptr())
+    else:
+        _C.dal_rate_cuda(
+            sums.data_ptr(), code, p, lr_max, lr, in_window, out.data_ptr(), _stream(device)
+        )
+    return out
+
+
+@_dal_rate_op.register_fake
+def _(sums, p, lr_max, lr, in_window):
+    return sums.new_empty(())
+
+
+def dal_rate(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool = True) -> Tensor:
+    """The DAL learning rate ``h = min(2 / vᵖ, lr_max)``, ``v = ‖Hg‖/‖g‖``, on the device.
+
+    Rosca et al. 2023 (REFERENCES.md §2); the formula lives once in ``csrc/common/dal.h``.
+
+    Args:
+        sums: ``[3]`` float32/float64 tensor ``(g·Hg, ‖g‖², ‖Hg‖²)`` as returned by
+            :func:`multi_tensor_dot` ``(grads, hvps)``; CPU or CUDA.
+        p: the exponent, ``p >= 0``; ``p = 0`` means plain GD at ``lr`` (as in the authors' code).
+        lr_max: the cap ``h_max > 0``.
+        lr: the base rate, used for ``p = 0`` and outside the window.
+        in_window: False outside DAL's iteration window: the rate is then ``lr``.
+
+    Returns:
+        A 0-d tensor in ``sums``' dtype on its device (computed in float64, no host sync):
+        ``lr`` when ``in_window`` is False or ``p == 0``; ``lr_max`` when ``‖g‖ = 0`` or
+        ``‖Hg‖ = 0`` (the limit v → 0; with g = 0 the step is a no-op anyway); NaN when any sum
+        is not finite, which :func:`multi_tensor_momentum_update` treats as "skip the step".
+
+    Equivalent to :func:`dal_rate_ref`.
+    """
+    _check_arg(isinstance(sums, Tensor), "sums", "must be a tensor")
+    _check_arg(sums.shape == (3,), "sums", f"must have shape [3], got {tuple(sums.shape)}")
+    _check_arg(
+        sums.dtype in (torch.float32, torch.float64),
+        "sums",
+        f"dtype must be float32 or float64, got {sums.dtype}",
+    )
+    _check_dal_hyperparameters(p, lr_max)
+    _check_arg(
+        isinstance(lr, (int, float)) and math.isfinite(lr), "lr", f"must be a finite number, got {lr!r}"
+    )
+    return torch.ops.pfkernels.dal_rate(sums, float(p), float(lr_max), float(lr), bool(in_window))
+
+
+def _check_dal_hyperparameters(p: float, lr_max: float) -> None:
+    _check_arg(
+        isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
+        "p",
+        f"must be a finite number >= 0, got {p!r}",
+    )
+    _check_arg(
+        isinstance(lr_max, (int, float)) and math.isfinite(lr_max) and lr_max > 0,
+        "lr_max",
+        f"must be a finite number > 0, got {lr_max!r}",
+    )
+
+
+def dal_rule(grad_sqnorm: Tensor, hvp_sqnorm: Tensor, p: float, lr_max: float) -> Tensor:
+    """``min(2 (‖g‖²/‖Hg‖²)^(p/2), lr_max)`` elementwise in float64, ``lr_max`` where either norm
+    is 0, NaN where either input is not finite. The rule of ``csrc/common/dal.h`` for ``p > 0``
+    inside the window, in torch."""
+    g2, h2 = grad_sqnorm.double(), hvp_sqnorm.double()
+    h = 2.0 * (g2 / h2) ** (0.5 * p)
+    h = torch.where((g2 == 0) | (h2 == 0), torch.full_like(h, lr_max), torch.clamp(h, max=lr_max))
+    finite = torch.isfinite(g2) & torch.isfinite(h2)
+    return torch.where(finite, h, torch.full_like(h, math.nan))
+
+
+def dal_rate_ref(
+    sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool = True
+) -> Tensor:
+    """Pure-torch twin of :func:`dal_rate` (float64 inside, no host sync)."""
+    s = sums.double()
+    if in_window and p != 0:
+        rate = dal_rule(s[1], s[2], p, lr_max)
+    else:
+        rate = torch.full((), float(lr), dtype=torch.float64, device=sums.device)
+    rate = torch.where(torch.isfinite(s).all(), rate, torch.full_like(rate, math.nan))
+    return rate.to(sums.dtype)
