@@ -242,12 +242,15 @@ def stability_threshold(
 
 
 def _operator_params(hessian_op) -> list[torch.Tensor]:
-    params = getattr(hessian_op, "params", None)
-    if params is None:
+    model = getattr(hessian_op, "_model", None)
+    names = getattr(hessian_op, "param_names", None)
+    if model is None or names is None:
         raise TypeError(
-            "hessian_op: expected a pfkernels.HessianOperator (an operator that knows its parameters)"
+            "hessian_op: expected a pfkernels.HessianOperator built from a model (its parameters "
+            "are matched to the optimizer's state by name)"
         )
-    return list(params)
+    named = dict(model.named_parameters())
+    return [named[name] for name in names]
 
 
 def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
@@ -539,7 +542,8 @@ class SharpnessTracker:
         tol: relative tolerance of each eigensolve (see :func:`pfkernels.eigsh`).
         threshold: a fixed threshold in raw units instead of one read from ``optimizer`` (for
             hand-written loops, e.g. ``2 / lr``).
-        params: the parameters to differentiate (default: all with ``requires_grad``).
+        params: which parameters the Hessian covers, as for :class:`pfkernels.HessianOperator`:
+            None (all with ``requires_grad``), a list of names or a callable ``name -> bool``.
         sinks: where each record also goes: a path (JSONL file, one record per line), an object
             with ``add_scalar(tag, value, step)`` (TensorBoard's SummaryWriter; tags ``eos/...``),
             or a callable taking the record.
@@ -563,7 +567,7 @@ class SharpnessTracker:
         optimizer: torch.optim.Optimizer | None = None,
         tol: float = 1e-3,
         threshold: float | None = None,
-        params: Sequence[torch.Tensor] | None = None,
+        params: Sequence[str] | Callable[[str], bool] | None = None,
         sinks: Iterable = (),
         max_matvecs: int | None = None,
         method: str = "auto",
@@ -587,18 +591,20 @@ class SharpnessTracker:
             raise ValueError("threshold: give either threshold= or optimizer=, not both")
         if threshold is not None and not threshold > 0:
             raise ValueError(f"threshold: expected a positive number, got {threshold!r}")
-        self.params = (
-            [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-        )
-        if not self.params:
-            raise ValueError("params: no parameters to differentiate (none require grad)")
         if optimizer is not None:
             stability_threshold(optimizer, grad_norm=0.0)
+        from .hvp import HessianOperator
+
+        # One operator for the whole run: it reads the live parameters at every product, and
+        # in-memory data is converted and checked once.
+        self.hessian = HessianOperator(
+            model, loss_fn, data, params=params, method=method, dtype=dtype, mode=mode
+        )
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.k, self.tol = every, k, float(tol)
         self.optimizer = optimizer
         self.fixed_threshold = None if threshold is None else float(threshold)
-        self.max_matvecs, self.method, self.dtype, self.mode = max_matvecs, method, dtype, mode
+        self.max_matvecs = max_matvecs
         self.seed = seed
         self.history: list[dict[str, Any]] = []
         self.losses: list[tuple[int, float]] = []
@@ -652,28 +658,17 @@ class SharpnessTracker:
             measurement), ``converged``, ``loss``, ``lr`` (first group's, None without
             optimizer) and ``time`` (seconds spent).
         """
-        from .hvp import HessianOperator
-
         start = time.perf_counter()
-        hessian = HessianOperator(
-            self.model,
-            self.loss_fn,
-            self.data,
-            params=self.params,
-            method=self.method,
-            dtype=self.dtype,
-            mode=self.mode,
-        )
+        hessian = self.hessian
+        before = hessian.num_matvecs
         raw = self._solve(hessian, self._vectors)
         self._vectors = raw.eigenvectors
-        matvecs = int(raw.num_matvecs)
         converged = bool(torch.as_tensor(raw.converged).all())
         eigenvalues = [float(x) for x in raw.eigenvalues]
         preconditioned = None
         if is_adaptive(self.optimizer):
             pre = self._solve(preconditioned_operator(hessian, self.optimizer), self._preconditioned_vectors)
             self._preconditioned_vectors = pre.eigenvectors
-            matvecs += int(pre.num_matvecs)
             converged = converged and bool(torch.as_tensor(pre.converged).all())
             preconditioned = [float(x) for x in pre.eigenvalues]
         threshold = self._threshold(hessian)
@@ -687,7 +682,7 @@ class SharpnessTracker:
             "threshold": None if threshold is None else threshold.value,
             "threshold_units": None if threshold is None else threshold.units,
             "ratio": None if threshold is None else tracked / threshold.value,
-            "num_matvecs": matvecs,
+            "num_matvecs": hessian.num_matvecs - before,
             "converged": converged,
             "loss": float(hessian.loss()),
             "lr": None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"]),

@@ -185,3 +185,54 @@ def test_preconditioner_diagonal_bad_input():
         eos.preconditioner_diagonal(torch.optim.Adam([x], lr=0.1), [x])
     with pytest.raises(ValueError, match="not in any of its param groups"):
         eos.preconditioner_diagonal(torch.optim.Adam([x], lr=0.1), [_param()])
+
+
+def _records(values, threshold=10.0, start=0, every=10, preconditioned=False):
+    key = "preconditioned_sharpness" if preconditioned else "sharpness"
+    out = []
+    for i, v in enumerate(values):
+        record = {"step": start + i * every, "sharpness": v, "preconditioned_sharpness": None,
+                  "threshold": threshold, "ratio": v / threshold}
+        record[key] = v
+        out.append(record)
+    return out
+
+
+def test_detect_eos_synthetic_run():
+    # Sharpening from 4 to 10 over 7 measurements, crossing at the 7th (step 60), then hovering
+    # with one excursion outside ±10%.
+    values = [4, 5, 6, 7, 8, 9.5, 10.2, 9.8, 10.1, 9.95, 11.5, 10.05]
+    losses = [(s, 1.0 / (1 + s)) for s in range(60)]  # monotone before the onset
+    losses += [(s, 0.01 * (1 + (s % 2))) for s in range(60, 120)]  # period-2 oscillation after
+    summary = eos.detect_eos(_records(values), losses)
+    assert summary["eos_reached"] and summary["eos_onset_step"] == 60
+    assert summary["progressive_sharpening"]
+    assert summary["sharpening_ratio"] == pytest.approx(9.5 / 4)
+    assert summary["within_band_share"] == pytest.approx(5 / 6)
+    assert summary["median_ratio_after_onset"] == pytest.approx(1.0075)
+    assert summary["loss_increase_share_before_onset"] == 0.0
+    assert summary["loss_increase_share_after_onset"] == pytest.approx(30 / 59)
+    assert summary["max_ratio"] == pytest.approx(1.15)
+    assert summary["measurements"] == 12
+
+
+def test_detect_eos_no_edge_no_sharpening():
+    summary = eos.detect_eos(_records([5.0, 4.9, 5.1, 5.0]))
+    assert not summary["eos_reached"] and summary["eos_onset_step"] is None
+    assert not summary["progressive_sharpening"]
+    assert summary["within_band_share"] is None
+    assert summary["loss_increase_share_after_onset"] is None
+
+
+def test_detect_eos_uses_preconditioned_sharpness():
+    records = _records([100.0, 300.0, 390.0], threshold=380.0, preconditioned=True)
+    for r in records:
+        r["sharpness"] = 1.0  # raw sharpness stays flat; the preconditioned one is tracked
+    summary = eos.detect_eos(records)
+    assert summary["eos_onset_step"] == 20 and summary["progressive_sharpening"]
+
+
+def test_detect_eos_empty():
+    summary = eos.detect_eos([])
+    assert summary["measurements"] == 0 and not summary["eos_reached"]
+    assert summary["initial_sharpness"] is None
