@@ -71,6 +71,9 @@ def _add_eos(sub) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of each eigensolve")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: fastest for the small default model, and "
+                   "robust on a busy machine, where extra threads contend)")
     p.add_argument("--out", default="runs/eos", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_run_eos)
@@ -167,6 +170,9 @@ def _run_eos(args) -> int:
         raise SystemExit(f"pfkernels eos: --lr must be a positive number, got {lr}")
     if steps < 1 or args.every < 1 or args.k < 1 or args.n_train < 1:
         raise SystemExit("pfkernels eos: --steps, --every, --k and --n-train must be positive")
+    if args.threads < 1:
+        raise SystemExit(f"pfkernels eos: --threads must be positive, got {args.threads}")
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -194,26 +200,35 @@ def _run_eos(args) -> int:
     record = None
     with report.MetricsWriter(out / "metrics.jsonl") as writer:
         for step in range(steps):
-            with torch.no_grad():
-                outputs = model(x)
-                loss = float(data.mse_loss(outputs, y))
-                accuracy = (
-                    float((outputs.argmax(1) == y.argmax(1)).double().mean()) if classify else None
-                )
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            # Measured before the update, as in Cohen et al.: the sharpness this step sees.
-            measured = tracker.step(step, loss=loss)
-            record = measured or record
+            seen = {}
 
             def closure():
                 optimizer.zero_grad(set_to_none=True)
-                value = objective(model(x), y)
-                value.backward()
+                outputs = model(x)
+                value = objective(outputs, y)
+                if not seen:  # DAL's finite-difference probe calls it again, elsewhere
+                    seen["outputs"] = outputs.detach()
+                    seen["loss"] = float(data.mse_loss(seen["outputs"], y))
+                if args.optimizer != "dal":
+                    value.backward()
                 return value
 
-            optimizer.step(closure)
+            try:
+                # Measured before the update, as in Cohen et al.: the sharpness this step sees.
+                measured = tracker.step(step)
+                optimizer.step(closure)
+            except FloatingPointError:
+                diverged = True
+                break
+            loss = seen["loss"]
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            tracker.losses.append((step, loss))
+            record = measured or record
+            accuracy = None
+            if classify:
+                accuracy = float((seen["outputs"].argmax(1) == y.argmax(1)).double().mean())
             rate = float(optimizer.last_lr) if args.optimizer == "dal" else lr
             row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": rate}
             if measured is not None:

@@ -7,6 +7,15 @@ import torch
 
 from pfkernels import eos
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: extra intra-op threads only contend (badly so on a shared machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # (name, factory, expected threshold, units); expected values from REFERENCES.md §3, §4 and the
 # dampening derivation in stability_thresholds' docstring.
 THRESHOLD_CASES = [
@@ -236,3 +245,245 @@ def test_detect_eos_empty():
     summary = eos.detect_eos([])
     assert summary["measurements"] == 0 and not summary["eos_reached"]
     assert summary["initial_sharpness"] is None
+
+
+# ---------------------------------------------------------------- tracker and preconditioning
+
+from pfkernels import data  # noqa: E402
+from pfkernels.hvp import HessianOperator  # noqa: E402
+from pfkernels.lanczos import eigsh  # noqa: E402
+from pfkernels.optim import DAL, NormalizedGD  # noqa: E402
+
+
+def _tiny_problem(seed, n=64, width=6, dtype=torch.float64):
+    ds = data.synthetic_regression(n=n, d=5, seed=seed, out_features=2, dtype=dtype)
+    model = data.mlp(5, 2, width=width, depth=2, seed=seed).to(dtype)
+    return model, ds.train
+
+
+def _dense_hessian(op):
+    eye = torch.eye(op.shape[0], dtype=op.dtype)
+    return torch.stack([op.matvec(e) for e in eye])
+
+
+def _train(model, batch, opt, steps):
+    x, y = batch
+    for _ in range(steps):
+        opt.zero_grad()
+        data.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True),
+        lambda p: torch.optim.RMSprop(p, lr=0.001, centered=True),
+    ],
+    ids=["adam", "adamw-amsgrad", "rmsprop-centered"],
+)
+def test_preconditioned_sharpness_matches_dense(factory, seed):
+    model, batch = _tiny_problem(seed)
+    opt = factory(model.parameters())
+    _train(model, batch, opt, steps=5)
+    op = HessianOperator(model, data.mse_loss, batch)
+    assert op.shape[0] > 20  # above eigsh's dense cut-off: Lanczos runs
+    H = _dense_hessian(op)
+    P = eos.preconditioner_diagonal(opt, list(model.parameters()))
+    want = torch.linalg.eigvals(torch.linalg.solve(torch.diag(P), H)).real.max()
+    pop = eos.preconditioned_operator(op, opt)
+    got = eigsh(pop, k=1, tol=1e-10, seed=seed).eigenvalues[0]
+    assert float(got) == pytest.approx(float(want), rel=1e-8)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    d = P.rsqrt()
+    torch.testing.assert_close(pop.matvec(v), d * (H @ (d * v)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pop @ torch.stack([v, 2 * v]), torch.stack([pop @ v, pop @ (2 * v)]))
+
+
+def test_tracker_preconditioned_record(seed):
+    model, batch = _tiny_problem(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, batch, opt, steps=3)
+    tracker = eos.SharpnessTracker(model, data.mse_loss, batch, optimizer=opt, k=2, tol=1e-8)
+    record = tracker.step(0)
+    op = HessianOperator(model, data.mse_loss, batch)
+    H = _dense_hessian(op)
+    P = eos.preconditioner_diagonal(opt, list(model.parameters()))
+    d = P.rsqrt()
+    want_pre = torch.linalg.eigvalsh(d[:, None] * H * d[None, :]).flip(0)[:2]
+    want_raw = torch.linalg.eigvalsh(H).flip(0)[:2]
+    assert record["eigenvalues"] == pytest.approx(want_raw.tolist(), rel=1e-6)
+    assert record["preconditioned_eigenvalues"] == pytest.approx(want_pre.tolist(), rel=1e-6)
+    assert record["preconditioned_sharpness"] == record["preconditioned_eigenvalues"][0]
+    assert record["threshold"] == pytest.approx(38 / 0.01) and record["threshold_units"] == "preconditioned"
+    assert record["ratio"] == pytest.approx(record["preconditioned_sharpness"] / record["threshold"])
+
+
+def test_warm_started_tracking_agrees_with_cold_and_is_cheaper(seed):
+    ds = data.digits(n_train=100, n_test=0, seed=seed % 100)
+    model = data.mlp(width=16, depth=2, seed=seed % 100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tol = 1e-3
+    tracker = eos.SharpnessTracker(model, data.mse_loss, ds.train, every=5, optimizer=opt, tol=tol)
+    cold_op = HessianOperator(model, data.mse_loss, ds.train)
+    warm_total = cold_total = 0
+    for step in range(40):
+        record = tracker.step(step)
+        if record is not None:
+            cold = eigsh(cold_op, k=1, tol=tol, seed=step)
+            cold_total += cold.num_matvecs
+            if step > 0:  # the first measurement is a cold solve too
+                warm_total += record["num_matvecs"]
+            # Residual tolerance 1e-3 makes eigenvalue errors ~1e-6 relative; allow 1e-4.
+            assert record["sharpness"] == pytest.approx(float(cold.eigenvalues[0]), rel=1e-4)
+            assert record["converged"]
+        _train(model, ds.train, opt, steps=1)
+    assert len(tracker.history) == 8
+    # Fewer HVPs per solve than cold (typically half here, where early training moves the top
+    # eigenvector fast; bench/bench_tracking.py measures the steady state at EoS).
+    assert warm_total / 7 < 0.8 * cold_total / 8
+
+
+def test_tracker_schedule_sinks_and_summary(tmp_path, seed):
+    model, batch = _tiny_problem(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    class FakeWriter:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+    writer, seen = FakeWriter(), []
+    tracker = eos.SharpnessTracker(
+        model, data.mse_loss, batch, every=3, optimizer=opt,
+        sinks=[tmp_path / "eos.jsonl", seen.append, writer],
+    )
+    results = []
+    for step in range(7):
+        loss = data.mse_loss(model(batch[0]), batch[1])
+        results.append(tracker.step(step, loss=loss.detach()))
+        _train(model, batch, opt, steps=1)
+    tracker.close()
+    assert [r is not None for r in results] == [True, False, False, True, False, False, True]
+    assert [r["step"] for r in tracker.history] == [0, 3, 6]
+    assert seen == tracker.history
+    from pfkernels.report import read_jsonl
+
+    assert [r["sharpness"] for r in read_jsonl(tmp_path / "eos.jsonl")] == pytest.approx(
+        [r["sharpness"] for r in tracker.history]
+    )
+    tags = {tag for tag, _, _ in writer.calls}
+    assert tags == {"eos/sharpness", "eos/threshold", "eos/ratio", "eos/num_matvecs"}
+    assert {s for _, _, s in writer.calls} == {0, 3, 6}
+    record = tracker.history[0]
+    for key in ("step", "sharpness", "preconditioned_sharpness", "threshold", "ratio",
+                "eigenvalues", "num_matvecs", "loss", "time"):
+        assert key in record
+    assert record["preconditioned_sharpness"] is None and record["threshold"] == pytest.approx(40.0)
+    summary = tracker.summary()
+    assert summary["measurements"] == 3 and summary["total_matvecs"] == sum(
+        r["num_matvecs"] for r in tracker.history
+    )
+    assert [s for s, _ in tracker.losses] == list(range(7))
+
+
+def test_tracker_without_optimizer_and_fixed_threshold(seed):
+    model, batch = _tiny_problem(seed)
+    free = eos.SharpnessTracker(model, data.mse_loss, batch)
+    record = free.step(0)
+    assert record["threshold"] is None and record["ratio"] is None and record["lr"] is None
+    fixed = eos.SharpnessTracker(model, data.mse_loss, batch, threshold=2 / 0.05)
+    assert fixed.step(0)["ratio"] == pytest.approx(record["sharpness"] / 40.0, rel=1e-3)
+
+
+def test_threshold_dal_and_normalized_gd(seed):
+    model, batch = _tiny_problem(seed)
+    x, y = batch
+    dal = DAL(model.parameters(), p=1.0, lr=0.1)
+    assert eos.stability_threshold(dal).value == pytest.approx(20.0)  # before a step: base rate
+    dal.step(lambda: data.mse_loss(model(x), y))
+    assert eos.stability_threshold(dal).value == pytest.approx(2 / float(dal.last_lr))
+
+    ngd = NormalizedGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="grad_norm"):
+        eos.stability_threshold(ngd)
+    ngd.zero_grad()
+    data.mse_loss(model(x), y).backward()
+    norm = float(torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())))
+    t = eos.stability_threshold(ngd)
+    assert t.value == pytest.approx(2 * norm / 0.01) and t.units == "raw"
+    assert eos.stability_threshold(ngd, grad_norm=3.0).value == pytest.approx(600.0)
+    tracker = eos.SharpnessTracker(model, data.mse_loss, batch, optimizer=ngd)
+    op = HessianOperator(model, data.mse_loss, batch)
+    assert tracker.step(0)["threshold"] == pytest.approx(2 * float(op.gradient().norm()) / 0.01)
+
+
+def test_tracker_bad_input(seed):
+    model, batch = _tiny_problem(seed)
+    with pytest.raises(ValueError, match="every"):
+        eos.SharpnessTracker(model, data.mse_loss, batch, every=0)
+    with pytest.raises(ValueError, match="k"):
+        eos.SharpnessTracker(model, data.mse_loss, batch, k=0)
+    with pytest.raises(ValueError, match="tol"):
+        eos.SharpnessTracker(model, data.mse_loss, batch, tol=0.0)
+    with pytest.raises(TypeError, match="model"):
+        eos.SharpnessTracker("model", data.mse_loss, batch)
+    with pytest.raises(TypeError, match="no stability threshold"):
+        eos.SharpnessTracker(model, data.mse_loss, batch,
+                             optimizer=torch.optim.Adagrad(model.parameters()))
+    with pytest.raises(ValueError, match="either threshold"):
+        eos.SharpnessTracker(model, data.mse_loss, batch, threshold=1.0,
+                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="sinks"):
+        eos.SharpnessTracker(model, data.mse_loss, batch, sinks=[42])
+    adam = torch.optim.Adam(model.parameters(), lr=0.1)
+    tracker = eos.SharpnessTracker(model, data.mse_loss, batch, optimizer=adam)
+    with pytest.raises(ValueError, match="first step"):
+        tracker.step(0)
+    with pytest.raises(TypeError, match="HessianOperator"):
+        eos.preconditioned_operator(torch.eye(3), adam)
+
+
+def test_lightning_callback_with_stub(monkeypatch, seed):
+    """The callback class against a stand-in lightning module (lightning is not installed here)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    pkg = types.ModuleType("lightning")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("lightning", None)
+    sub = types.ModuleType("lightning.pytorch")
+
+    class Callback:
+        pass
+
+    sub.Callback = Callback
+    pkg.pytorch = sub
+    monkeypatch.setitem(sys.modules, "lightning", pkg)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", sub)
+
+    model, batch = _tiny_problem(seed)
+    logged = []
+    model.log_dict = logged.append
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = types.SimpleNamespace(optimizers=[opt], global_step=0)
+    callback = eos.SharpnessCallback(data.mse_loss, batch, every=2)
+    assert isinstance(callback, Callback)
+    for step in range(3):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, model, None, batch, step)
+    assert [r["step"] for r in callback.tracker.history] == [0, 2]
+    assert len(logged) == 2 and logged[0]["eos/threshold"] == pytest.approx(40.0)
+
+
+def test_lightning_callback_absent(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if "lightning" in name else real(name, *a))
+    with pytest.raises(AttributeError, match="needs lightning"):
+        eos.SharpnessCallback  # noqa: B018
