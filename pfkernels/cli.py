@@ -32,7 +32,7 @@ def _run_info(args) -> int:
 # Per-optimizer defaults of `pfkernels eos`: rates at which the digits MLP (2x200 tanh, 1000
 # examples, MSE) reaches its stability threshold within the step budget, measured on this setup.
 _EOS_DEFAULTS = {
-    "gd": dict(lr=0.1, steps=3000),
+    "gd": dict(lr=0.15, steps=2000),
     "momentum": dict(lr=0.2, steps=1500),
     "nesterov": dict(lr=0.07, steps=1500),
     "adam": dict(lr=1e-3, steps=1500),
@@ -55,7 +55,7 @@ def _add_eos(sub) -> None:
                    help="learning rate (default per optimizer: " + ", ".join(
                        f"{k} {v['lr']:g}" for k, v in _EOS_DEFAULTS.items()) + ")")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default 3000 for gd, else 1500)")
+                   help="training steps (default 2000 for gd, else 1500)")
     p.add_argument("--momentum", type=float, default=0.9, help="β of momentum/nesterov")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam's β1")
     p.add_argument("--dal-p", type=float, default=1.0, help="DAL's exponent p")
@@ -155,6 +155,16 @@ class _Progress:
 
 
 def _run_eos(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _train_and_track(args)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
+
+
+def _train_and_track(args) -> int:
     import math
     import time
     from pathlib import Path

@@ -537,6 +537,13 @@ class SharpnessTracker:
             loss over them; use a fixed subset for a stochastic run).
         every: measure when ``i % every == 0``.
         k: number of top eigenvalues.
+        guard: extra eigenpairs solved for (and warm-started) beyond ``k`` but not reported. At
+            the edge of stability the top eigenvalues cross: the old top direction can drop below
+            another that rose, and a Lanczos run started from the old top eigenvector alone then
+            converges to the wrong pair (on the digits MLP at EoS, to the second eigenvalue, 1.7%
+            low, at one of 30 measurements). Tracking the next pair too carries the new top
+            direction in the start vector. ``guard=0`` roughly halves the HVPs per measurement
+            and accepts that risk (bench/bench_tracking.py measures both).
         optimizer: the optimizer, for the stability threshold (:func:`stability_threshold`) and,
             when adaptive, the preconditioner.
         tol: relative tolerance of each eigensolve (see :func:`pfkernels.eigsh`).
@@ -564,6 +571,7 @@ class SharpnessTracker:
         *,
         every: int = 10,
         k: int = 1,
+        guard: int = 1,
         optimizer: torch.optim.Optimizer | None = None,
         tol: float = 1e-3,
         threshold: float | None = None,
@@ -583,6 +591,8 @@ class SharpnessTracker:
             raise ValueError(f"every: expected a positive integer, got {every!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k: expected a positive integer, got {k!r}")
+        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+            raise ValueError(f"guard: expected a non-negative integer, got {guard!r}")
         if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
             raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -601,7 +611,7 @@ class SharpnessTracker:
             model, loss_fn, data, params=params, method=method, dtype=dtype, mode=mode
         )
         self.model, self.loss_fn, self.data = model, loss_fn, data
-        self.every, self.k, self.tol = every, k, float(tol)
+        self.every, self.k, self.guard, self.tol = every, k, guard, float(tol)
         self.optimizer = optimizer
         self.fixed_threshold = None if threshold is None else float(threshold)
         self.max_matvecs = max_matvecs
@@ -612,24 +622,31 @@ class SharpnessTracker:
         self._vectors: torch.Tensor | None = None
         self._preconditioned_vectors: torch.Tensor | None = None
 
+    @property
+    def eigenvectors(self) -> torch.Tensor | None:
+        """The top ``k`` eigenvectors of the latest measurement, ``[n, k]`` (None before one)."""
+        return None if self._vectors is None else self._vectors[:, : self.k]
+
     def step(self, step: int, loss: float | torch.Tensor | None = None) -> dict[str, Any] | None:
         """Measures when ``step % every == 0``; returns the record then, else None.
 
-        ``loss`` (optional, the step's training loss) is kept in :attr:`losses` for the
-        non-monotonicity statistics of :meth:`summary`.
+        ``loss`` (optional, the step's training loss on ``data``) is kept in :attr:`losses` for
+        the non-monotonicity statistics of :meth:`summary`, and saves the measurement a forward
+        pass.
         """
         if loss is not None:
-            self.losses.append((int(step), float(loss)))
+            loss = float(loss)
+            self.losses.append((int(step), loss))
         if step % self.every:
             return None
-        return self.measure(step)
+        return self.measure(step, loss=loss)
 
     def _solve(self, operator, v0):
         from .lanczos import eigsh
 
         return eigsh(
             operator,
-            k=self.k,
+            k=min(self.k + self.guard, operator.shape[0]),
             which="LA",
             tol=self.tol,
             max_matvecs=self.max_matvecs,
@@ -647,8 +664,11 @@ class SharpnessTracker:
             grad_norm = float(hessian.gradient().norm())
         return stability_threshold(self.optimizer, grad_norm=grad_norm)
 
-    def measure(self, step: int) -> dict[str, Any]:
+    def measure(self, step: int, loss: float | None = None) -> dict[str, Any]:
         """Measures now, whatever the step; appends the record to :attr:`history` and the sinks.
+
+        ``loss``: the loss on ``data`` at the current parameters when the caller has it;
+        otherwise it is evaluated.
 
         Returns:
             a dict with ``step``, ``sharpness`` (λ_max(H)), ``eigenvalues`` (top k, descending),
@@ -664,13 +684,13 @@ class SharpnessTracker:
         raw = self._solve(hessian, self._vectors)
         self._vectors = raw.eigenvectors
         converged = bool(torch.as_tensor(raw.converged).all())
-        eigenvalues = [float(x) for x in raw.eigenvalues]
+        eigenvalues = [float(x) for x in raw.eigenvalues[: self.k]]
         preconditioned = None
         if is_adaptive(self.optimizer):
             pre = self._solve(preconditioned_operator(hessian, self.optimizer), self._preconditioned_vectors)
             self._preconditioned_vectors = pre.eigenvectors
             converged = converged and bool(torch.as_tensor(pre.converged).all())
-            preconditioned = [float(x) for x in pre.eigenvalues]
+            preconditioned = [float(x) for x in pre.eigenvalues[: self.k]]
         threshold = self._threshold(hessian)
         tracked = eigenvalues[0] if preconditioned is None else preconditioned[0]
         record = {
@@ -684,7 +704,7 @@ class SharpnessTracker:
             "ratio": None if threshold is None else tracked / threshold.value,
             "num_matvecs": hessian.num_matvecs - before,
             "converged": converged,
-            "loss": float(hessian.loss()),
+            "loss": float(hessian.loss()) if loss is None else float(loss),
             "lr": None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"]),
             "time": time.perf_counter() - start,
         }
