@@ -48,6 +48,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_built"] = true;
     d["cuda_archs"] = std::string(PFKERNELS_CUDA_ARCHS);
     d["multi_tensor_chunk"] = pfk::cuda::kMultiTensorChunk;
+    d["flow_rows_per_block"] = pfk::cuda::kFlowRowsPerBlock;
 #else
     d["cuda_built"] = false;
     d["cuda_archs"] = std::string();
@@ -113,8 +114,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sums"), py::arg("dtype"), py::arg("p"), py::arg("lr_max"), py::arg("lr"),
       py::arg("in_window"), py::arg("out"));
 
+  m.def(
+      "flow_field_cpu",
+      [](uintptr_t grad, uintptr_t eigenvalues, uintptr_t eigenvectors, int64_t n, int64_t k,
+         double h, int dtype, uintptr_t field, uintptr_t projections) {
+        PFK_CHECK_ARG(n >= 0, "grad", "negative length");
+        PFK_CHECK_ARG(k >= 0, "eigenvalues", "negative count");
+        py::gil_scoped_release nogil;
+        pfk::cpu::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
+                             ptr<const void>(eigenvectors), n, k, h, dtype, ptr<void>(field),
+                             ptr<void>(projections));
+      },
+      py::arg("grad"), py::arg("eigenvalues"), py::arg("eigenvectors"), py::arg("n"), py::arg("k"),
+      py::arg("h"), py::arg("dtype"), py::arg("field"), py::arg("projections"));
+
 #ifdef PFKERNELS_WITH_CUDA
   m.def("cuda_device_count", &pfk::cuda::device_count);
+
+  m.def(
+      "flow_field_cuda",
+      [](uintptr_t grad, uintptr_t eigenvalues, uintptr_t eigenvectors, int64_t n, int64_t k,
+         double h, int dtype, uintptr_t field, uintptr_t projections, uintptr_t workspace,
+         uintptr_t stream) {
+        PFK_CHECK_ARG(n >= 0, "grad", "negative length");
+        PFK_CHECK_ARG(k >= 0, "eigenvalues", "negative count");
+        pfk::cuda::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
+                              ptr<const void>(eigenvectors), n, k, h, dtype, ptr<void>(field),
+                              ptr<void>(projections), ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("grad"), py::arg("eigenvalues"), py::arg("eigenvectors"), py::arg("n"), py::arg("k"),
+      py::arg("h"), py::arg("dtype"), py::arg("field"), py::arg("projections"),
+      py::arg("workspace"), py::arg("stream"));
 
   m.def(
       "multi_tensor_dot_cuda",

@@ -664,6 +664,9 @@ class SharpnessTracker:
             grad_norm = float(hessian.gradient().norm())
         return stability_threshold(self.optimizer, grad_norm=grad_norm)
 
+    def _has_preconditioner(self) -> bool:
+        return all(self.optimizer.state.get(p) for p in _operator_params(self.hessian))
+
     def measure(self, step: int, loss: float | None = None) -> dict[str, Any]:
         """Measures now, whatever the step; appends the record to :attr:`history` and the sinks.
 
@@ -673,7 +676,7 @@ class SharpnessTracker:
         Returns:
             a dict with ``step``, ``sharpness`` (λ_max(H)), ``eigenvalues`` (top k, descending),
             ``preconditioned_sharpness`` and ``preconditioned_eigenvalues`` (None unless the
-            optimizer is adaptive), ``threshold`` and ``threshold_units`` (None without optimizer
+            optimizer is adaptive and has taken a step), ``threshold`` and ``threshold_units`` (None without optimizer
             or threshold), ``ratio`` (tracked sharpness / threshold), ``num_matvecs`` (HVPs this
             measurement), ``converged``, ``loss``, ``lr`` (first group's, None without
             optimizer) and ``time`` (seconds spent).
@@ -686,13 +689,17 @@ class SharpnessTracker:
         converged = bool(torch.as_tensor(raw.converged).all())
         eigenvalues = [float(x) for x in raw.eigenvalues[: self.k]]
         preconditioned = None
-        if is_adaptive(self.optimizer):
+        # An adaptive optimizer has no preconditioner before its first step: raw sharpness only.
+        if is_adaptive(self.optimizer) and self._has_preconditioner():
             pre = self._solve(preconditioned_operator(hessian, self.optimizer), self._preconditioned_vectors)
             self._preconditioned_vectors = pre.eigenvectors
             converged = converged and bool(torch.as_tensor(pre.converged).all())
             preconditioned = [float(x) for x in pre.eigenvalues[: self.k]]
         threshold = self._threshold(hessian)
         tracked = eigenvalues[0] if preconditioned is None else preconditioned[0]
+        comparable = threshold is not None and (
+            threshold.units == "raw" or preconditioned is not None
+        )
         record = {
             "step": int(step),
             "sharpness": eigenvalues[0],
@@ -701,7 +708,7 @@ class SharpnessTracker:
             "preconditioned_eigenvalues": preconditioned,
             "threshold": None if threshold is None else threshold.value,
             "threshold_units": None if threshold is None else threshold.units,
-            "ratio": None if threshold is None else tracked / threshold.value,
+            "ratio": tracked / threshold.value if comparable else None,
             "num_matvecs": hessian.num_matvecs - before,
             "converged": converged,
             "loss": float(hessian.loss()) if loss is None else float(loss),

@@ -448,3 +448,147 @@ def dal_rate_ref(
         rate = torch.full((), float(lr), dtype=torch.float64, device=sums.device)
     rate = torch.where(torch.isfinite(s).all(), rate, torch.full_like(rate, math.nan))
     return rate.to(sums.dtype)
+# ---------------------------------------------------------------------------------------------
+# flow family: the principal-flow field from top-k eigenpairs (REFERENCES.md §1), two passes over
+# the eigenvectors: projections U^T g, then the complex recombination.
+# ---------------------------------------------------------------------------------------------
+
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _pf_coefficients_real(x: Tensor) -> Tensor:
+    """r = log(1 - x)/x for real float64 ``x = h·λ`` on the principal branch, as complex128.
+
+    The same case split as ``pfk::principal_flow_coefficient`` (csrc/common/flow.h): x = 0 gives
+    -1, x = 1 gives -inf + 0i, x > 1 gives (log(x - 1) + iπ)/x, and log1p keeps small |x| exact.
+    """
+    below = x < 1
+    re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
+    re = torch.where(x == 0, -1.0, re / torch.where(x == 0, 1.0, x))
+    re = torch.where(x == 1, -math.inf, re)
+    im = torch.where(x > 1, math.pi / x, 0.0)
+    im = torch.where(torch.isnan(x), math.nan, im)
+    return torch.complex(re, im)
+
+
+def _flow_workspace_size(n: int, k: int) -> int:
+    rows = _C.build_info()["flow_rows_per_block"]
+    return max(math.ceil(n / rows) * k + 2 * k, 1)
+
+
+@torch.library.custom_op("pfkernels::flow_field", mutates_args=())
+def _flow_field_op(
+    grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
+) -> tuple[Tensor, Tensor]:
+    device = grad.device
+    if not _has_backend("flow_field", device):
+        _warn_fallback("flow_field", device)
+        return flow_field_ref(grad, eigenvalues, eigenvectors, h)
+    grad = grad.contiguous()
+    eigenvalues = eigenvalues.contiguous()
+    eigenvectors = eigenvectors.contiguous()
+    n, k = eigenvectors.shape
+    field = torch.empty(n, dtype=_COMPLEX_OF[grad.dtype], device=device)
+    projections = torch.empty(k, dtype=grad.dtype, device=device)
+    args = (
+        grad.data_ptr(),
+        eigenvalues.data_ptr(),
+        eigenvectors.data_ptr(),
+        n,
+        k,
+        float(h),
+        _DTYPE_CODES[grad.dtype],
+        torch.view_as_real(field).data_ptr(),
+        projections.data_ptr(),
+    )
+    if device.type == "cpu":
+        _C.flow_field_cpu(*args)
+    else:
+        workspace = torch.empty(_flow_workspace_size(n, k), dtype=torch.float64, device=device)
+        _C.flow_field_cuda(*args, workspace.data_ptr(), _stream(device))
+    return field, projections
+
+
+@_flow_field_op.register_fake
+def _(grad, eigenvalues, eigenvectors, h):
+    n, k = eigenvectors.shape
+    return grad.new_empty(n, dtype=_COMPLEX_OF[grad.dtype]), grad.new_empty(k)
+
+
+def flow_field(
+    grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
+) -> tuple[Tensor, Tensor]:
+    """The principal-flow field from k eigenpairs, fused: ``Σᵢ rᵢ (g·uᵢ) uᵢ − (g − Σᵢ (g·uᵢ) uᵢ)``.
+
+    ``rᵢ = log(1 − hλᵢ)/(hλᵢ)`` on the principal branch (Rosca et al. 2023, REFERENCES.md §1; the
+    shared code is ``csrc/common/flow.h``). The eigenvectors are assumed orthonormal; the part of
+    ``g`` outside their span gets the gradient-flow coefficient −1. A direction with ``g·uᵢ = 0``
+    contributes nothing; one with ``hλᵢ = 1`` and ``g·uᵢ ≠ 0`` makes the field infinite there (GD
+    removes that component in one step, the flow in zero time) and the entries come back
+    non-finite: integrate with the propagator instead (``pfkernels.flows``).
+
+    Args:
+        grad: ``[n]`` float32 or float64, CPU or CUDA.
+        eigenvalues: ``[k]`` (``0 <= k <= n``), same dtype and device.
+        eigenvectors: ``[n, k]``, columns ``uᵢ``, same dtype and device.
+        h: the learning rate, a positive finite number.
+
+    Returns:
+        ``(field, projections)``: ``field`` ``[n]`` complex64/complex128 (matching ``grad``) and
+        ``projections = Uᵀg`` ``[k]`` in ``grad``'s dtype. Products are accumulated in float64 in a
+        fixed order (deterministic); no host synchronisation.
+
+    Equivalent to :func:`flow_field_ref`.
+    """
+    _check_arg(isinstance(grad, Tensor), "grad", "must be a tensor")
+    _check_arg(isinstance(eigenvalues, Tensor), "eigenvalues", "must be a tensor")
+    _check_arg(isinstance(eigenvectors, Tensor), "eigenvectors", "must be a tensor")
+    _check_arg(
+        grad.dtype in (torch.float32, torch.float64),
+        "grad",
+        f"dtype must be float32 or float64, got {grad.dtype}",
+    )
+    _check_arg(grad.dim() == 1, "grad", f"must be 1-D [n], got shape {tuple(grad.shape)}")
+    _check_arg(
+        eigenvectors.dim() == 2 and eigenvectors.shape[0] == grad.shape[0],
+        "eigenvectors",
+        f"must be [n, k] with n = {grad.shape[0]}, got shape {tuple(eigenvectors.shape)}",
+    )
+    k = eigenvectors.shape[1]
+    _check_arg(
+        eigenvalues.dim() == 1 and eigenvalues.shape[0] == k,
+        "eigenvalues",
+        f"must be [k] with k = {k} (the eigenvectors' columns), got shape {tuple(eigenvalues.shape)}",
+    )
+    for name, t in (("eigenvalues", eigenvalues), ("eigenvectors", eigenvectors)):
+        _check_arg(t.dtype == grad.dtype, name, f"dtype {t.dtype} differs from grad's {grad.dtype}")
+        _check_arg(t.device == grad.device, name, f"device {t.device} differs from grad's {grad.device}")
+        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
+    _check_arg(grad.layout == torch.strided, "grad", "sparse tensors are not supported")
+    _check_arg(
+        isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0,
+        "h",
+        f"must be a positive finite number, got {h!r}",
+    )
+    if grad.shape[0] == 0:
+        return (
+            torch.empty(0, dtype=_COMPLEX_OF[grad.dtype], device=grad.device),
+            torch.zeros(k, dtype=grad.dtype, device=grad.device),
+        )
+    return torch.ops.pfkernels.flow_field(grad, eigenvalues, eigenvectors, float(h))
+
+
+def flow_field_ref(
+    grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
+) -> tuple[Tensor, Tensor]:
+    """Pure-torch twin of :func:`flow_field` (float64 arithmetic, result in the input precision)."""
+    g = grad.double()
+    u = eigenvectors.double()
+    p = u.T @ g
+    r = _pf_coefficients_real(float(h) * eigenvalues.double())
+    # Real and imaginary parts in separate real products, as in the kernel: complex products
+    # would turn -inf·p (hλ = 1) into NaN where the kernel keeps -inf and 0.
+    a = torch.where(p == 0, 0.0, r.real * p + p)
+    b = torch.where(p == 0, 0.0, r.imag * p)
+    field = torch.complex(u @ a - g, u @ b)
+    return field.to(_COMPLEX_OF[grad.dtype]), p.to(grad.dtype)

@@ -8,6 +8,15 @@ import torch
 
 from pfkernels import cli, report
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: extra intra-op threads only contend (badly so on a shared machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SMALL = ["--steps", "7", "--every", "3", "--n-train", "48", "--width", "12", "--quiet"]
 ROW_KEYS = {"step", "loss", "accuracy", "lr"}
 MEASURED_KEYS = ROW_KEYS | {"sharpness", "preconditioned_sharpness", "threshold", "ratio",

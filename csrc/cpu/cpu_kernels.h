@@ -25,6 +25,11 @@ void multi_tensor_momentum_update(void* const* params, const void* const* grads,
 // share the dtype.
 void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
               void* out);
+// flow: principal-flow field from k eigenpairs (eigenvectors row-major [n, k], columns u_i):
+// projections[i] = u_i . g (float64 accumulation, deterministic) and field (interleaved complex
+// [n]) = sum_i r_i p_i u_i - (g - sum_i p_i u_i) with r_i from common/flow.h.
+void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
+                int64_t k, double h, int dtype, void* field, void* projections);
 
 int max_threads();
 
