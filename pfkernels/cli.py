@@ -269,6 +269,8 @@ def _train_and_track(args) -> int:
         "wall_time": wall,
         "tracking_time": sum(r["time"] for r in tracker.history),
         "eos": tracker.summary(),
+        "stability_report": _final_stability_report(args, model, objective, train, lr, tracker,
+                                                    diverged),
         "files": ["metrics.jsonl", "summary.json", "report.png"],
     }
     (out / "summary.json").write_text(json.dumps(report.to_jsonable(summary), indent=2) + "\n")
@@ -282,6 +284,21 @@ def _train_and_track(args) -> int:
     else:
         print(f"edge of stability not reached (largest sharpness/threshold {e['max_ratio']:.3g})")
     return 1 if diverged else 0
+
+
+def _final_stability_report(args, model, objective, train, lr, tracker, diverged):
+    """The principal flow's view of the final parameters (pfkernels.flows.stability_report).
+
+    Only for the runs that are GD at a fixed rate on their objective (gd, sqrt-loss), which is
+    what the PF models; None otherwise or after a divergence.
+    """
+    if diverged or args.optimizer not in ("gd", "sqrt-loss"):
+        return None
+    from .flows import stability_report
+
+    result = stability_report(model, objective, train, lr, k=max(args.k, 2), tol=args.tol,
+                              v0=tracker.eigenvectors)
+    return result.to_dict()
 
 
 def _test_accuracy(model, test) -> float | None:

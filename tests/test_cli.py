@@ -22,7 +22,8 @@ ROW_KEYS = {"step", "loss", "accuracy", "lr"}
 MEASURED_KEYS = ROW_KEYS | {"sharpness", "preconditioned_sharpness", "threshold", "ratio",
                             "eigenvalues", "num_matvecs"}
 SUMMARY_KEYS = {"command", "config", "threshold", "steps_run", "diverged", "final_loss",
-                "final_accuracy", "test_accuracy", "wall_time", "tracking_time", "eos", "files"}
+                "final_accuracy", "test_accuracy", "wall_time", "tracking_time", "eos", "files",
+                "stability_report"}
 EOS_KEYS = {"measurements", "initial_sharpness", "final_sharpness", "max_ratio", "final_ratio",
             "progressive_sharpening", "sharpening_ratio", "eos_reached", "eos_onset_step",
             "within_band_share", "median_ratio_after_onset", "loss_increase_share_before_onset",
@@ -64,6 +65,9 @@ def test_eos_gd_end_to_end(tmp_path, capsys):
     assert rows[0]["ratio"] == pytest.approx(rows[0]["sharpness"] / 10.0)
     assert summary["threshold"]["value"] == pytest.approx(10.0) and summary["threshold"]["units"] == "raw"
     assert summary["config"]["lr"] == 0.2 and summary["config"]["optimizer"] == "gd"
+    pf = summary["stability_report"]  # the principal flow's view of the final point
+    assert pf["lr"] == 0.2 and len(pf["eigenvalues"]) == 2
+    assert pf["eigenvalues"][0] == pytest.approx(rows[-1]["sharpness"], rel=0.2)
     assert "wrote" in capsys.readouterr().out
 
 
@@ -79,6 +83,7 @@ def test_eos_every_optimizer(tmp_path, optimizer):
     # Adam/RMSprop have no preconditioner before their first step: step 0 is not measured then.
     assert all((r["preconditioned_sharpness"] is not None) == adaptive for r in measured[1:])
     assert summary["threshold"]["units"] == ("preconditioned" if adaptive else "raw")
+    assert (summary["stability_report"] is not None) == (optimizer == "sqrt-loss")
     if optimizer == "adam":
         assert measured[-1]["threshold"] == pytest.approx(38 / 1e-3)
     if optimizer == "dal":
