@@ -68,6 +68,9 @@ def _add_eos(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=10, help="measure sharpness every N steps")
     p.add_argument("--k", type=int, default=1, help="top eigenvalues to track")
+    p.add_argument("--guard", type=int, default=1,
+                   help="extra eigenpairs tracked against eigenvalue crossings (0: about half the "
+                   "HVPs, may report the second eigenvalue right after a crossing)")
     p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of each eigensolve")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
@@ -86,7 +89,8 @@ def _eos_problem(args, dtype, device):
         ds = data.digits(n_train=args.n_train, seed=args.seed, dtype=dtype)
         in_features, out_features = 64, 10
     else:
-        ds = data.synthetic_regression(n=args.n_train, d=16, seed=args.seed, n_test=200, dtype=dtype)
+        ds = data.synthetic_regression(n=args.n_train, d=16, seed=args.seed, n_test=200,
+                                       dtype=dtype)
         in_features, out_features = 16, 1
     if args.model == "mlp":
         model = data.mlp(in_features, out_features, width=args.width, depth=args.depth,
@@ -178,8 +182,9 @@ def _train_and_track(args) -> int:
     steps = defaults["steps"] if args.steps is None else args.steps
     if not (lr > 0 and math.isfinite(lr)):
         raise SystemExit(f"pfkernels eos: --lr must be a positive number, got {lr}")
-    if steps < 1 or args.every < 1 or args.k < 1 or args.n_train < 1:
-        raise SystemExit("pfkernels eos: --steps, --every, --k and --n-train must be positive")
+    if steps < 1 or args.every < 1 or args.k < 1 or args.n_train < 1 or args.guard < 0:
+        raise SystemExit("pfkernels eos: --steps, --every, --k and --n-train must be positive "
+                         "and --guard non-negative")
     if args.threads < 1:
         raise SystemExit(f"pfkernels eos: --threads must be positive, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -199,8 +204,8 @@ def _train_and_track(args) -> int:
     else:
         objective = data.mse_loss
     tracker = eos.SharpnessTracker(
-        model, objective, train, every=args.every, k=args.k, optimizer=optimizer, tol=args.tol,
-        seed=args.seed,
+        model, objective, train, every=args.every, k=args.k, guard=args.guard, optimizer=optimizer,
+        tol=args.tol, seed=args.seed,
     )
     x, y = train
     progress = _Progress(steps, args.quiet)
@@ -250,7 +255,8 @@ def _train_and_track(args) -> int:
             if record is not None:
                 tracked = record["preconditioned_sharpness"]
                 tracked = record["sharpness"] if tracked is None else tracked
-                text = f"loss {loss:.4g}  sharpness {tracked:.4g} / threshold {record['threshold']:.4g}"
+                text = (f"loss {loss:.4g}  sharpness {tracked:.4g} / threshold "
+                        f"{record['threshold']:.4g}")
             else:
                 text = f"loss {loss:.4g}"
             progress.update(step, text, time.perf_counter())
@@ -280,7 +286,8 @@ def _train_and_track(args) -> int:
     print(f"wrote {out}/metrics.jsonl, summary.json, report.png ({wall:.1f} s)")
     if e["eos_reached"]:
         print(f"edge of stability from step {e['eos_onset_step']}; "
-              f"{100 * e['within_band_share']:.0f}% of later measurements within ±10% of the threshold")
+              f"{100 * e['within_band_share']:.0f}% of later measurements within ±10% of the "
+              "threshold")
     else:
         print(f"edge of stability not reached (largest sharpness/threshold {e['max_ratio']:.3g})")
     return 1 if diverged else 0

@@ -1,4 +1,4 @@
-"""Edge-of-stability tracking: stability thresholds, preconditioned sharpness, a warm-started tracker.
+"""Edge-of-stability tracking: stability thresholds, preconditioned sharpness, a tracker.
 
 Cohen et al. (ICLR 2021) found that full-batch gradient descent at rate η drives the sharpness
 S = λ_max(H) up to 2/η ("progressive sharpening") and then holds it there while the loss keeps
@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 _REF_GD = "Cohen et al., ICLR 2021 (arXiv 2103.00065); REFERENCES.md §3"
-_REF_ADAPTIVE = "Cohen et al. 2022, Adaptive Gradient Methods at the Edge of Stability (arXiv 2207.14484); REFERENCES.md §4"
+_REF_ADAPTIVE = (
+    "Cohen et al. 2022, Adaptive Gradient Methods at the Edge of Stability (arXiv 2207.14484); "
+    "REFERENCES.md §4"
+)
 _REF_NGD = "Arora, Li, Panigrahi, ICML 2022 (arXiv 2205.09745); REFERENCES.md §6"
 _REF_DAL = "Rosca, Wu, Qin, Dherin, TMLR 2023 (arXiv 2302.01952); REFERENCES.md §2"
 
@@ -182,7 +185,9 @@ def stability_thresholds(
         ValueError: for hyper-parameters without a threshold (maximize, dampening ≥ 1, β1 ≥ 1).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise TypeError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
     if isinstance(optimizer, torch.optim.SGD):
         return [_sgd_threshold(group) for group in optimizer.param_groups]
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
@@ -194,7 +199,8 @@ def stability_thresholds(
         out = []
         for index in range(len(optimizer.param_groups)):
             rate = _dal_rate(optimizer, index)
-            out.append(StabilityThreshold(_ratio(2.0, rate), "raw", f"2/h with h={rate:g}", _REF_DAL))
+            formula = f"2/h with h={rate:g}"
+            out.append(StabilityThreshold(_ratio(2.0, rate), "raw", formula, _REF_DAL))
         return out
     if isinstance(optimizer, ngd_cls):
         out = []
@@ -321,7 +327,8 @@ def preconditioner_diagonal(
         group = groups.get(id(p))
         if group is None:
             raise ValueError(
-                f"optimizer: a parameter of shape {tuple(p.shape)} is not in any of its param groups"
+                f"optimizer: a parameter of shape {tuple(p.shape)} is not in any of its param "
+                "groups"
             )
         parts.append(diagonal(optimizer, p, group).reshape(-1))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
@@ -479,6 +486,9 @@ def detect_eos(
     }
 
 
+_SCALARS = ("sharpness", "preconditioned_sharpness", "threshold", "ratio", "num_matvecs")
+
+
 class _Sink:
     """Sends records to one destination: a JSONL path, a SummaryWriter-like object or a callable."""
 
@@ -497,7 +507,8 @@ class _Sink:
         else:
             raise TypeError(
                 "sinks: each sink must be a file path (JSONL), an object with add_scalar "
-                f"(TensorBoard SummaryWriter) or a callable taking the record; got {type(target).__name__}"
+                "(TensorBoard SummaryWriter) or a callable taking the record; got "
+                f"{type(target).__name__}"
             )
 
     def __call__(self, record: dict) -> None:
@@ -507,7 +518,7 @@ class _Sink:
             self._call(record)
         else:
             step = record["step"]
-            for key in ("sharpness", "preconditioned_sharpness", "threshold", "ratio", "num_matvecs"):
+            for key in _SCALARS:
                 if record.get(key) is not None:
                     self._scalars.add_scalar(f"eos/{key}", record[key], step)
 
@@ -596,7 +607,9 @@ class SharpnessTracker:
         if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
             raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if threshold is not None and optimizer is not None:
             raise ValueError("threshold: give either threshold= or optimizer=, not both")
         if threshold is not None and not threshold > 0:
@@ -660,7 +673,8 @@ class SharpnessTracker:
         if self.optimizer is None:
             return None
         grad_norm = None
-        if not isinstance(self.optimizer, _TORCH_KINDS) and isinstance(self.optimizer, _pfk_optimizers()[1]):
+        optimizer = self.optimizer
+        if not isinstance(optimizer, _TORCH_KINDS) and isinstance(optimizer, _pfk_optimizers()[1]):
             grad_norm = float(hessian.gradient().norm())
         return stability_threshold(self.optimizer, grad_norm=grad_norm)
 
@@ -676,10 +690,11 @@ class SharpnessTracker:
         Returns:
             a dict with ``step``, ``sharpness`` (λ_max(H)), ``eigenvalues`` (top k, descending),
             ``preconditioned_sharpness`` and ``preconditioned_eigenvalues`` (None unless the
-            optimizer is adaptive and has taken a step), ``threshold`` and ``threshold_units`` (None without optimizer
-            or threshold), ``ratio`` (tracked sharpness / threshold), ``num_matvecs`` (HVPs this
-            measurement), ``converged``, ``loss``, ``lr`` (first group's, None without
-            optimizer) and ``time`` (seconds spent).
+            optimizer is adaptive and has taken a step), ``threshold`` and ``threshold_units``
+            (None without optimizer or threshold), ``ratio`` (tracked sharpness / threshold;
+            None when they are in different units), ``num_matvecs`` (HVPs this measurement),
+            ``converged``, ``loss``, ``lr`` (first group's, None without optimizer) and
+            ``time`` (seconds spent).
         """
         start = time.perf_counter()
         hessian = self.hessian
@@ -691,7 +706,8 @@ class SharpnessTracker:
         preconditioned = None
         # An adaptive optimizer has no preconditioner before its first step: raw sharpness only.
         if is_adaptive(self.optimizer) and self._has_preconditioner():
-            pre = self._solve(preconditioned_operator(hessian, self.optimizer), self._preconditioned_vectors)
+            operator = preconditioned_operator(hessian, self.optimizer)
+            pre = self._solve(operator, self._preconditioned_vectors)
             self._preconditioned_vectors = pre.eigenvectors
             converged = converged and bool(torch.as_tensor(pre.converged).all())
             preconditioned = [float(x) for x in pre.eigenvalues[: self.k]]
@@ -770,7 +786,7 @@ def _lightning_callback_class():
             if record is not None:
                 scalars = {
                     f"eos/{key}": float(record[key])
-                    for key in ("sharpness", "preconditioned_sharpness", "threshold", "ratio", "num_matvecs")
+                    for key in _SCALARS
                     if record[key] is not None
                 }
                 pl_module.log_dict(scalars)

@@ -223,7 +223,8 @@ def plot_eos_report(
                       label="preconditioned sharpness λmax(P⁻¹H)")
         ax_sharp.set_ylabel("preconditioned sharpness")
     else:
-        ax_sharp.plot(s_steps, sharp, "o-", ms=2, lw=1.0, color="tab:red", label="sharpness λmax(H)")
+        ax_sharp.plot(s_steps, sharp, "o-", ms=2, lw=1.0, color="tab:red",
+                      label="sharpness λmax(H)")
         ax_sharp.set_ylabel("sharpness")
     if thresholds:
         ax_sharp.plot(t_steps, thresholds, "--", color="black", lw=1.2, label="stability threshold")

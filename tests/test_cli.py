@@ -61,9 +61,11 @@ def test_eos_gd_end_to_end(tmp_path, capsys):
     code, out = _run(tmp_path, "--lr", "0.2")
     assert code == 0 and torch.get_num_threads() == threads
     rows, summary = _check_outputs(out)
-    assert rows[0]["threshold"] == pytest.approx(10.0) and rows[0]["preconditioned_sharpness"] is None
+    assert rows[0]["threshold"] == pytest.approx(10.0)
+    assert rows[0]["preconditioned_sharpness"] is None
     assert rows[0]["ratio"] == pytest.approx(rows[0]["sharpness"] / 10.0)
-    assert summary["threshold"]["value"] == pytest.approx(10.0) and summary["threshold"]["units"] == "raw"
+    assert summary["threshold"]["value"] == pytest.approx(10.0)
+    assert summary["threshold"]["units"] == "raw"
     assert summary["config"]["lr"] == 0.2 and summary["config"]["optimizer"] == "gd"
     pf = summary["stability_report"]  # the principal flow's view of the final point
     assert pf["lr"] == 0.2 and len(pf["eigenvalues"]) == 2
@@ -122,7 +124,9 @@ def test_sharpness_command(tmp_path, monkeypatch, capsys):
 
         def problem():
             torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+            model = torch.nn.Sequential(
+                torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+            )
             x, y = torch.randn(40, 3), torch.randn(40, 2)
             loss_fn = lambda out, target: 0.5 * ((out - target) ** 2).sum(1).mean()
             return model, loss_fn, (x, y)

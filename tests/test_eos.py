@@ -71,7 +71,8 @@ def test_threshold_formula(case):
 
 
 def test_threshold_adam_is_38_over_lr():
-    assert eos.stability_threshold(torch.optim.Adam([_param()], lr=0.5)).value == pytest.approx(76.0)
+    adam = torch.optim.Adam([_param()], lr=0.5)
+    assert eos.stability_threshold(adam).value == pytest.approx(76.0)
 
 
 def test_threshold_zero_lr_is_infinite():
@@ -318,8 +319,10 @@ def test_tracker_preconditioned_record(seed):
     assert record["eigenvalues"] == pytest.approx(want_raw.tolist(), rel=1e-6)
     assert record["preconditioned_eigenvalues"] == pytest.approx(want_pre.tolist(), rel=1e-6)
     assert record["preconditioned_sharpness"] == record["preconditioned_eigenvalues"][0]
-    assert record["threshold"] == pytest.approx(38 / 0.01) and record["threshold_units"] == "preconditioned"
-    assert record["ratio"] == pytest.approx(record["preconditioned_sharpness"] / record["threshold"])
+    assert record["threshold"] == pytest.approx(38 / 0.01)
+    assert record["threshold_units"] == "preconditioned"
+    ratio = record["preconditioned_sharpness"] / record["threshold"]
+    assert record["ratio"] == pytest.approx(ratio)
 
 
 @pytest.mark.parametrize("guard", [0, 1])

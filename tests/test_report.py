@@ -43,7 +43,8 @@ def test_to_jsonable_rejects_objects():
 
 def test_csv_union_of_columns(tmp_path):
     path = tmp_path / "m.csv"
-    report.write_csv([{"step": 0, "loss": 1.0}, {"step": 1, "sharpness": 2.5, "eigenvalues": [1, 2]}], path)
+    rows = [{"step": 0, "loss": 1.0}, {"step": 1, "sharpness": 2.5, "eigenvalues": [1, 2]}]
+    report.write_csv(rows, path)
     with path.open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "loss", "sharpness", "eigenvalues"]
