@@ -32,7 +32,7 @@ def _run_info(args) -> int:
 # Per-optimizer defaults of `pfkernels eos`: rates at which the digits MLP (2x200 tanh, 1000
 # examples, MSE) reaches its stability threshold within the step budget, measured on this setup.
 _EOS_DEFAULTS = {
-    "gd": dict(lr=0.15, steps=2000),
+    "gd": dict(lr=0.15, steps=1500),
     "momentum": dict(lr=0.2, steps=1500),
     "nesterov": dict(lr=0.07, steps=1500),
     "adam": dict(lr=1e-3, steps=1500),
@@ -55,7 +55,7 @@ def _add_eos(sub) -> None:
                    help="learning rate (default per optimizer: " + ", ".join(
                        f"{k} {v['lr']:g}" for k, v in _EOS_DEFAULTS.items()) + ")")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default 2000 for gd, else 1500)")
+                   help="training steps (default 1500)")
     p.add_argument("--momentum", type=float, default=0.9, help="β of momentum/nesterov")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam's β1")
     p.add_argument("--dal-p", type=float, default=1.0, help="DAL's exponent p")
@@ -66,7 +66,7 @@ def _add_eos(sub) -> None:
     p.add_argument("--activation", default="tanh")
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--every", type=int, default=10, help="measure sharpness every N steps")
+    p.add_argument("--every", type=int, default=20, help="measure sharpness every N steps")
     p.add_argument("--k", type=int, default=1, help="top eigenvalues to track")
     p.add_argument("--guard", type=int, default=1,
                    help="extra eigenpairs tracked against eigenvalue crossings (0: about half the "

@@ -389,11 +389,6 @@ def preconditioned_operator(hessian_op, optimizer: torch.optim.Optimizer) -> Pre
     return PreconditionedOperator(hessian_op, p_diag.rsqrt())
 
 
-def _tracked_value(record: dict) -> float | None:
-    value = record.get("preconditioned_sharpness")
-    return record.get("sharpness") if value is None else value
-
-
 def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
@@ -416,8 +411,9 @@ def detect_eos(
 ) -> dict[str, Any]:
     """Summarises a tracked run: progressive sharpening, EoS onset, hovering, loss oscillation.
 
-    The tracked sharpness is the preconditioned one when a record has it, else the raw one;
-    ``ratio`` is it over the stability threshold (Cohen et al. 2021 §3, 2022 §3).
+    The tracked sharpness is the preconditioned one when the records have it (records without it,
+    from before an adaptive optimizer's first step, are skipped), else the raw one; ``ratio`` is
+    it over the stability threshold (Cohen et al. 2021 §3, 2022 §3).
 
     - EoS onset: the first measured step with ratio ≥ 1 (the first crossing of the threshold).
     - Progressive sharpening: over the measurements before the onset (all of them when there is
@@ -442,8 +438,15 @@ def detect_eos(
         ``median_ratio_after_onset``, ``loss_increase_share_before_onset``,
         ``loss_increase_share_after_onset`` (None where undefined).
     """
-    measured = [r for r in records if _tracked_value(r) is not None]
-    values = [_tracked_value(r) for r in measured]
+    # Adaptive runs compare preconditioned sharpness with the threshold; their records from
+    # before the optimizer's first step have the raw value only and are left out.
+    key = (
+        "preconditioned_sharpness"
+        if any(r.get("preconditioned_sharpness") is not None for r in records)
+        else "sharpness"
+    )
+    measured = [r for r in records if r.get(key) is not None]
+    values = [r[key] for r in measured]
     ratios = [r.get("ratio") for r in measured]
     onset_index = next(
         (i for i, q in enumerate(ratios) if q is not None and q >= 1.0), None

@@ -238,8 +238,12 @@ def test_detect_eos_uses_preconditioned_sharpness():
     records = _records([100.0, 300.0, 390.0], threshold=380.0, preconditioned=True)
     for r in records:
         r["sharpness"] = 1.0  # raw sharpness stays flat; the preconditioned one is tracked
+    # A record from before Adam's first step: raw sharpness only, left out.
+    records.insert(0, {"step": -10, "sharpness": 1.0, "preconditioned_sharpness": None,
+                       "threshold": 380.0, "ratio": None})
     summary = eos.detect_eos(records)
     assert summary["eos_onset_step"] == 20 and summary["progressive_sharpening"]
+    assert summary["measurements"] == 3 and summary["initial_sharpness"] == 100.0
 
 
 def test_detect_eos_empty():
