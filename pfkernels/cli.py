@@ -288,8 +288,10 @@ def _train_and_track(args) -> int:
         print(f"edge of stability from step {e['eos_onset_step']}; "
               f"{100 * e['within_band_share']:.0f}% of later measurements within ±10% of the "
               "threshold")
-    else:
+    elif e["max_ratio"] is not None:
         print(f"edge of stability not reached (largest sharpness/threshold {e['max_ratio']:.3g})")
+    if diverged:
+        print(f"training diverged at step {len(rows)} (non-finite loss)")
     return 1 if diverged else 0
 
 
