@@ -88,6 +88,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("dtype"), py::arg("alpha"));
 
   m.def(
+      "flow_field_cpu",
+      [](uintptr_t grad, uintptr_t eigenvalues, uintptr_t eigenvectors, int64_t n, int64_t k,
+         bool column_major, double h, int dtype, uintptr_t field, uintptr_t projections) {
+        PFK_CHECK_ARG(n >= 0, "grad", "negative length");
+        PFK_CHECK_ARG(k >= 0, "eigenvalues", "negative count");
+        py::gil_scoped_release nogil;
+        pfk::cpu::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
+                             ptr<const void>(eigenvectors), n, k, column_major, h, dtype, ptr<void>(field),
+                             ptr<void>(projections));
+      },
+      py::arg("grad"), py::arg("eigenvalues"), py::arg("eigenvectors"), py::arg("n"), py::arg("k"),
+      py::arg("column_major"), py::arg("h"), py::arg("dtype"), py::arg("field"), py::arg("projections"));
+
+  m.def(
+      "tridiag_eigh_cpu",
+      [](uintptr_t alpha, uintptr_t beta, int64_t batch, int64_t n, int mode, uintptr_t evals,
+         uintptr_t vecs, uintptr_t status) {
+        py::gil_scoped_release nogil;
+        pfk::cpu::tridiag_eigh(ptr<const double>(alpha), ptr<const double>(beta), batch, n, mode,
+                               ptr<double>(evals), ptr<double>(vecs), ptr<int32_t>(status));
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("batch"), py::arg("n"), py::arg("mode"),
+      py::arg("evals"), py::arg("vecs"), py::arg("status"));
+
+  m.def(
       "multi_tensor_momentum_update_cpu",
       [](const Ptrs& params, const Ptrs& grads, const Ptrs& bufs, const Sizes& sizes, int dtype,
          uintptr_t rate, double momentum) {
@@ -114,36 +139,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sums"), py::arg("dtype"), py::arg("p"), py::arg("lr_max"), py::arg("lr"),
       py::arg("in_window"), py::arg("out"));
 
-  m.def(
-      "flow_field_cpu",
-      [](uintptr_t grad, uintptr_t eigenvalues, uintptr_t eigenvectors, int64_t n, int64_t k,
-         double h, int dtype, uintptr_t field, uintptr_t projections) {
-        PFK_CHECK_ARG(n >= 0, "grad", "negative length");
-        PFK_CHECK_ARG(k >= 0, "eigenvalues", "negative count");
-        py::gil_scoped_release nogil;
-        pfk::cpu::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
-                             ptr<const void>(eigenvectors), n, k, h, dtype, ptr<void>(field),
-                             ptr<void>(projections));
-      },
-      py::arg("grad"), py::arg("eigenvalues"), py::arg("eigenvectors"), py::arg("n"), py::arg("k"),
-      py::arg("h"), py::arg("dtype"), py::arg("field"), py::arg("projections"));
-
 #ifdef PFKERNELS_WITH_CUDA
   m.def("cuda_device_count", &pfk::cuda::device_count);
+
+  m.def("tridiag_workspace_words", &pfk::cuda::tridiag_workspace_words, py::arg("batch"),
+        py::arg("n"), py::arg("mode"));
+
+  m.def(
+      "tridiag_eigh_cuda",
+      [](uintptr_t alpha, uintptr_t beta, int64_t batch, int64_t n, int mode, uintptr_t evals,
+         uintptr_t vecs, uintptr_t status, uintptr_t workspace, uintptr_t stream) {
+        pfk::cuda::tridiag_eigh(ptr<const double>(alpha), ptr<const double>(beta), batch, n, mode,
+                                ptr<double>(evals), ptr<double>(vecs), ptr<int32_t>(status),
+                                ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("batch"), py::arg("n"), py::arg("mode"),
+      py::arg("evals"), py::arg("vecs"), py::arg("status"), py::arg("workspace"),
+      py::arg("stream"));
 
   m.def(
       "flow_field_cuda",
       [](uintptr_t grad, uintptr_t eigenvalues, uintptr_t eigenvectors, int64_t n, int64_t k,
-         double h, int dtype, uintptr_t field, uintptr_t projections, uintptr_t workspace,
+         bool column_major, double h, int dtype, uintptr_t field, uintptr_t projections, uintptr_t workspace,
          uintptr_t stream) {
         PFK_CHECK_ARG(n >= 0, "grad", "negative length");
         PFK_CHECK_ARG(k >= 0, "eigenvalues", "negative count");
         pfk::cuda::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
-                              ptr<const void>(eigenvectors), n, k, h, dtype, ptr<void>(field),
+                              ptr<const void>(eigenvectors), n, k, column_major, h, dtype, ptr<void>(field),
                               ptr<void>(projections), ptr<double>(workspace), ptr<void>(stream));
       },
       py::arg("grad"), py::arg("eigenvalues"), py::arg("eigenvectors"), py::arg("n"), py::arg("k"),
-      py::arg("h"), py::arg("dtype"), py::arg("field"), py::arg("projections"),
+      py::arg("column_major"), py::arg("h"), py::arg("dtype"), py::arg("field"), py::arg("projections"),
       py::arg("workspace"), py::arg("stream"));
 
   m.def(

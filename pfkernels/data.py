@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .ops import _check_arg
+
 __all__ = [
     "Dataset",
     "cnn",
@@ -71,11 +73,6 @@ class Dataset:
     @property
     def num_outputs(self) -> int:
         return self.train[1].shape[1]
-
-
-def _check_arg(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"argument '{name}': {message}")
 
 
 def _check_float_dtype(dtype: torch.dtype) -> None:
@@ -208,9 +205,9 @@ def _seeded_init(model: nn.Module, seed: int) -> nn.Module:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 fan_in = module.weight[0].numel()
                 bound = 1.0 / fan_in**0.5
-                module.weight.copy_(torch.rand(module.weight.shape, generator=g) * 2 * bound - bound)
-                if module.bias is not None:
-                    module.bias.copy_(torch.rand(module.bias.shape, generator=g) * 2 * bound - bound)
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
     return model
 
 

@@ -42,17 +42,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .ops import _check_arg
+
 __all__ = ["HessianOperator"]
 
 _METHODS = ("double-backward", "forward-over-reverse", "auto")
 _MODES = ("eval", "train")
 # Chosen by measurement, see the module docstring and bench/results/hvp_cpu.json.
 _AUTO_METHOD = "double-backward"
-
-
-def _check_arg(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"argument '{name}': {message}")
 
 
 def _math_sdpa():
@@ -96,7 +93,9 @@ def _is_one_batch(data: Any) -> bool:
     )
 
 
-def _derivative(out: Tensor, theta: Tensor, direction: Tensor | None = None, **kwargs) -> Tensor | None:
+def _derivative(
+    out: Tensor, theta: Tensor, direction: Tensor | None = None, **kwargs
+) -> Tensor | None:
     """∇_θ(out·direction) by reverse mode, or None where ``out`` does not depend on θ (a zero
     derivative: parameters that never reach the loss, or a loss at most linear in them)."""
     if not out.requires_grad:
@@ -136,6 +135,12 @@ class HessianOperator:
         check_finite: after each product, one ``isfinite`` reduction over the result (on CUDA a
             host sync); a NaN/Inf raises ``FloatingPointError`` saying which batch and which
             parameters. Pass ``False`` to skip it on hot GPU paths.
+        cache_graph: double-backward only. Keep the first-order graph (∇E built with
+            ``create_graph``) between products while the parameters and buffers are unchanged
+            (same storage, same ``_version``, i.e. no in-place update such as an optimizer step),
+            so each further product costs one backward pass instead of a forward and two
+            backwards. It holds the activations of every batch in memory. ``None`` (default):
+            on when ``data`` is one batch; ``True`` also caches a list of batches.
 
     Vectors are flat over the selected parameters in ``model.named_parameters()`` order, of the
     operator's ``dtype`` and ``device``. Parameters that do not reach the loss get zero rows.
@@ -154,9 +159,12 @@ class HessianOperator:
         dtype: torch.dtype | None = None,
         mode: str = "eval",
         check_finite: bool = True,
+        cache_graph: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}"
+            )
         if not callable(loss_fn):
             raise TypeError(f"argument 'loss_fn': must be callable, got {type(loss_fn).__name__}")
         self._set_method(method)
@@ -188,7 +196,7 @@ class HessianOperator:
                 f"selected parameters mix dtypes {dtypes}; pass dtype= to convert them",
             )
             dtype = next(iter(dtypes))
-            _check_arg(dtype.is_floating_point, "params", f"parameters of dtype {dtype} are not floating")
+            _check_arg(dtype.is_floating_point, "params", f"dtype {dtype} is not floating")
         self._dtype = dtype
         self._device = next(iter(devices))
         self._names = [name for name, _ in selected]
@@ -210,7 +218,8 @@ class HessianOperator:
             _check_arg(
                 isinstance(data, Iterable),
                 "data",
-                f"must be a batch (inputs, targets) or an iterable of batches, got {type(data).__name__}",
+                "must be a batch (inputs, targets) or an iterable of batches, got "
+                f"{type(data).__name__}",
             )
             _check_arg(
                 iter(data) is not data,
@@ -218,6 +227,15 @@ class HessianOperator:
                 "is a one-shot iterator; pass a re-iterable (a list of batches or a DataLoader)",
             )
         self._data_checked = self._cached is not None
+        if cache_graph is None:
+            cache_graph = _is_one_batch(data)
+        _check_arg(
+            not cache_graph or self._cached is not None,
+            "cache_graph",
+            "needs in-memory data (one batch or a list of batches), not a streaming iterable",
+        )
+        self._cache_graph = bool(cache_graph) and self._method == "double-backward"
+        self._graph: tuple[tuple, list[tuple[Tensor, Tensor | None, int]]] | None = None
         self.num_matvecs = 0
 
     @classmethod
@@ -261,6 +279,8 @@ class HessianOperator:
         op._data_source = None
         op._cached = [(None, None, 1)]
         op._data_checked = True
+        op._cache_graph = False
+        op._graph = None
         op.num_matvecs = 0
         return op
 
@@ -269,7 +289,9 @@ class HessianOperator:
         self._method = _AUTO_METHOD if method == "auto" else method
 
     @staticmethod
-    def _select(named: list[tuple[str, nn.Parameter]], params: Any) -> list[tuple[str, nn.Parameter]]:
+    def _select(
+        named: list[tuple[str, nn.Parameter]], params: Any
+    ) -> list[tuple[str, nn.Parameter]]:
         if params is None:
             selected = [(n, p) for n, p in named if p.requires_grad]
             _check_arg(len(selected) > 0, "model", "has no trainable parameters (requires_grad)")
@@ -441,7 +463,9 @@ class HessianOperator:
         def wrapped(theta: Tensor) -> Tensor:
             out = fn(theta)
             if not isinstance(out, Tensor):
-                raise TypeError(f"argument '{name}': must return a tensor, got {type(out).__name__}")
+                raise TypeError(
+                    f"argument '{name}': must return a tensor, got {type(out).__name__}"
+                )
             _check_arg(
                 out.dim() == 0,
                 name,
@@ -470,7 +494,8 @@ class HessianOperator:
         ok = (v.dim() == 1 or (batched and v.dim() == 2)) and v.shape[-1] == self._n
         want = f"[{self._n}]" + (f" or [B, {self._n}]" if batched else "")
         _check_arg(ok, name, f"must have shape {want}, got {tuple(v.shape)}")
-        _check_arg(v.dtype == self._dtype, name, f"dtype {v.dtype} differs from the operator's {self._dtype}")
+        _check_arg(v.dtype == self._dtype, name,
+                   f"dtype {v.dtype} differs from the operator's {self._dtype}")
         _check_arg(v.device == self._device, name,
                    f"device {v.device} differs from the operator's {self._device}")
 
@@ -502,9 +527,8 @@ class HessianOperator:
                     return _or_zeros(_derivative(g, th, v), v)
                 # The forward pass and first backward are shared by every vector of the block.
                 last = v.shape[0] - 1
-                return torch.stack(
-                    [_or_zeros(_derivative(g, th, u, retain_graph=i < last), u) for i, u in enumerate(v)]
-                )
+                rows = [_derivative(g, th, u, retain_graph=i < last) for i, u in enumerate(v)]
+                return torch.stack([_or_zeros(row, u) for row, u in zip(rows, v)])
 
         return double_backward
 
@@ -518,17 +542,70 @@ class HessianOperator:
         self._check_vector(v, "v", batched=True)
         if v.dim() == 2 and v.shape[0] == 0:
             return torch.empty_like(v)
-        out = self._accumulate(self._hvp_term(v))
+        if self._cache_graph:
+            out = self._cached_products(v)
+        else:
+            out = self._accumulate(self._hvp_term(v))
         self.num_matvecs += 1 if v.dim() == 1 else v.shape[0]
         if self._check_finite and not bool(torch.isfinite(out).all()):
             self._raise_not_finite(out, v)
         return out
 
+    def _state_key(self) -> tuple:
+        """Identifies the model's parameters and buffers: storage and in-place version counter
+        (bumped by every in-place write, e.g. ``optimizer.step()`` or ``copy_``)."""
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        for inputs, targets, _ in self._cached:  # in-memory batches may be the caller's tensors
+            tensors += [*_tensors(inputs), *_tensors(targets)]
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+    def _first_order_graphs(self) -> list[tuple[Tensor, Tensor | None, int]]:
+        """Per batch ``(θ leaf, ∇loss_b with its graph or None, n_b)``, rebuilt when stale."""
+        key = self._state_key()
+        if self._graph is not None and self._graph[0] == key:
+            return self._graph[1]
+        self._graph = None  # free the old graph before building the new one
+        theta = self._point()
+        graphs = []
+        with self._evaluation():
+            for closure, n in self._losses():
+                th = theta.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    graphs.append((th, _derivative(closure(th), th, create_graph=True), n))
+        self._graph = (key, graphs)
+        return graphs
+
+    def clear_cache(self) -> None:
+        """Drop the cached first-order graph (see ``cache_graph``), freeing its memory."""
+        self._graph = None
+
+    def _cached_products(self, v: Tensor) -> Tensor:
+        graphs = self._first_order_graphs()
+        total = torch.zeros_like(v)
+        for th, g, n in graphs:
+            if g is None or not g.requires_grad:
+                continue
+            if v.dim() == 1:
+                total.add_(_or_zeros(_derivative(g, th, v, retain_graph=True), v), alpha=n)
+            else:
+                for row, u in zip(total, v):
+                    row.add_(_or_zeros(_derivative(g, th, u, retain_graph=True), u), alpha=n)
+        return total / sum(n for _, _, n in graphs)
+
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.matvec(v)
 
     def gradient(self) -> Tensor:
-        """∇E(θ), a new ``[n]`` tensor of the operator's dtype and device."""
+        """∇E(θ), a new ``[n]`` tensor of the operator's dtype and device.
+
+        With ``cache_graph`` the gradient is taken with its graph kept, so products at the same
+        parameters that follow cost one backward each.
+        """
+        if self._cache_graph:
+            graphs = self._first_order_graphs()
+            theta = graphs[0][0]
+            total = sum(n * _or_zeros(g, theta).detach() for _, g, n in graphs)
+            return total / sum(n for _, _, n in graphs)
 
         def grad_term(closure, theta):
             th = theta.detach().requires_grad_(True)

@@ -45,7 +45,7 @@ def dense_hessian(model, loss_fn, batches, names=None):
 
     # The fused attention kernels have no double backward; the reference uses the math one too.
     with sdpa_kernel(SDPBackend.MATH):
-        return torch.autograd.functional.hessian(energy, theta0)
+        return torch.autograd.functional.hessian(energy, theta0, vectorize=True)
 
 
 def rel(a, b):
@@ -225,7 +225,8 @@ def test_third_derivative_matches_finite_differences(seed, gen):
 
     fd = (uhv(x0 + eps * w) - uhv(x0 - eps * w)) / (2 * eps)
     assert abs(float(t @ w) - fd) < 1e-6 * max(1.0, abs(fd))
-    assert torch.allclose(t, HessianOperator.from_function(f, x0).third_derivative(v, u), rtol=1e-12)
+    swapped = HessianOperator.from_function(f, x0).third_derivative(v, u)
+    assert torch.allclose(t, swapped, rtol=1e-12)
 
 
 def test_third_derivative_of_model(seed, gen):
@@ -288,12 +289,12 @@ def test_unused_parameters_get_zeros(seed, method):
     assert torch.equal(parts["unused.weight"], torch.zeros(2, 3, dtype=torch.float64))
     assert torch.equal(parts["unused.bias"], torch.zeros(2, dtype=torch.float64))
     assert parts["used.weight"].abs().sum() > 0
-    assert torch.equal(op.unflatten(op.gradient())["unused.bias"], torch.zeros(2, dtype=torch.float64))
+    zeros, ones = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    assert torch.equal(op.unflatten(op.gradient())["unused.bias"], zeros)
     only_unused = HessianOperator(model, mse_loss, (x, y), params=["unused.bias"], method=method)
-    assert torch.equal(only_unused @ torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
-    assert torch.equal(only_unused.third_derivative(torch.ones(2, dtype=torch.float64),
-                                                    torch.ones(2, dtype=torch.float64)),
-                       torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(only_unused @ ones, zeros)
+    assert torch.equal(only_unused.gradient(), zeros)
+    assert torch.equal(only_unused.third_derivative(ones, ones), zeros)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -301,7 +302,9 @@ def test_linear_function_has_zero_hessian(seed, method):
     c = torch.randn(5, dtype=torch.float64)
     op = HessianOperator.from_function(lambda x: (c * x).sum(), torch.randn(5, dtype=torch.float64),
                                        method=method)
-    assert torch.equal(op @ torch.randn(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
+    zeros = torch.zeros(5, dtype=torch.float64)
+    assert torch.equal(op @ torch.randn(5, dtype=torch.float64), zeros)
+    assert torch.equal(op.third_derivative(torch.randn(5, dtype=torch.float64), zeros + 1), zeros)
 
 
 def test_float64_copy_leaves_model_alone(seed):
@@ -377,7 +380,7 @@ def test_bad_vectors(seed):
     with pytest.raises(TypeError, match="'v'"):
         op @ np.zeros(n)
     with pytest.raises(ValueError, match="'u'.*shape"):
-        op.third_derivative(torch.randn(3, dtype=torch.float64), torch.randn(n, dtype=torch.float64))
+        op.third_derivative(torch.randn(3, dtype=torch.float64), torch.randn(n).double())
     with pytest.raises(ValueError, match="'v'.*NaN"):
         op @ torch.full((n,), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="'vec'.*shape"):
@@ -470,3 +473,44 @@ def test_nan_in_the_product_is_reported(seed, method):
         op @ torch.ones(op.shape[0], dtype=torch.float64)
     quiet = HessianOperator(model, mse_loss, (x, y), method=method, check_finite=False)
     assert not torch.isfinite(quiet @ torch.ones(op.shape[0], dtype=torch.float64)).all()
+
+
+def test_cached_graph(seed):
+    model, x, y = tiny_problem(seed)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    cached = HessianOperator(model, mse_loss, (x, y))
+    fresh = HessianOperator(model, mse_loss, (x, y), cache_graph=False)
+    listed = HessianOperator(model, mse_loss, [(x[:4], y[:4]), (x[4:], y[4:])], cache_graph=True)
+    v = torch.randn(3, cached.shape[0], dtype=torch.float64)
+    expected, expected_grad = fresh @ v, fresh.gradient()
+    calls.clear()
+    first = cached @ v[0]
+    assert rel(cached @ v, expected) < 1e-13
+    assert rel(cached.gradient(), expected_grad) < 1e-13
+    assert len(calls) == 1  # one forward for every product and the gradient at this point
+    assert rel(listed @ v, expected) < 1e-12
+    assert len(calls) == 3  # one per batch
+    calls.clear()
+    with torch.no_grad():
+        model[2].bias.add_(0.5)  # an in-place update, like an optimizer step
+    moved = cached @ v[0]
+    assert len(calls) == 1 and not torch.equal(moved, first)
+    assert rel(moved, fresh @ v[0]) < 1e-13
+    with torch.no_grad():
+        x.mul_(2.0)  # the caller's data changed in place
+    assert rel(cached @ v[0], fresh @ v[0]) < 1e-13
+    cached.clear_cache()
+    assert rel(cached @ v[0], fresh @ v[0]) < 1e-13
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    with pytest.raises(ValueError, match="'cache_graph'"):
+        HessianOperator(model, mse_loss, loader, cache_graph=True)
+
+
+@pytest.mark.slow
+def test_info_hvp_check():
+    from pfkernels.cli import _hvp_check
+
+    info = _hvp_check()
+    assert info["hvp_vs_finite_diff"] < 1e-6
+    assert info["hvp_float32_vs_64"] < 1e-4

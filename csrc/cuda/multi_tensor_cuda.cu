@@ -182,9 +182,9 @@ __global__ void momentum_update_kernel(Meta meta, const T* __restrict__ rate_ptr
 }
 
 // Walks the lists chunk by chunk and calls launch(meta, num_blocks) whenever the metadata is full.
-// c may be null (no third list).
+// third may be null (no third list).
 template <typename Launch>
-void for_each_launch(const void* const* a, const void* const* b, const void* const* c,
+void for_each_launch(const void* const* a, const void* const* b, const void* const* third,
                      const int64_t* sizes, int64_t count, Launch&& launch) {
   Meta meta;
   meta.partial_offset = 0;
@@ -193,7 +193,7 @@ void for_each_launch(const void* const* a, const void* const* b, const void* con
     if (sizes[t] == 0) continue;
     meta.a[nt] = a[t];
     meta.b[nt] = b[t];
-    meta.c[nt] = c == nullptr ? nullptr : c[t];
+    meta.c[nt] = third == nullptr ? nullptr : third[t];
     meta.sizes[nt] = sizes[t];
     const int64_t chunks = (sizes[t] + kMultiTensorChunk - 1) / kMultiTensorChunk;
     for (int64_t c = 0; c < chunks; ++c) {

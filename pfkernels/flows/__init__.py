@@ -16,3 +16,4 @@ from .principal import third_derivative
 from .principal import StabilityReport
 from .principal import model_loss
 from .principal import stability_report
+from .principal import principal_flow_step

@@ -2,5 +2,6 @@
 
 from .arora import NormalizedGD, sqrt_loss
 from .dal import DAL, dal_learning_rate
+from .scaler import DALScaler
 
-__all__ = ["DAL", "NormalizedGD", "dal_learning_rate", "sqrt_loss"]
+__all__ = ["DAL", "DALScaler", "NormalizedGD", "dal_learning_rate", "sqrt_loss"]

@@ -87,3 +87,33 @@ def hessian_vector_products(
             allow_unused=True,
         )
     return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+
+
+@torch.no_grad()
+def finite_difference_hvp(
+    closure: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    eps: float,
+    who: str,
+) -> list[Tensor]:
+    """``(∇E(θ + ε ĝ) − ∇E(θ)) ‖g‖/ε``, the authors' forward difference along ĝ = g/‖g‖.
+
+    ``grads`` is ∇E(θ) for ``params``. The closure is evaluated once more at the probe point;
+    θ is restored from a copy (not by subtracting), so the parameters come back bit for bit even
+    when the closure raises. With g = 0 the probe is θ itself and the result is 0. No host sync.
+    """
+    gnorm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+    shift = torch.where(gnorm > 0, eps / gnorm, torch.zeros_like(gnorm))
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p, g in zip(params, grads):
+            p.add_(g * shift.to(p.dtype))
+        probe = gradients(run_closure(closure, params, who), params, create_graph=False)
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    scale = gnorm / eps
+    return [
+        (-g if q is None else q - g) * scale.to(g.dtype) for g, q in zip(grads, probe)
+    ]

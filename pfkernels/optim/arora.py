@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .dal import check_params, step_kernels
 
 
 class NormalizedGD(torch.optim.Optimizer):
@@ -39,8 +40,18 @@ class NormalizedGD(torch.optim.Optimizer):
         )
         super().__init__(params, dict(lr=lr))
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            check_params(self.param_groups[-1]["params"], "NormalizedGD")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None
+    ) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -54,9 +65,9 @@ class NormalizedGD(torch.optim.Optimizer):
                 ops._check_arg(
                     g.layout == torch.strided, "params", f"parameter {i} has a sparse gradient"
                 )
-            grad_sqnorm = ops.multi_tensor_dot(gs, gs)[1]
-            rate = group["lr"] / torch.sqrt(grad_sqnorm)
-            ops.multi_tensor_momentum_update(ps, gs, [], rate, 0.0)
+            dot, _, update = step_kernels()
+            rate = group["lr"] / torch.sqrt(dot(gs, gs)[1])
+            update(ps, gs, [], rate, 0.0)
         return loss
 
 
@@ -75,7 +86,9 @@ def sqrt_loss(loss: Tensor, min_loss: float = 0.0) -> Tensor:
         ValueError naming ``loss`` when ``loss < min_loss`` or it is not finite. The check reads
         the loss on the host (one sync).
     """
-    ops._check_arg(isinstance(loss, Tensor) and loss.numel() == 1, "loss", "must be a one-element tensor")
+    ops._check_arg(
+        isinstance(loss, Tensor) and loss.numel() == 1, "loss", "must be a one-element tensor"
+    )
     ops._check_arg(
         isinstance(min_loss, (int, float)) and math.isfinite(min_loss),
         "min_loss",
