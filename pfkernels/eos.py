@@ -248,15 +248,13 @@ def stability_threshold(
 
 
 def _operator_params(hessian_op) -> list[torch.Tensor]:
-    model = getattr(hessian_op, "_model", None)
-    names = getattr(hessian_op, "param_names", None)
-    if model is None or names is None:
+    params = hessian_op.parameters() if hasattr(hessian_op, "parameters") else []
+    if not params:
         raise TypeError(
             "hessian_op: expected a pfkernels.HessianOperator built from a model (its parameters "
-            "are matched to the optimizer's state by name)"
+            "are looked up in the optimizer's state)"
         )
-    named = dict(model.named_parameters())
-    return [named[name] for name in names]
+    return params
 
 
 def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
