@@ -29,6 +29,8 @@ CONFIGS = {
     "momentum_lr0.2": ["--optimizer", "momentum", "--lr", "0.2", "--momentum", "0.9",
                        "--steps", "1500"],
 }
+# Every reproduction measures every 10 steps with the default guard pair and tolerance.
+MEASUREMENT = ["--every", "10", "--guard", "1", "--tol", "1e-3"]
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
     for name in args.only or CONFIGS:
         out = Path(args.runs) / name
         start = time.perf_counter()
-        code = cli.main(["eos", *CONFIGS[name], "--out", str(out), "--quiet"])
+        code = cli.main(["eos", *CONFIGS[name], *MEASUREMENT, "--out", str(out), "--quiet"])
         summary = json.loads((out / "summary.json").read_text())
         shutil.copyfile(out / "report.png", results / f"eos_{name}.png")
         eos = summary["eos"]
