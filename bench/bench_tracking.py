@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import time_call
 
 from pfkernels import HessianOperator, SharpnessTracker, data, eigsh
 
@@ -162,16 +163,6 @@ def overhead(model, batch, lr, steps, every, tol, seed, guard):
     }
 
 
-def _time_per_call(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-train", type=int, default=1000)
@@ -210,8 +201,8 @@ def main() -> None:
 
     v = torch.randn(op.shape[0])
     costs = {
-        "gradient": _time_per_call(gradient, 20),
-        "hvp": _time_per_call(lambda: op.matvec(v), 20),
+        "gradient": time_call(gradient, repeats=20, warmup=1)["median_s"],
+        "hvp": time_call(lambda: op.matvec(v), repeats=20, warmup=1)["median_s"],
     }
     costs["hvp_in_gradients"] = costs["hvp"] / costs["gradient"]
 
