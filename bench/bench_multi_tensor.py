@@ -58,7 +58,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch and the kernels (default: torch's); on a shared machine 1 "
+        "avoids waiting on a descheduled second thread",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = {}
     for dtype in (torch.float32, torch.float64):
@@ -96,7 +103,7 @@ def main() -> None:
                 f"axpy fused {med['axpy_fused']*1e3:8.3f} ms "
                 f"(x{row['axpy_speedup_vs_foreach']:.2f} vs foreach, x{row['axpy_speedup_vs_loop']:.2f} vs loop)"
             )
-    write_json(f"multi_tensor_{device.type}.json", {"results": rows}, args.out)
+    write_json(f"multi_tensor_{device.type}.json", {"args": vars(args), "results": rows}, args.out)
 
 
 if __name__ == "__main__":

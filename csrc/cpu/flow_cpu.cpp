@@ -12,6 +12,7 @@
 #include "common/flow.h"
 #include "common/macros.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/simd.h"
 
 namespace pfk::cpu {
 namespace {
@@ -19,17 +20,11 @@ namespace {
 constexpr int64_t kRowsPerChunk = 2048;
 constexpr int kLanes = 4;
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define PFK_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PFK_VECTOR_CLONES
-#endif
-
 // acc[i] = sum_j U[j, i] g[j] over rows [begin, end) in the input precision (one chunk; the
 // chunks' partials are added in float64). The inner loop runs along a row of U, so it vectorises
 // without reassociating any sum.
 template <typename T>
-PFK_VECTOR_CLONES void project_rows(const T* __restrict__ u, const T* __restrict__ g, int64_t begin,
+PFK_SIMD_CLONES void project_rows(const T* __restrict__ u, const T* __restrict__ g, int64_t begin,
                                     int64_t end, int64_t k, T* __restrict__ acc) {
   for (int64_t i = 0; i < k; ++i) acc[i] = T(0);
   for (int64_t j = begin; j < end; ++j) {
@@ -42,7 +37,7 @@ PFK_VECTOR_CLONES void project_rows(const T* __restrict__ u, const T* __restrict
 // field[j] = sum_i (a_i + i b_i) U[j, i] - g[j] with kLanes fixed partial sums per row (a fixed
 // order, so the result does not depend on the thread count) that stay in SIMD registers.
 template <typename T>
-PFK_VECTOR_CLONES void recombine_rows(const T* __restrict__ u, const T* __restrict__ g,
+PFK_SIMD_CLONES void recombine_rows(const T* __restrict__ u, const T* __restrict__ g,
                                       const T* __restrict__ a, const T* __restrict__ b,
                                       int64_t begin, int64_t end, int64_t k, T* __restrict__ field) {
   for (int64_t j = begin; j < end; ++j) {
@@ -74,7 +69,7 @@ PFK_VECTOR_CLONES void recombine_rows(const T* __restrict__ u, const T* __restri
 // Column-major U (column i at u + i * n): acc[i] = sum_j U[j, i] g[j] over rows [begin, end),
 // each a dot product of two contiguous runs with kLanes fixed partial sums.
 template <typename T>
-PFK_VECTOR_CLONES void project_columns(const T* __restrict__ u, const T* __restrict__ g, int64_t n,
+PFK_SIMD_CLONES void project_columns(const T* __restrict__ u, const T* __restrict__ g, int64_t n,
                                        int64_t begin, int64_t end, int64_t k, T* __restrict__ acc) {
   for (int64_t i = 0; i < k; ++i) {
     const T* __restrict__ col = u + i * n;
@@ -94,7 +89,7 @@ PFK_VECTOR_CLONES void project_columns(const T* __restrict__ u, const T* __restr
 
 // Column-major U: the chunk's field rows as k axpys along contiguous columns into local buffers.
 template <typename T>
-PFK_VECTOR_CLONES void recombine_columns(const T* __restrict__ u, const T* __restrict__ g,
+PFK_SIMD_CLONES void recombine_columns(const T* __restrict__ u, const T* __restrict__ g,
                                          const T* __restrict__ a, const T* __restrict__ b, int64_t n,
                                          int64_t begin, int64_t end, int64_t k, T* __restrict__ field) {
   T re[kRowsPerChunk], im[kRowsPerChunk];

@@ -14,6 +14,7 @@
 #include "common/dal.h"
 #include "common/macros.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/simd.h"
 
 namespace pfk::cpu {
 namespace {
@@ -35,14 +36,8 @@ std::vector<Chunk> make_chunks(const int64_t* sizes, int64_t count) {
   return chunks;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define PFK_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PFK_VECTOR_CLONES
-#endif
-
 template <typename T>
-PFK_VECTOR_CLONES void dot3_range(const T* a, const T* b, int64_t n, double* out3) {
+PFK_SIMD_CLONES void dot3_range(const T* a, const T* b, int64_t n, double* out3) {
   double ab[kLanes] = {}, aa[kLanes] = {}, bb[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -71,17 +66,17 @@ PFK_VECTOR_CLONES void dot3_range(const T* a, const T* b, int64_t n, double* out
 }
 
 template <typename T>
-PFK_VECTOR_CLONES void axpy_range(T* x, const T* y, int64_t n, T alpha) {
+PFK_SIMD_CLONES void axpy_range(T* x, const T* y, int64_t n, T alpha) {
   for (int64_t i = 0; i < n; ++i) x[i] += alpha * y[i];
 }
 
 template <typename T>
-PFK_VECTOR_CLONES void descent_range(T* x, const T* g, int64_t n, T rate) {
+PFK_SIMD_CLONES void descent_range(T* x, const T* g, int64_t n, T rate) {
   for (int64_t i = 0; i < n; ++i) x[i] -= rate * g[i];
 }
 
 template <typename T>
-PFK_VECTOR_CLONES void momentum_range(T* x, const T* g, T* buf, int64_t n, T rate, T momentum) {
+PFK_SIMD_CLONES void momentum_range(T* x, const T* g, T* buf, int64_t n, T rate, T momentum) {
   for (int64_t i = 0; i < n; ++i) {
     const T b = momentum * buf[i] + g[i];
     buf[i] = b;
