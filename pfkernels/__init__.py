@@ -6,5 +6,7 @@ flow, central flows and the DAL learning rate. See README.md and docs/.
 
 from ._version import __version__
 from .ops import backend_info
+from .hvp import HessianOperator
+from . import data
 
-__all__ = ["__version__", "backend_info"]
+__all__ = ["HessianOperator", "__version__", "backend_info", "data"]

@@ -1,0 +1,472 @@
+"""HessianOperator against dense Hessians, between methods and batchings, and on bad input."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pfkernels import HessianOperator
+from pfkernels.data import mlp, mse_loss
+
+METHODS = ["double-backward", "forward-over-reverse"]
+
+
+def tiny_problem(seed, n=11, d=3, width=4, out=2, activation="tanh"):
+    g = torch.Generator().manual_seed(seed)
+    model = mlp(d, out, width=width, depth=1, activation=activation, seed=seed).double()
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, out, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+def dense_hessian(model, loss_fn, batches, names=None):
+    """The dense Hessian of the example-weighted mean loss, via torch.autograd.functional."""
+    named = dict(model.named_parameters())
+    names = names or list(named)
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+    theta0 = torch.cat([named[n].detach().reshape(-1) for n in names])
+    total = sum(x.shape[0] for x, _ in batches)
+
+    def energy(theta):
+        params = {k: v.detach() for k, v in named.items()}
+        params.update(
+            {n: c.view(s) for n, c, s in zip(names, torch.split(theta, sizes), shapes)}
+        )
+        parts = [
+            x.shape[0] * loss_fn(torch.func.functional_call(model, params, (x,)), y)
+            for x, y in batches
+        ]
+        return sum(parts) / total
+
+    # The fused attention kernels have no double backward; the reference uses the math one too.
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(energy, theta0)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_dense_hessian_float64(seed, method):
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model, mse_loss, (x, y), method=method)
+    dense = dense_hessian(model, mse_loss, [(x, y)])
+    assert op.shape == dense.shape and op.dtype == torch.float64
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    assert rel(op.matvec(v), dense @ v) < 1e-10
+    block = torch.randn(5, op.shape[0], dtype=torch.float64)
+    assert rel(op @ block, block @ dense) < 1e-10
+    eye = torch.eye(op.shape[0], dtype=torch.float64)
+    assert rel(op @ eye, dense) < 1e-10
+
+
+def test_methods_agree_float32(seed):
+    model = mlp(8, 3, width=16, depth=2, seed=seed)
+    x, y = torch.randn(40, 8), torch.randn(40, 3)
+    ops = [HessianOperator(model, mse_loss, (x, y), method=m) for m in METHODS]
+    v = torch.randn(ops[0].shape[0])
+    assert rel(ops[0] @ v, ops[1] @ v) < 1e-5
+    block = torch.randn(3, ops[0].shape[0])
+    assert rel(ops[0] @ block, ops[1] @ block) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_micro_batches_equal_full_batch(seed, method):
+    model, x, y = tiny_problem(seed, n=23)
+    cuts = [0, 7, 8, 19, 23]  # uneven sizes 7, 1, 11, 4
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+    full = HessianOperator(model, mse_loss, (x, y), method=method)
+    micro = HessianOperator(model, mse_loss, batches, method=method)
+    v = torch.randn(full.shape[0], dtype=torch.float64)
+    assert rel(micro @ v, full @ v) < 1e-12
+    assert rel(micro.gradient(), full.gradient()) < 1e-12
+    assert abs(float(micro.loss() - full.loss())) < 1e-12 * float(full.loss())
+    assert rel(micro @ v, dense_hessian(model, mse_loss, batches) @ v) < 1e-10
+
+
+def test_dataloader_batches(seed):
+    model, x, y = tiny_problem(seed, n=10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    op = HessianOperator(model, mse_loss, loader)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    ref = HessianOperator(model, mse_loss, (x, y)) @ v
+    assert rel(op @ v, ref) < 1e-12
+    assert rel(op @ v, ref) < 1e-12  # a second pass over the loader
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_equals_looped(seed, method):
+    model = mlp(6, 2, width=10, depth=2, seed=seed).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64)
+    op = HessianOperator(model, mse_loss, (x, y), method=method)
+    block = torch.randn(7, op.shape[0], dtype=torch.float64)
+    looped = torch.stack([op @ v for v in block])
+    assert rel(op @ block, looped) < 1e-12
+    assert (op @ block[:1]).shape == (1, op.shape[0])
+    assert (op @ block[:0]).shape == (0, op.shape[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parameter_subset_is_dense_block(seed, method):
+    model, x, y = tiny_problem(seed)
+    names = ["2.weight", "0.bias"]
+    in_order = ["0.bias", "2.weight"]  # named_parameters() order, whatever order was asked
+    by_list = HessianOperator(model, mse_loss, (x, y), params=names, method=method)
+    by_filter = HessianOperator(model, mse_loss, (x, y), params=lambda n: n in names, method=method)
+    assert by_list.param_names == in_order == by_filter.param_names
+    dense = dense_hessian(model, mse_loss, [(x, y)], names=in_order)
+    v = torch.randn(by_list.shape[0], dtype=torch.float64)
+    assert by_list.shape == dense.shape
+    assert rel(by_list @ v, dense @ v) < 1e-10
+    assert rel(by_filter @ v, dense @ v) < 1e-10
+    full_names = [n for n, _ in model.named_parameters()]
+    full = dense_hessian(model, mse_loss, [(x, y)])
+    sizes = [p.numel() for p in model.parameters()]
+    starts = np.cumsum([0, *sizes])
+    idx = torch.cat([
+        torch.arange(starts[full_names.index(n)], starts[full_names.index(n) + 1]) for n in in_order
+    ])
+    assert rel(dense, full[idx][:, idx]) < 1e-12
+
+
+def test_frozen_parameters_are_left_out(seed):
+    model, x, y = tiny_problem(seed)
+    model[0].weight.requires_grad_(False)
+    op = HessianOperator(model, mse_loss, (x, y))
+    assert op.param_names == ["0.bias", "2.weight", "2.bias"]
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_batchnorm_state_untouched(seed, method, mode):
+    model = BatchNormNet().double()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.drop.p = 0.0 if mode == "train" else 0.5  # train mode keeps the operator deterministic
+    model.train()
+    model.drop.eval()  # a mixed state, to check every module's flag is restored
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    op = HessianOperator(model, mse_loss, (x, y), method=method, mode=mode)
+    v = torch.randn(2, op.shape[0], dtype=torch.float64)
+    hv = op @ v
+    op @ v[0]
+    op.gradient()
+    op.loss()
+    op.third_derivative(v[0], v[1])
+    after = model.state_dict()
+    for k, value in before.items():
+        assert torch.equal(after[k], value), k
+    assert [m.training for m in model.modules()] == flags
+    # The product is the Hessian of the loss evaluated in the requested mode.
+    reference = copy.deepcopy(model).train(mode == "train")
+    dense = dense_hessian(reference, mse_loss, [(x, y)])
+    assert rel(hv, v @ dense) < 1e-10
+    assert torch.equal(reference.bn.running_mean, before["bn.running_mean"]) or mode == "train"
+
+
+def test_eval_mode_turns_dropout_off(seed):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 1)).double()
+    model.train()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
+    op = HessianOperator(model, mse_loss, (x, y))
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    assert torch.equal(op @ v, op @ v)
+    assert model.training
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_from_function_quadratic_is_exact(seed, gen, method):
+    n = 9
+    a = torch.randint(-5, 6, (n, n), generator=gen).double()
+    a = a + a.T
+    v = torch.randint(-5, 6, (n,), generator=gen).double()
+    x0 = torch.randn(n, dtype=torch.float64, generator=gen)
+    op = HessianOperator.from_function(lambda x: 0.5 * x @ (a @ x), x0, method=method)
+    assert torch.equal(op @ v, a @ v)
+    block = torch.randint(-5, 6, (4, n), generator=gen).double()
+    assert torch.equal(op @ block, block @ a)
+    assert torch.allclose(op.gradient(), a @ x0, rtol=1e-13, atol=1e-12)
+    assert torch.allclose(op.loss(), 0.5 * x0 @ a @ x0, rtol=1e-13)
+    assert torch.equal(op.flat_parameters(), x0)
+
+
+def test_third_derivative_matches_finite_differences(seed, gen):
+    def f(x):
+        return torch.tanh(x).pow(3).sum() + (x[:-1] * x[1:]).exp().sum()
+
+    n = 7
+    x0 = 0.5 * torch.randn(n, dtype=torch.float64, generator=gen)
+    u, v, w = torch.randn(3, n, dtype=torch.float64, generator=gen)
+    t = HessianOperator.from_function(f, x0).third_derivative(u, v)
+    eps = 1e-4
+
+    def uhv(x):
+        return float(u @ (HessianOperator.from_function(f, x) @ v))
+
+    fd = (uhv(x0 + eps * w) - uhv(x0 - eps * w)) / (2 * eps)
+    assert abs(float(t @ w) - fd) < 1e-6 * max(1.0, abs(fd))
+    assert torch.allclose(t, HessianOperator.from_function(f, x0).third_derivative(v, u), rtol=1e-12)
+
+
+def test_third_derivative_of_model(seed, gen):
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model, mse_loss, (x, y))
+    u, v, w = torch.randn(3, op.shape[0], dtype=torch.float64, generator=gen)
+    t = op.third_derivative(u, v)
+    shifted = copy.deepcopy(model)
+    shifted_op = HessianOperator(shifted, mse_loss, (x, y))
+    eps = 1e-4
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, q, dw in zip(shifted.parameters(), model.parameters(), op.unflatten(w).values()):
+                p.copy_(q + sign * eps * dw)
+        values.append(float(u @ (shifted_op @ v)))
+    fd = (values[0] - values[1]) / (2 * eps)
+    assert abs(float(t @ w) - fd) < 1e-6 * max(1.0, abs(fd))
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, x):  # x [N, T, d]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))
+        return self.out(h.squeeze(1).mean(dim=1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scaled_dot_product_attention_model(seed, method):
+    model = TinyAttention().double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    op = HessianOperator(model, mse_loss, (x, y), method=method)
+    v = torch.randn(2, op.shape[0], dtype=torch.float64)
+    assert rel(op @ v, v @ dense_hessian(model, mse_loss, [(x, y)])) < 1e-10
+
+
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(3, 2)
+        self.unused = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unused_parameters_get_zeros(seed, method):
+    model = WithUnused().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    op = HessianOperator(model, mse_loss, (x, y), method=method)
+    v = torch.randn(2, op.shape[0], dtype=torch.float64)
+    hv = op @ v
+    parts = op.unflatten(hv[0])
+    assert torch.equal(parts["unused.weight"], torch.zeros(2, 3, dtype=torch.float64))
+    assert torch.equal(parts["unused.bias"], torch.zeros(2, dtype=torch.float64))
+    assert parts["used.weight"].abs().sum() > 0
+    assert torch.equal(op.unflatten(op.gradient())["unused.bias"], torch.zeros(2, dtype=torch.float64))
+    only_unused = HessianOperator(model, mse_loss, (x, y), params=["unused.bias"], method=method)
+    assert torch.equal(only_unused @ torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(only_unused.third_derivative(torch.ones(2, dtype=torch.float64),
+                                                    torch.ones(2, dtype=torch.float64)),
+                       torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_linear_function_has_zero_hessian(seed, method):
+    c = torch.randn(5, dtype=torch.float64)
+    op = HessianOperator.from_function(lambda x: (c * x).sum(), torch.randn(5, dtype=torch.float64),
+                                       method=method)
+    assert torch.equal(op @ torch.randn(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
+
+
+def test_float64_copy_leaves_model_alone(seed):
+    model = mlp(5, 2, width=6, depth=1, seed=seed)
+    x, y = torch.randn(8, 5), torch.randn(8, 2)
+    before = copy.deepcopy(model.state_dict())
+    op64 = HessianOperator(model, mse_loss, (x, y), dtype=torch.float64)
+    op32 = HessianOperator(model, mse_loss, (x, y))
+    assert op64.dtype == torch.float64 and op32.dtype == torch.float32
+    v = torch.randn(op64.shape[0], dtype=torch.float64)
+    dense = dense_hessian(copy.deepcopy(model).double(), mse_loss, [(x.double(), y.double())])
+    assert rel(op64 @ v, dense @ v) < 1e-10
+    assert rel((op32 @ v.float()).double(), dense @ v) < 1e-5
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for k, value in model.state_dict().items():
+        assert torch.equal(value, before[k])
+
+
+def test_follows_the_model_and_counts(seed):
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model, mse_loss, (x, y))
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    first = op @ v
+    op @ torch.randn(3, op.shape[0], dtype=torch.float64)
+    assert op.num_matvecs == 4
+    op.reset_counters()
+    assert op.num_matvecs == 0
+    theta = op.flat_parameters()
+    theta.add_(1.0)  # a copy: the model is unchanged
+    assert torch.equal(op @ v, first)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    assert not torch.allclose(op @ v, first)
+    assert torch.equal(op.flat_parameters(), torch.cat([p.reshape(-1) for p in model.parameters()]))
+    parts = op.unflatten(op.flat_parameters())
+    assert all(torch.equal(parts[n], p) for n, p in model.named_parameters())
+    assert op.num_parameters == op.shape[0] == sum(p.numel() for p in model.parameters())
+
+
+def test_to_scipy(seed):
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model, mse_loss, (x, y))
+    lin = op.to_scipy()
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(op.shape[0])
+    out = lin.matvec(v)
+    assert out.dtype == np.float64 and out.shape == v.shape
+    assert np.allclose(out, (op @ torch.from_numpy(v)).numpy(), rtol=1e-13, atol=0)
+    block = rng.standard_normal((op.shape[0], 3))
+    assert np.allclose(lin.matmat(block), np.stack([lin.matvec(c) for c in block.T], 1), rtol=1e-12)
+    dense = dense_hessian(model, mse_loss, [(x, y)]).numpy()
+    top = np.linalg.eigvalsh(dense)[-1]
+    from scipy.sparse.linalg import eigsh
+
+    assert abs(eigsh(lin, k=1, which="LA", tol=1e-12)[0][0] - top) < 1e-9 * abs(top)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_bad_vectors(seed):
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model, mse_loss, (x, y))
+    n = op.shape[0]
+    with pytest.raises(ValueError, match="'v'.*shape"):
+        op @ torch.randn(n + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'v'.*shape"):
+        op @ torch.randn(2, 2, n, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'v'.*dtype"):
+        op @ torch.randn(n)
+    with pytest.raises(ValueError, match="'v'.*device"):
+        op @ torch.randn(n, dtype=torch.float64, device="meta")
+    with pytest.raises(TypeError, match="'v'"):
+        op @ np.zeros(n)
+    with pytest.raises(ValueError, match="'u'.*shape"):
+        op.third_derivative(torch.randn(3, dtype=torch.float64), torch.randn(n, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'v'.*NaN"):
+        op @ torch.full((n,), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="'vec'.*shape"):
+        op.unflatten(torch.randn(n - 1, dtype=torch.float64))
+
+
+def test_bad_constructor_arguments(seed):
+    model, x, y = tiny_problem(seed)
+    with pytest.raises(ValueError, match="'method'"):
+        HessianOperator(model, mse_loss, (x, y), method="finite-difference")
+    with pytest.raises(ValueError, match="'mode'"):
+        HessianOperator(model, mse_loss, (x, y), mode="training")
+    with pytest.raises(ValueError, match="'dtype'"):
+        HessianOperator(model, mse_loss, (x, y), dtype=torch.int64)
+    with pytest.raises(ValueError, match="'params'.*unknown.*nope"):
+        HessianOperator(model, mse_loss, (x, y), params=["0.weight", "nope"])
+    with pytest.raises(ValueError, match="'params'"):
+        HessianOperator(model, mse_loss, (x, y), params=[])
+    with pytest.raises(ValueError, match="'params'"):
+        HessianOperator(model, mse_loss, (x, y), params=lambda name: False)
+    with pytest.raises(TypeError, match="'params'"):
+        HessianOperator(model, mse_loss, (x, y), params="0.weight")
+    with pytest.raises(TypeError, match="'model'"):
+        HessianOperator(lambda t: t, mse_loss, (x, y))
+    with pytest.raises(TypeError, match="'loss_fn'"):
+        HessianOperator(model, "mse", (x, y))
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with pytest.raises(ValueError, match="'model'.*trainable"):
+        HessianOperator(frozen, mse_loss, (x, y))
+    with pytest.raises(ValueError, match="'model'.*no parameters"):
+        HessianOperator(nn.Tanh(), mse_loss, (x, y))
+    with pytest.raises(ValueError, match="'x0'"):
+        HessianOperator.from_function(lambda t: t.sum(), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="'method'"):
+        HessianOperator.from_function(lambda t: t.sum(), torch.zeros(2), method="exact")
+
+
+def test_bad_data(seed):
+    model, x, y = tiny_problem(seed)
+    with pytest.raises(ValueError, match="'data'.*empty"):
+        HessianOperator(model, mse_loss, [])
+    with pytest.raises(ValueError, match="'data'.*one-shot"):
+        HessianOperator(model, mse_loss, iter([(x, y)]))
+    with pytest.raises(ValueError, match="'data'.*pair"):
+        HessianOperator(model, mse_loss, [(x, y, y)])
+    with pytest.raises(ValueError, match="'data'.*batch 0 is empty"):
+        HessianOperator(model, mse_loss, (x[:0], y[:0]))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="'data'.*batch 0 inputs.*NaN"):
+        HessianOperator(model, mse_loss, (bad, y))
+    bad_y = y.clone()
+    bad_y[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'data'.*batch 1 targets.*NaN or Inf"):
+        HessianOperator(model, mse_loss, [(x, y), (x, bad_y)])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(bad, y), batch_size=4)
+    op = HessianOperator(model, mse_loss, loader)  # checked lazily, on the first pass
+    with pytest.raises(ValueError, match="'data'.*batch 0 inputs.*NaN"):
+        op.gradient()
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0], y[:0]), batch_size=4)
+    with pytest.raises(ValueError, match="'data'.*no batches"):
+        HessianOperator(model, mse_loss, empty).loss()
+
+
+def test_non_scalar_loss(seed):
+    model, x, y = tiny_problem(seed)
+    for method in METHODS:
+        op = HessianOperator(model, lambda f, t: 0.5 * (f - t) ** 2, (x, y), method=method)
+        with pytest.raises(ValueError, match="'loss_fn'.*scalar"):
+            op @ torch.randn(op.shape[0], dtype=torch.float64)
+        with pytest.raises(ValueError, match="'loss_fn'.*scalar"):
+            op.gradient()
+    op = HessianOperator.from_function(lambda t: t * 2, torch.zeros(3))
+    with pytest.raises(ValueError, match="'f'.*scalar"):
+        op @ torch.ones(3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_in_the_product_is_reported(seed, method):
+    x0 = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    op = HessianOperator.from_function(lambda t: torch.sqrt(t).sum(), x0, method=method)
+    with pytest.raises(FloatingPointError, match=r"loss is nan on batch 0"):
+        op @ torch.ones(3, dtype=torch.float64)
+    model = mlp(3, 2, width=4, depth=1, seed=seed).double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    op = HessianOperator(model, mse_loss, (x, y), method=method)
+    with pytest.raises(FloatingPointError, match=r"0\.weight.*loss is nan"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    quiet = HessianOperator(model, mse_loss, (x, y), method=method, check_finite=False)
+    assert not torch.isfinite(quiet @ torch.ones(op.shape[0], dtype=torch.float64)).all()
