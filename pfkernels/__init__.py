@@ -9,4 +9,6 @@ from .ops import backend_info
 from .hvp import HessianOperator
 from . import data
 
-__all__ = ["HessianOperator", "__version__", "backend_info", "data"]
+__all__ = ["EigResult", "HessianOperator", "__version__", "backend_info", "data", "eigsh"]
+from .lanczos import EigResult  # noqa: E402
+from .lanczos import eigsh  # noqa: E402
