@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["SDCPResult", "solve_sdcp"]
+__all__ = [
+    "CentralFlow",
+    "CentralFlowComparison",
+    "CentralFlowTrajectory",
+    "SDCPResult",
+    "StableFlow",
+    "compare_central_flow",
+    "sdcp_operator_matrix",
+    "solve_sdcp",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,8 +113,8 @@ def _check_sdcp_inputs(alpha, beta) -> tuple[Tensor, Tensor]:
     beta = beta.detach().to("cpu", torch.float64)
     if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
         raise ValueError("alpha, beta: must be finite")
-    scale = alpha.abs().max().clamp_min(1e-300)
-    if (alpha - alpha.T).abs().max() > 1e-10 * scale:
+    scale = alpha.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1e-300) if k else 1.0
+    if k and bool(((alpha - alpha.T).abs() > 1e-10 * scale).any()):
         raise ValueError("alpha: must be symmetric")
     return 0.5 * (alpha + alpha.T), beta
 
@@ -181,6 +190,7 @@ def solve_sdcp(
 
     def result(x: Tensor, iterations: int) -> SDCPResult:
         X = _psd_part(torch.einsum("b,bkl->kl", x, E))
+        X = 0.5 * (X + X.T)
         x = torch.einsum("bkl,kl->b", E, X)
         res = float(torch.linalg.vector_norm(_natural_residual(x, B, a, E)))
         return SDCPResult(X, res, iterations)
@@ -355,7 +365,7 @@ class _FunctionObjective(_Objective):
         x, _, grad = self._graph(w)
         with torch.enable_grad():
             (hv,) = torch.autograd.grad(grad, x, v, create_graph=True)
-            (out,) = torch.autograd.grad(hv, x, u)
+            (out,) = torch.autograd.grad(hv, x, u, retain_graph=True)
         return out
 
 
@@ -569,8 +579,8 @@ class CentralFlow:
         track_threshold: float = 1.5,
         critical_threshold: float = 1.95,
         k_max: int = 10,
-        eig_tol: float = 1e-7,
-        dense_max: int = 64,
+        eig_tol: float = 1e-5,
+        dense_max: int = 32,
         max_warmup_steps: int = 100,
         seed: int = 0,
     ) -> None:
@@ -708,7 +718,10 @@ class CentralFlow:
         c = (1.0 - self.beta2) / self.beta2
         if self.optimizer != "gd":
             # dp/dt = dν/dt / (2η√ν); the Σ part of dν/dt is c·4p²·(diag Σ or tr Σ).
-            dp_dnu = 0.5 / (self.lr * self.nu.sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+            # Coordinates with ν = 0 (parameters no gradient has reached) would make dp/dν
+            # infinite against eigenvector entries that are exactly 0 there: give them 0.
+            root = self.nu.sqrt()
+            dp_dnu = torch.where(root > 0, 0.5 / (self.lr * root.clamp_min(1e-300)), 0.0)
             weight = dp_dnu * c * 4.0 * p * p
             if self.optimizer == "rmsprop":
                 UU = U[:, :, None] * U[:, None, :]  # [n, k, k]: u_i ⊙ u_j
@@ -812,4 +825,220 @@ def _stack_rows(rows: list[dict], start: int, warmup: int, counts: dict, eigvecs
         warmup_steps=warmup,
         top_eigenvector=torch.stack([r["top_eigenvector"] for r in rows]) if eigvecs else None,
         counts=counts,
+    )
+
+
+class StableFlow(CentralFlow):
+    """The stable flow: the central flow with Σ = 0 (gradient flow for GD).
+
+    dw/dt = −P⁻¹∇L and dν/dt = ((1−β2)/β2)(∇L² − ν). Same arguments and trajectory as
+    :class:`CentralFlow` (``predicted_loss`` is L, Σ = 0); only the top eigenvalue is tracked, to
+    size the Euler substeps: a step uses max(``substeps``, ⌈2·S_eff⌉) of them, so each substep
+    stays well inside Euler's stability region as the sharpness grows along the flow
+    (the flow does not stop at the edge). Raises ``RuntimeError`` past ``max_substeps``.
+    """
+
+    _stable = True
+
+    def __init__(self, loss_fn: object, params: Tensor | None = None, optimizer: str = "gd", *,
+                 lr: float, max_substeps: int = 1024, **kwargs) -> None:
+        kwargs.setdefault("k_max", 1)
+        super().__init__(loss_fn, params, optimizer, lr=lr, **kwargs)
+        _check_positive(max_substeps, "max_substeps", integer=True)
+        self.max_substeps = max_substeps
+
+    def _flow_step(self, point: _Point, advance: bool) -> dict:
+        count = max(self.substeps, math.ceil(2.0 * float(point.evals[0])))
+        if count > self.max_substeps:
+            raise RuntimeError(
+                f"StableFlow: the effective sharpness {float(point.evals[0]):.4g} at step {self.t} "
+                f"needs {count} substeps, more than max_substeps={self.max_substeps}"
+            )
+        empty = torch.zeros(0, 0, dtype=torch.float64, device=point.grad.device)
+        row = self._row(point, empty, point.V[:, :0], count if advance else 0)
+        if advance:
+            grad, p = point.grad, point.p
+            for i in range(count):
+                if i > 0:
+                    grad, p = self._objective.loss_and_gradient(self.w)[1], self._preconditioner()
+                self._euler(-grad / p, self._nu_rate(grad), 1.0 / count)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Side by side with the optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CentralFlowComparison:
+    """The real optimizer, its central flow and its stable flow from one start.
+
+    Attributes:
+        times: [T] float64, optimizer steps.
+        real_w: [T, n] float64, the optimizer's iterates.
+        real_loss: [T] float64, L(w_t) of the optimizer.
+        real_loss_smoothed: [T] float64, ``real_loss`` under a Gaussian filter of width
+            ``smoothing`` steps (edges: nearest value).
+        central, stable: the two flows' :class:`CentralFlowTrajectory`.
+        distance_central, distance_stable: [T] float64, ‖w_real − w_flow‖.
+        predicted_variance: [T], vᵀΣv of the central flow along its unit top eigenvector v.
+        measured_variance: [T], the smoothed (δ_t·v_t)² of the optimizer, δ_t = w_t − ¼(w_{t−1} +
+            2w_t + w_{t+1}) (its oscillation about the midpoint of midpoints; NaN at both ends).
+        eos: [T] bool, the EoS phase used by :meth:`summary`: after the warm-up, Σ ≠ 0 in the
+            central flow, and at least 3·smoothing steps from the end (where the filter is cut).
+        optimizer, lr, smoothing: as passed.
+    """
+
+    times: Tensor
+    real_w: Tensor
+    real_loss: Tensor
+    real_loss_smoothed: Tensor
+    central: CentralFlowTrajectory
+    stable: CentralFlowTrajectory
+    distance_central: Tensor
+    distance_stable: Tensor
+    predicted_variance: Tensor
+    measured_variance: Tensor
+    eos: Tensor
+    optimizer: str
+    lr: float
+    smoothing: float
+
+    def summary(self) -> dict:
+        """Plain floats for JSON: final distances and their ratio, the EoS onset, the predicted
+        vs smoothed real loss over the EoS phase (relative error of the phase means and mean
+        pointwise relative error), predicted vs measured oscillation variance over the phase,
+        and the central flow's cost per optimizer step."""
+        steps = max(len(self.times) - 1, 1)
+        out = {
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "num_steps": len(self.times) - 1,
+            "warmup_steps": self.central.warmup_steps,
+            "final_distance_central": float(self.distance_central[-1]),
+            "final_distance_stable": float(self.distance_stable[-1]),
+            "final_distance_ratio": float(self.distance_central[-1] / self.distance_stable[-1]),
+            "eos_steps": int(self.eos.sum()),
+            "eos_onset": None,
+            "central_cost_per_step": {k: v / steps for k, v in self.central.counts.items()},
+            "stable_cost_per_step": {k: v / steps for k, v in self.stable.counts.items()},
+        }
+        if bool(self.eos.any()):
+            predicted = self.central.predicted_loss[self.eos]
+            smoothed = self.real_loss_smoothed[self.eos]
+            measured = self.measured_variance[self.eos]
+            out.update(
+                eos_onset=float(self.times[self.eos][0]),
+                eos_predicted_loss=float(predicted.mean()),
+                eos_smoothed_loss=float(smoothed.mean()),
+                eos_loss_relative_error=float((predicted.mean() - smoothed.mean()).abs() / smoothed.mean().abs()),
+                eos_loss_pointwise_relative_error=float(((predicted - smoothed).abs() / smoothed.abs()).mean()),
+                eos_stable_loss_relative_error=float(
+                    (self.stable.loss[self.eos].mean() - smoothed.mean()).abs() / smoothed.mean().abs()
+                ),
+                eos_predicted_variance=float(self.predicted_variance[self.eos].mean()),
+                eos_measured_variance=float(measured[torch.isfinite(measured)].mean()),
+            )
+        return out
+
+
+def _gaussian_smooth(values: Tensor, width: float) -> Tensor:
+    from scipy.ndimage import gaussian_filter1d
+
+    if width <= 0 or values.numel() == 0:
+        return values.clone()
+    return torch.from_numpy(gaussian_filter1d(values.numpy(), width, mode="nearest"))
+
+
+def _run_optimizer(objective: _Objective, optimizer: str, lr: float, beta2: float, eps: float,
+                   num_steps: int) -> tuple[Tensor, Tensor]:
+    """The optimizer itself on the flat float64 parameters: torch.optim SGD / RMSprop, and
+    scalar RMSProp (not in torch) written out: ν ← β2ν + (1−β2)‖g‖², w ← w − ηg/(√ν + ε)."""
+    w = objective.start.clone().requires_grad_(True)
+    if optimizer == "gd":
+        opt = torch.optim.SGD([w], lr=lr)
+    elif optimizer == "rmsprop":
+        opt = torch.optim.RMSprop([w], lr=lr, alpha=beta2, eps=eps)
+    else:
+        opt, nu = None, torch.zeros((), dtype=torch.float64, device=w.device)
+    ws, losses = [], []
+    for step in range(num_steps + 1):
+        loss, grad = objective.loss_and_gradient(w.detach())
+        ws.append(w.detach().clone())
+        losses.append(loss)
+        if step == num_steps:
+            break
+        if opt is not None:
+            w.grad = grad
+            opt.step()
+        else:
+            nu = beta2 * nu + (1.0 - beta2) * grad.dot(grad)
+            with torch.no_grad():
+                w -= lr * grad / (nu.sqrt() + eps)
+    return torch.stack(ws), torch.tensor(losses, dtype=torch.float64)
+
+
+def compare_central_flow(
+    loss_fn: object,
+    params: Tensor | None = None,
+    optimizer: str = "gd",
+    *,
+    lr: float,
+    num_steps: int,
+    beta2: float = 0.99,
+    eps: float = 1e-8,
+    smoothing: float = 4.0,
+    **flow_kwargs,
+) -> CentralFlowComparison:
+    """Run the optimizer, its central flow and its stable flow side by side from one start.
+
+    The optimizer is torch.optim ``SGD(lr)`` for ``"gd"``, ``RMSprop(lr, alpha=beta2, eps=eps)``
+    for ``"rmsprop"``, and scalar RMSProp written out; all in float64 on the same objective as
+    the flows (``loss_fn``/``params`` as for :class:`CentralFlow`; ``flow_kwargs`` go to both
+    flows, e.g. ``substeps``, thresholds, ``k_max``). The flows begin with the same real warm-up
+    steps when the start is above the edge, so all three share their first iterates.
+
+    Returns:
+        :class:`CentralFlowComparison` with T = num_steps + 1 rows; ``summary()`` gives the
+        numbers (final ‖w_real − w_central‖ vs ‖w_real − w_stable‖, predicted vs smoothed loss
+        and predicted vs measured oscillation variance over the EoS phase).
+    """
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < math.inf:
+        raise ValueError(f"smoothing: must be a non-negative finite number, got {smoothing!r}")
+    common = dict(lr=lr, beta2=beta2, eps=eps, **flow_kwargs)
+    central_flow = CentralFlow(loss_fn, params, optimizer, **common)
+    stable_flow = StableFlow(loss_fn, params, optimizer, **common)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps: must be a non-negative int, got {num_steps!r}")
+    central = central_flow.run(num_steps, record_eigenvectors=True)
+    stable = stable_flow.run(num_steps)
+    real_w, real_loss = _run_optimizer(
+        _make_objective(loss_fn, params), optimizer, float(lr), float(beta2), float(eps), num_steps
+    )
+    real_w, central_w, stable_w = real_w.cpu(), central.w.cpu(), stable.w.cpu()
+    T = real_w.shape[0]
+    delta = torch.full((T,), math.nan, dtype=torch.float64)
+    if T >= 3:
+        mid = real_w[1:-1] - 0.25 * (real_w[:-2] + 2.0 * real_w[1:-1] + real_w[2:])
+        along = (mid * central.top_eigenvector[1:-1].cpu()).sum(1)
+        delta[1:-1] = _gaussian_smooth(along * along, smoothing)
+    cut = math.ceil(3.0 * smoothing)
+    eos = (central.num_critical > 0) & (central.times >= central.warmup_steps)
+    eos &= central.times <= central.times[-1] - cut
+    return CentralFlowComparison(
+        times=central.times,
+        real_w=real_w,
+        real_loss=real_loss,
+        real_loss_smoothed=_gaussian_smooth(real_loss, smoothing),
+        central=central,
+        stable=stable,
+        distance_central=torch.linalg.vector_norm(real_w - central_w, dim=1),
+        distance_stable=torch.linalg.vector_norm(real_w - stable_w, dim=1),
+        predicted_variance=central.oscillation_variance,
+        measured_variance=delta,
+        eos=eos,
+        optimizer=optimizer,
+        lr=float(lr),
+        smoothing=float(smoothing),
     )
