@@ -12,3 +12,9 @@ from . import data
 __all__ = ["EigResult", "HessianOperator", "__version__", "backend_info", "data", "eigsh"]
 from .lanczos import EigResult  # noqa: E402
 from .lanczos import eigsh  # noqa: E402
+from .eos import SharpnessTracker  # noqa: E402
+from .eos import StabilityThreshold  # noqa: E402
+from .eos import detect_eos  # noqa: E402
+from .eos import preconditioned_operator  # noqa: E402
+from .eos import stability_threshold  # noqa: E402
+from .eos import stability_thresholds  # noqa: E402

@@ -29,7 +29,445 @@ def _run_info(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_info]
+# Per-optimizer defaults of `pfkernels eos`: rates at which the digits MLP (2x200 tanh, 1000
+# examples, MSE) reaches its stability threshold within the step budget, measured on this setup.
+_EOS_DEFAULTS = {
+    "gd": dict(lr=0.15, steps=2000),
+    "momentum": dict(lr=0.2, steps=1500),
+    "nesterov": dict(lr=0.07, steps=1500),
+    "adam": dict(lr=1e-3, steps=1500),
+    "rmsprop": dict(lr=1e-4, steps=1500),
+    "dal": dict(lr=0.1, steps=1500),
+    "ngd": dict(lr=0.02, steps=1500),
+    "sqrt-loss": dict(lr=0.05, steps=1500),
+}
+
+
+def _add_eos(sub) -> None:
+    p = sub.add_parser(
+        "eos",
+        help="train a model full batch and track its sharpness against the stability threshold",
+        description="Full-batch training on an embedded dataset with sharpness tracked every few "
+        "steps (warm-started Lanczos). Writes metrics.jsonl, summary.json and report.png to --out.",
+    )
+    p.add_argument("--optimizer", choices=sorted(_EOS_DEFAULTS), default="gd")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default per optimizer: " + ", ".join(
+                       f"{k} {v['lr']:g}" for k, v in _EOS_DEFAULTS.items()) + ")")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default 2000 for gd, else 1500)")
+    p.add_argument("--momentum", type=float, default=0.9, help="β of momentum/nesterov")
+    p.add_argument("--beta1", type=float, default=0.9, help="Adam's β1")
+    p.add_argument("--dal-p", type=float, default=1.0, help="DAL's exponent p")
+    p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
+    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    p.add_argument("--width", type=int, default=200)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=int, default=10, help="measure sharpness every N steps")
+    p.add_argument("--k", type=int, default=1, help="top eigenvalues to track")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of each eigensolve")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: fastest for the small default model, and "
+                   "robust on a busy machine, where extra threads contend)")
+    p.add_argument("--out", default="runs/eos", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_run_eos)
+
+
+def _eos_problem(args, dtype, device):
+    from . import data
+
+    if args.dataset == "digits":
+        ds = data.digits(n_train=args.n_train, seed=args.seed, dtype=dtype)
+        in_features, out_features = 64, 10
+    else:
+        ds = data.synthetic_regression(n=args.n_train, d=16, seed=args.seed, n_test=200, dtype=dtype)
+        in_features, out_features = 16, 1
+    if args.model == "mlp":
+        model = data.mlp(in_features, out_features, width=args.width, depth=args.depth,
+                         activation=args.activation, seed=args.seed)
+    else:
+        if args.dataset != "digits":
+            raise SystemExit("pfkernels eos: --model cnn needs --dataset digits (8x8 images)")
+        model = data.cnn(activation=args.activation, seed=args.seed)
+    model = model.to(device=device, dtype=dtype)
+    train = tuple(t.to(device) for t in ds.train)
+    test = tuple(t.to(device) for t in ds.test)
+    return model, train, test, args.dataset == "digits"
+
+
+def _eos_optimizer(args, params, lr):
+    import torch
+
+    name = args.optimizer
+    if name in ("gd", "sqrt-loss"):
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum)
+    if name == "nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(args.beta1, 0.999))
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    from . import optim
+
+    if name == "dal":
+        return optim.DAL(params, p=args.dal_p, lr=lr)
+    return optim.NormalizedGD(params, lr=lr)
+
+
+class _Progress:
+    """One status line on stderr, rewritten in place on a terminal, every 10% otherwise."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet = total, quiet
+        self.tty = sys.stderr.isatty()
+        self.last_fraction = -1.0
+        self.last_time = 0.0
+
+    def update(self, step: int, text: str, now: float) -> None:
+        if self.quiet:
+            return
+        fraction = (step + 1) / self.total
+        if self.tty:
+            if now - self.last_time < 0.1 and step + 1 < self.total:
+                return
+            width = 24
+            bar = "#" * int(width * fraction) + "-" * (width - int(width * fraction))
+            sys.stderr.write(f"\r[{bar}] {step + 1}/{self.total} {text}\033[K")
+        else:
+            if fraction - self.last_fraction < 0.1 and step + 1 < self.total:
+                return
+            self.last_fraction = fraction
+            sys.stderr.write(f"{step + 1}/{self.total} {text}\n")
+        self.last_time = now
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+
+
+def _run_eos(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _train_and_track(args)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
+
+
+def _train_and_track(args) -> int:
+    import math
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from . import data, eos, report
+
+    defaults = _EOS_DEFAULTS[args.optimizer]
+    lr = defaults["lr"] if args.lr is None else args.lr
+    steps = defaults["steps"] if args.steps is None else args.steps
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SystemExit(f"pfkernels eos: --lr must be a positive number, got {lr}")
+    if steps < 1 or args.every < 1 or args.k < 1 or args.n_train < 1:
+        raise SystemExit("pfkernels eos: --steps, --every, --k and --n-train must be positive")
+    if args.threads < 1:
+        raise SystemExit(f"pfkernels eos: --threads must be positive, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, train, test, classify = _eos_problem(args, dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _eos_optimizer(args, params, lr)
+    if args.optimizer == "sqrt-loss":
+        from .optim import sqrt_loss
+
+        def objective(outputs, targets):
+            return sqrt_loss(data.mse_loss(outputs, targets))
+    else:
+        objective = data.mse_loss
+    tracker = eos.SharpnessTracker(
+        model, objective, train, every=args.every, k=args.k, optimizer=optimizer, tol=args.tol,
+        seed=args.seed,
+    )
+    x, y = train
+    progress = _Progress(steps, args.quiet)
+    rows = []
+    start = time.perf_counter()
+    diverged = False
+    record = None
+    with report.MetricsWriter(out / "metrics.jsonl") as writer:
+        for step in range(steps):
+            seen = {}
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                outputs = model(x)
+                value = objective(outputs, y)
+                if not seen:  # DAL's finite-difference probe calls it again, elsewhere
+                    seen["outputs"] = outputs.detach()
+                    seen["loss"] = float(data.mse_loss(seen["outputs"], y))
+                if args.optimizer != "dal":
+                    value.backward()
+                return value
+
+            try:
+                # Measured before the update, as in Cohen et al.: the sharpness this step sees.
+                measured = tracker.step(step)
+                optimizer.step(closure)
+            except FloatingPointError:
+                diverged = True
+                break
+            loss = seen["loss"]
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            tracker.losses.append((step, loss))
+            record = measured or record
+            accuracy = None
+            if classify:
+                accuracy = float((seen["outputs"].argmax(1) == y.argmax(1)).double().mean())
+            rate = float(optimizer.last_lr) if args.optimizer == "dal" else lr
+            row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": rate}
+            if measured is not None:
+                for key in ("sharpness", "preconditioned_sharpness", "threshold", "ratio",
+                            "eigenvalues", "num_matvecs"):
+                    row[key] = measured[key]
+            writer.write(row)
+            rows.append(row)
+            if record is not None:
+                tracked = record["preconditioned_sharpness"]
+                tracked = record["sharpness"] if tracked is None else tracked
+                text = f"loss {loss:.4g}  sharpness {tracked:.4g} / threshold {record['threshold']:.4g}"
+            else:
+                text = f"loss {loss:.4g}"
+            progress.update(step, text, time.perf_counter())
+    progress.close()
+    wall = time.perf_counter() - start
+
+    summary = {
+        "command": "pfkernels eos",
+        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"lr": lr, "steps": steps},
+        "threshold": eos.stability_threshold(optimizer).as_dict(),
+        "steps_run": len(rows),
+        "diverged": diverged,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "test_accuracy": _test_accuracy(model, test) if classify else None,
+        "wall_time": wall,
+        "tracking_time": sum(r["time"] for r in tracker.history),
+        "eos": tracker.summary(),
+        "stability_report": _final_stability_report(args, model, objective, train, lr, tracker,
+                                                    diverged),
+        "files": ["metrics.jsonl", "summary.json", "report.png"],
+    }
+    (out / "summary.json").write_text(json.dumps(report.to_jsonable(summary), indent=2) + "\n")
+    title = f"{args.optimizer}, lr={lr:g}, {args.model} on {args.dataset} ({args.n_train} examples)"
+    report.plot_eos_report(rows, out / "report.png", title=title)
+    e = summary["eos"]
+    print(f"wrote {out}/metrics.jsonl, summary.json, report.png ({wall:.1f} s)")
+    if e["eos_reached"]:
+        print(f"edge of stability from step {e['eos_onset_step']}; "
+              f"{100 * e['within_band_share']:.0f}% of later measurements within ±10% of the threshold")
+    else:
+        print(f"edge of stability not reached (largest sharpness/threshold {e['max_ratio']:.3g})")
+    return 1 if diverged else 0
+
+
+def _final_stability_report(args, model, objective, train, lr, tracker, diverged):
+    """The principal flow's view of the final parameters (pfkernels.flows.stability_report).
+
+    Only for the runs that are GD at a fixed rate on their objective (gd, sqrt-loss), which is
+    what the PF models; None otherwise or after a divergence.
+    """
+    if diverged or args.optimizer not in ("gd", "sqrt-loss"):
+        return None
+    from .flows import stability_report
+
+    result = stability_report(model, objective, train, lr, k=max(args.k, 2), tol=args.tol,
+                              v0=tracker.eigenvectors)
+    return result.to_dict()
+
+
+def _test_accuracy(model, test) -> float | None:
+    import torch
+
+    x, y = test
+    if x.shape[0] == 0:
+        return None
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y.argmax(1)).double().mean())
+
+
+def _add_sharpness(sub) -> None:
+    p = sub.add_parser(
+        "sharpness",
+        help="top Hessian eigenvalues of a model given as module:function",
+        description="MODULE:FUNCTION names a function returning (model, loss_fn, data); "
+        "loss_fn(outputs, targets) is the mean loss and data one batch (inputs, targets) or an "
+        "iterable of batches. The current directory is importable.",
+    )
+    p.add_argument("--model", required=True, metavar="MODULE:FUNCTION")
+    p.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_sharpness)
+
+
+def _load_problem(spec: str):
+    import importlib
+    import os
+
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise SystemExit(f"pfkernels sharpness: --model must be MODULE:FUNCTION, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"pfkernels sharpness: cannot import {module_name!r}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise SystemExit(f"pfkernels sharpness: {module_name!r} has no function {function_name!r}")
+    problem = function()
+    if not (isinstance(problem, tuple) and len(problem) == 3):
+        raise SystemExit(f"pfkernels sharpness: {spec} must return (model, loss_fn, data)")
+    return problem
+
+
+def _run_sharpness(args) -> int:
+    import time
+
+    from .hvp import HessianOperator
+    from .lanczos import eigsh
+
+    model, loss_fn, batches = _load_problem(args.model)
+    op = HessianOperator(model, loss_fn, batches)
+    if not 1 <= args.k <= op.shape[0]:
+        raise SystemExit(f"pfkernels sharpness: --k must be in [1, {op.shape[0]}], got {args.k}")
+    start = time.perf_counter()
+    result = eigsh(op, k=args.k, which="LA", tol=args.tol, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    out = {
+        "model": args.model,
+        "num_parameters": op.shape[0],
+        "eigenvalues": [float(v) for v in result.eigenvalues],
+        "residuals": [float(v) for v in result.residuals],
+        "converged": [bool(v) for v in result.converged],
+        "num_matvecs": int(result.num_matvecs),
+        "time": elapsed,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.model}: {out['num_parameters']} parameters, {out['num_matvecs']} HVPs, "
+              f"{elapsed:.2f} s")
+        for i, (value, res) in enumerate(zip(out["eigenvalues"], out["residuals"]), start=1):
+            print(f"  λ{i:<3d} {value: .6g}   residual {res:.2g}")
+    return 0
+
+
+def _add_pf(sub) -> None:
+    p = sub.add_parser(
+        "pf",
+        help="the principal flow next to GD and the modified flows (REFERENCES.md §1), with figures",
+    )
+    p.add_argument("--out", required=True, help="directory for the PNG figures and pf.json")
+    p.add_argument("--substeps", type=int, default=16, help="integrator substeps per GD step")
+    p.set_defaults(func=_run_pf)
+
+
+def _pf_toy_loss(theta):
+    # Non-quadratic toy: the reference quadratic plus quartic and cubic couplings.
+    x, y = theta[0], theta[1]
+    return x * x + 0.01 * y * y + 0.25 * x * x * y * y + 0.1 * x**3 * y
+
+
+def _pf_summary(cmp, **extra) -> dict:
+    out = {"h": cmp.gd.h, **extra}
+    out["distance_to_gd"] = {name: d.tolist() for name, d in cmp.distances.items()}
+    out["gd_final"] = cmp.gd.theta[-1].real.tolist() if cmp.gd.theta.shape[1] <= 8 else None
+    return out
+
+
+def _run_pf(args) -> int:
+    import pathlib
+
+    import torch
+
+    from . import data, flows, report
+
+    if args.substeps < 1:
+        raise SystemExit("pfkernels pf: --substeps must be >= 1")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"substeps": args.substeps, "cases": {}}
+
+    diag = torch.tensor([1.0, 0.01], dtype=torch.float64)
+    theta0 = torch.tensor([-0.35, -0.2], dtype=torch.float64)
+
+    def quadratic(theta):
+        return (diag.to(theta.dtype) * theta * theta).sum()
+
+    for h, steps in ((0.4, 10), (0.9, 10), (1.05, 5)):
+        cmp = flows.compare_flows(quadratic, theta0, h, steps, substeps=args.substeps)
+        name = f"quadratic_h{h}"
+        report.plot_flow_comparison(cmp, out / f"{name}.png",
+                                    title=f"E = θᵀdiag(1, 0.01)θ, h = {h} (hλ₀ = {2 * h:g})")
+        pf = cmp.trajectories["pf"]
+        results["cases"][name] = _pf_summary(
+            cmp, h_lambda=[2 * h, 0.02 * h],
+            pf_final_real=pf.theta[-1].real.tolist(), pf_final_imag=pf.theta[-1].imag.tolist(),
+        )
+
+    h = 0.9
+    lam0 = torch.linalg.eigvalsh(flows.holomorphic_hessian(_pf_toy_loss, theta0))
+    cmp = flows.compare_flows(_pf_toy_loss, theta0, h, 8, substeps=args.substeps)
+    report.plot_flow_comparison(
+        cmp, out / "toy.png",
+        title=f"E = x² + 0.01y² + 0.25x²y² + 0.1x³y, h = {h} (hλ₀ = {h * float(lam0[-1]):.3f})")
+    results["cases"]["toy"] = _pf_summary(cmp, h_lambda_initial=(h * lam0.flip(0)).tolist())
+
+    ds = data.digits(n_train=64, n_test=0, seed=0, dtype=torch.float64)
+    model = data.mlp(width=3, depth=1, seed=0).double()
+    loss, theta = flows.model_loss(model, data.mse_loss, ds.train)
+    lam, vecs = torch.linalg.eigh(flows.holomorphic_hessian(loss, theta))
+    h = 1.5 / float(lam[-1])
+    # Each PF substep here is a dense 235 x 235 complex-symmetric Hessian and a general complex
+    # eigensolve (the cost of this command), so the MLP gets fewer substeps.
+    substeps = max(1, args.substeps // 8)
+    cmp = flows.compare_flows(loss, theta, h, 6, substeps=substeps, flows=("pf", "igr", "ngf"))
+    report.plot_flow_comparison(
+        cmp, out / "mlp.png", directions=vecs[:, -2:].flip(1), direction_labels=["u₀", "u₁"],
+        title=f"tanh MLP 64-3-10 on 64 digits ({theta.numel()} params), h = {h:.4f} (hλ₀ = 1.5)")
+    results["cases"]["mlp"] = _pf_summary(
+        cmp, parameters=theta.numel(), examples=64, substeps=substeps,
+        h_lambda_initial=(h * lam.flip(0)[:5]).tolist())
+
+    (out / "pf.json").write_text(json.dumps(results, indent=2))
+    for name, case in results["cases"].items():
+        d = case["distance_to_gd"]
+        print(f"{name:>16}: max_n ||flow(nh) - GD_n||  "
+              + "  ".join(f"{k}={max(v):.2e}" for k, v in d.items()))
+    print(f"wrote {len(results['cases'])} figures and pf.json to {out}")
+    return 0
+
+
+_COMMANDS = [_add_info, _add_pf, _add_eos, _add_sharpness]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,23 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha);
 
+// multi_tensor: the fused DAL/SGD update. With bufs == nullptr: params_i -= rate * grads_i; else
+// bufs_i = momentum * bufs_i + grads_i, then params_i -= rate * bufs_i (torch SGD's heavy ball).
+// rate is one element of the same dtype; a non-finite rate leaves everything untouched.
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum);
+
+// dal: out[0] = the DAL rate (common/dal.h) from sums[0..2] = (g.Hg, |g|^2, |Hg|^2); sums and out
+// share the dtype.
+void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
+              void* out);
+// flow: principal-flow field from k eigenpairs (eigenvectors row-major [n, k], columns u_i):
+// projections[i] = u_i . g (float64 accumulation, deterministic) and field (interleaved complex
+// [n]) = sum_i r_i p_i u_i - (g - sum_i p_i u_i) with r_i from common/flow.h.
+void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
+                int64_t k, double h, int dtype, void* field, void* projections);
+
 int max_threads();
 
 }  // namespace pfk::cpu
