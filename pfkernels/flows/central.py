@@ -554,6 +554,9 @@ class CentralFlow:
         critical_threshold: tracked eigenvalues above this form the critical set (Σ's support).
         k_max: cap on tracked eigenpairs.
         eig_tol: relative residual tolerance of the warm-started Lanczos solves.
+        solve_every_substep: run the Lanczos solve at every substep; by default it runs at the
+            first substep of each optimizer step and the others refine the tracked eigenpairs by
+            Rayleigh–Ritz in their span (k products instead of a solve).
         dense_max: up to this many parameters, eigenpairs come from a dense eigh of the Hessian.
         max_warmup_steps: a run that starts with the effective sharpness above the edge takes
             real optimizer steps until it is below (at most this many).
@@ -562,8 +565,6 @@ class CentralFlow:
     Everything is float64 on the device of ``params`` (or of the model). The caller's model and
     tensors are never modified.
     """
-
-    _stable = False
 
     def __init__(
         self,
@@ -580,8 +581,9 @@ class CentralFlow:
         critical_threshold: float = 1.95,
         k_max: int = 10,
         eig_tol: float = 1e-5,
+        solve_every_substep: bool = False,
         dense_max: int = 32,
-        max_warmup_steps: int = 100,
+        max_warmup_steps: int = 20,
         seed: int = 0,
     ) -> None:
         if optimizer not in _OPTIMIZERS:
@@ -610,6 +612,7 @@ class CentralFlow:
         self.substeps, self.k_max, self.eig_tol = substeps, k_max, float(eig_tol)
         self.track_threshold, self.critical_threshold = float(track_threshold), float(critical_threshold)
         self.dense_max, self.max_warmup_steps, self.seed = dense_max, max_warmup_steps, seed
+        self.solve_every_substep = bool(solve_every_substep)
         self.n = self._objective.n
         self.w = self._objective.start.clone()
         self.t = 0
@@ -643,11 +646,21 @@ class CentralFlow:
             return torch.tensor(1.0 / self.lr, dtype=torch.float64, device=self._objective.device)
         return (self.nu.sqrt() + self.eps) / self.lr
 
-    def _eigenpairs(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        """Top eigenpairs (descending) of P^{-1/2} H P^{-1/2}, signs aligned to the last call."""
+    def _eigenpairs(self, s: Tensor, solve: bool) -> tuple[Tensor, Tensor]:
+        """Top eigenpairs (descending) of P^{-1/2} H P^{-1/2}, signs aligned to the last call.
+
+        ``solve``: a warm-started Lanczos solve (which also grows the tracked set); otherwise
+        Rayleigh–Ritz in the span of the tracked eigenvectors (k products), enough between the
+        solves of consecutive optimizer steps, where w moves by a fraction of a step.
+        """
         obj, n = self._objective, self.n
         cap = min(self.k_max, n)
-        if n <= self.dense_max:
+        if n > self.dense_max and not solve and self._V is not None:
+            V = self._V
+            HV = s[:, None] * obj.matvec(self.w, (s[:, None] * V).T.contiguous()).T
+            evals, Q = torch.linalg.eigh(0.5 * (V.T @ HV + HV.T @ V))
+            evals, V = evals.flip(0), V @ Q.flip(1)
+        elif n <= self.dense_max:
             H_eff = s[:, None] * obj.dense_hessian(self.w) * s[None, :]
             evals, vecs = torch.linalg.eigh(H_eff)
             evals, vecs = evals.flip(0), vecs.flip(1)
@@ -674,14 +687,14 @@ class CentralFlow:
         self._V = V
         return evals, V
 
-    def _measure(self) -> _Point:
+    def _measure(self, solve: bool = True) -> _Point:
         loss, grad = self._objective.loss_and_gradient(self.w)
         if self._nu_pending:
             previous = torch.zeros_like(self._second_moment(grad)) if self.nu is None else self.nu
             self.nu = self.beta2 * previous + (1.0 - self.beta2) * self._second_moment(grad)
             self._nu_pending = False
         p = self._preconditioner()
-        evals, V = self._eigenpairs(p.rsqrt().expand(self.n))
+        evals, V = self._eigenpairs(p.rsqrt().expand(self.n), solve or self.solve_every_substep)
         return _Point(self.w, loss, grad, p, evals, V)
 
     def _real_step(self, point: _Point) -> None:
@@ -752,7 +765,7 @@ class CentralFlow:
         if advance:
             self._euler(dw, dnu, dt)
             for _ in range(self.substeps - 1):
-                dw, dnu, _, _ = self._central_rates(self._measure(), dt)
+                dw, dnu, _, _ = self._central_rates(self._measure(solve=False), dt)
                 self._euler(dw, dnu, dt)
         return row
 
@@ -837,8 +850,6 @@ class StableFlow(CentralFlow):
     stays well inside Euler's stability region as the sharpness grows along the flow
     (the flow does not stop at the edge). Raises ``RuntimeError`` past ``max_substeps``.
     """
-
-    _stable = True
 
     def __init__(self, loss_fn: object, params: Tensor | None = None, optimizer: str = "gd", *,
                  lr: float, max_substeps: int = 1024, **kwargs) -> None:
