@@ -321,6 +321,7 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     ax.plot(t, s.sharpness.numpy(), color="tab:blue", lw=1.2, label=stable_name)
     ax.axhline(2.0, color="black", ls="--", lw=1.0, label="edge (2)")
     shade(ax)
+    ax.set_yscale("log")  # RMSProp from torch's zero state starts hundreds of times over the edge
     ax.set_title("effective sharpness λmax(P^-1/2 H P^-1/2)")
     ax.legend(fontsize=7)
 

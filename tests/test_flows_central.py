@@ -369,3 +369,47 @@ def test_run_continues_where_it_stopped():
     first, second = flow.run(25), flow.run(15)
     torch.testing.assert_close(torch.cat([first.w, second.w[1:]]), whole.w, atol=0, rtol=0)
     assert float(second.times[0]) == 25.0 and float(second.times[-1]) == 40.0
+
+
+def toy_plus_quadratic(w):
+    """The toy in w[:2] plus a stable quadratic in the other coordinates."""
+    c = torch.linspace(0.5, 15.0, w.numel() - 2, dtype=w.dtype)
+    return toy(w[:2]) + 0.5 * (c * w[2:] ** 2).sum()
+
+
+def test_lanczos_path_reaches_the_toy_settle_point(gen):
+    """dense_max=0: eigenpairs from warm-started Lanczos once per step and Rayleigh–Ritz at the
+    other substeps; the settle point is the toy's."""
+    start = torch.cat([torch.tensor([2.95, 2.95], dtype=F64), 0.1 * torch.randn(8, generator=gen, dtype=F64)])
+    flow = CentralFlow(toy_plus_quadratic, start, "gd", lr=LR, eig_tol=1e-8, dense_max=0)
+    tr = flow.run(120)
+    torch.testing.assert_close(tr.w[-1, :2], torch.tensor([3.0020, 3.0040], dtype=F64), atol=1e-4, rtol=0)
+    assert abs(float(tr.sigma_trace[-1]) - 3.33e-3) < 0.01 * 3.33e-3
+    assert float(tr.sharpness.max()) <= 2.0 + 1e-7
+    assert int(tr.num_critical[-1]) == 1 and int(tr.num_tracked[-1]) >= 2  # the top pair and a guard
+    assert tr.counts["matvecs"] < 120 * 60  # one solve per step, k products at the other substeps
+
+
+def test_cli_central_writes_json_and_figure(tmp_path):
+    import json
+
+    from pfkernels import cli
+
+    code = cli.main(["central", "--out", str(tmp_path), "--steps", "4", "--n-train", "32",
+                     "--width", "4", "--optimizer", "gd"])
+    assert code == 0
+    record = json.loads((tmp_path / "central_gd.json").read_text())
+    assert record["summary"]["num_steps"] == 4
+    assert len(record["series"]["distance_central"]) == 5
+    assert record["config"]["optimizer"] == "gd"
+    assert (tmp_path / "central_gd.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        cli.main(["central", "--out", str(tmp_path), "--lr", "-1"])
+
+
+@pytest.mark.cuda
+def test_toy_on_cuda_matches_cpu(toy_flow):
+    flow = CentralFlow(toy, torch.tensor([2.95, 2.95], dtype=F64, device="cuda"), "gd", lr=LR)
+    tr = flow.run(160)
+    assert tr.w.device.type == "cuda"
+    torch.testing.assert_close(tr.w.cpu(), toy_flow.w, atol=1e-10, rtol=0)
