@@ -9,7 +9,7 @@ from .ops import backend_info
 from .hvp import HessianOperator
 from . import data
 
-__all__ = ["EigResult", "HessianOperator", "__version__", "backend_info", "data", "eigsh"]
+__all__ = ["HessianOperator", "__version__", "backend_info", "data"]
 from .lanczos import EigResult  # noqa: E402
 from .lanczos import eigsh  # noqa: E402
 from .eos import SharpnessTracker  # noqa: E402
