@@ -12,7 +12,8 @@ its central flow and its stable flow (gradient flow for GD) from one start and t
   EoS phase (goal: within 5%);
 - predicted vs measured oscillation variance along the top eigenvector;
 - the central flow's cost per optimizer step in HVP units: Hessian-vector products, gradients and
-  third derivatives counted by the flow, weighted by their median times measured here.
+  third derivatives counted by the flow, weighted by the median ratio of their time to an HVP's
+  (timed back to back here); the raw counts are in the JSON too.
 
 Optionally (``--toy-steps``, default 3300) the REFERENCES.md §5 toy from its documented start
 w0 = (0, 0): the central flow's settle point, σ² and predicted loss.
@@ -35,27 +36,29 @@ from pfkernels import HessianOperator, data, report
 from pfkernels.flows import CentralFlow, compare_central_flow
 
 
-def _median_seconds(fn, repeats):
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _unit_costs(model, batch, repeats, seed):
-    """Median seconds of one HVP, one loss + gradient and one third derivative, float64."""
+    """Median seconds of one HVP, one loss + gradient and one third derivative (float64), and
+    the medians of their per-round ratios: the three are timed back to back in each round, so
+    the ratios hold up on a machine whose load changes from second to second."""
     op = HessianOperator(model, data.mse_loss, batch, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(op.shape[0], generator=gen, dtype=torch.float64)
     v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64)
-    hvp = _median_seconds(lambda: op.matvec(u), repeats)
-    grad = _median_seconds(lambda: (op.loss(), op.gradient()), repeats)
-    third = _median_seconds(lambda: op.third_derivative(u, v), repeats)
-    return {"hvp_s": hvp, "gradient_s": grad, "third_derivative_s": third,
-            "gradient_in_hvps": grad / hvp, "third_derivative_in_hvps": third / hvp}
+    calls = {"hvp": lambda: op.matvec(u), "gradient": lambda: (op.loss(), op.gradient()),
+             "third_derivative": lambda: op.third_derivative(u, v)}
+    for fn in calls.values():  # warm up
+        fn()
+    rounds = [{name: _seconds(fn) for name, fn in calls.items()} for _ in range(repeats)]
+    out = {f"{name}_s": statistics.median(r[name] for r in rounds) for name in calls}
+    for name in ("gradient", "third_derivative"):
+        out[f"{name}_in_hvps"] = statistics.median(r[name] / r["hvp"] for r in rounds)
+    return out
 
 
 def _hvp_units(counts_per_step, units):
@@ -91,7 +94,7 @@ def main():
     parser.add_argument("--beta2", type=float, default=0.99)
     parser.add_argument("--smoothing", type=float, default=4.0)
     parser.add_argument("--toy-steps", type=int, default=3300, help="0 skips the toy")
-    parser.add_argument("--repeats", type=int, default=15, help="repeats of the unit-cost timings")
+    parser.add_argument("--repeats", type=int, default=31, help="rounds of the unit-cost timings")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
