@@ -485,8 +485,10 @@ def _add_central(sub) -> None:
                    help="learning rate (default: gd 0.6, rmsprop 0.002, scalar_rmsprop 0.1, rates "
                    "that reach the edge of stability within the default run)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--n-train", type=int, default=256, help="digits training examples (default 256)")
-    p.add_argument("--width", type=int, default=32, help="MLP hidden width, 2 hidden layers (default 32)")
+    p.add_argument("--n-train", type=int, default=256,
+                   help="digits training examples (default 256)")
+    p.add_argument("--width", type=int, default=32,
+                   help="MLP hidden width, 2 hidden layers (default 32)")
     p.add_argument("--beta2", type=float, default=0.99, help="RMSProp's EMA factor (torch's alpha)")
     p.add_argument("--eps", type=float, default=1e-8, help="RMSProp's eps")
     p.add_argument("--substeps", type=int, default=4, help="Euler substeps per optimizer step")
@@ -494,8 +496,8 @@ def _add_central(sub) -> None:
                    help="Gaussian width (steps) for the smoothed optimizer loss (default 4)")
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data split seed")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: fastest for this small model, and robust on a "
-                   "busy machine, where extra threads contend)")
+                   help="torch CPU threads (default 1: fastest for this small model, and robust "
+                   "on a busy machine, where extra threads contend)")
     p.set_defaults(func=_run_central)
 
 
@@ -558,7 +560,8 @@ def _central_comparison(args) -> int:
           f"(ratio {summary['final_distance_ratio']:.3f})")
     if summary["eos_steps"]:
         print(f"  EoS phase: predicted loss {summary['eos_predicted_loss']:.5g} vs smoothed "
-              f"{summary['eos_smoothed_loss']:.5g} (relative error {summary['eos_loss_relative_error']:.3%})")
+              f"{summary['eos_smoothed_loss']:.5g} "
+              f"(relative error {summary['eos_loss_relative_error']:.3%})")
     print(f"  wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
 

@@ -300,7 +300,8 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
 
     ax = axes[0, 0]
     ax.plot(t, comparison.real_loss.numpy(), color="0.6", lw=0.7, label=label)
-    ax.plot(t, comparison.real_loss_smoothed.numpy(), color="black", lw=1.4, label=f"{label}, smoothed")
+    ax.plot(t, comparison.real_loss_smoothed.numpy(), color="black", lw=1.4,
+            label=f"{label}, smoothed")
     ax.plot(t, c.predicted_loss.numpy(), color="tab:red", lw=1.6, label="central flow: predicted")
     ax.plot(t, c.loss.numpy(), color="tab:red", lw=0.9, ls="--", label="central flow: L(w)")
     ax.plot(t, s.loss.numpy(), color="tab:blue", lw=1.2, label=stable_name)
@@ -310,8 +311,10 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     ax.legend(fontsize=7)
 
     ax = axes[0, 1]
-    ax.plot(t, comparison.distance_central.numpy(), color="tab:red", lw=1.4, label="‖w_real − w_central‖")
-    ax.plot(t, comparison.distance_stable.numpy(), color="tab:blue", lw=1.4, label=f"‖w_real − w_{stable_name.split()[0]}‖")
+    ax.plot(t, comparison.distance_central.numpy(), color="tab:red", lw=1.4,
+            label="‖w_real − w_central‖")
+    ax.plot(t, comparison.distance_stable.numpy(), color="tab:blue", lw=1.4,
+            label=f"‖w_real − w_{stable_name.split()[0]}‖")
     shade(ax)
     ax.set_title("distance to the optimizer")
     ax.legend(fontsize=7)
@@ -330,7 +333,8 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     ax.plot(t, measured.numpy(), color="black", lw=1.2, label=f"{label}: measured (smoothed)")
     ax.plot(t, predicted.numpy(), color="tab:red", lw=1.4, label="central flow: vᵀΣv")
     shade(ax)
-    values = torch.cat([predicted, measured[torch.isfinite(measured)], torch.zeros(1, dtype=predicted.dtype)])
+    zero = torch.zeros(1, dtype=predicted.dtype)
+    values = torch.cat([predicted, measured[torch.isfinite(measured)], zero])
     top = float(values.max())
     if top > 0:  # symlog: the variance is exactly 0 before the edge and spans decades after it
         ax.set_yscale("symlog", linthresh=top * 1e-3)

@@ -67,7 +67,8 @@ def toy_flow():
 def test_toy_settles_at_reference_point(toy_flow):
     tr = toy_flow
     assert tr.w.dtype == F64 and tr.w.shape == (161, 2)
-    torch.testing.assert_close(tr.w[-1], torch.tensor([3.0020, 3.0040], dtype=F64), atol=1e-4, rtol=0)
+    settle = torch.tensor([3.0020, 3.0040], dtype=F64)
+    torch.testing.assert_close(tr.w[-1], settle, atol=1e-4, rtol=0)
     sharpness = tr.sharpness[-1] / LR  # raw units
     assert abs(float(sharpness) - 20.0) < 1e-3
     assert abs(float(tr.sigma_trace[-1]) - 3.33e-3) < 0.01 * 3.33e-3
@@ -107,7 +108,8 @@ def test_two_critical_eigenvalues_match_two_separate_flows():
     assert int(joint.num_critical.max()) == 2
     torch.testing.assert_close(joint.w[:, :2], first.w, atol=1e-8, rtol=0)
     torch.testing.assert_close(joint.w[:, 2:], second.w, atol=1e-8, rtol=0)
-    torch.testing.assert_close(joint.sigma_trace, first.sigma_trace + second.sigma_trace, atol=1e-9, rtol=0)
+    both = first.sigma_trace + second.sigma_trace
+    torch.testing.assert_close(joint.sigma_trace, both, atol=1e-9, rtol=0)
 
 
 # ------------------------------------------------------------------------- below the edge
@@ -136,7 +138,8 @@ def euler_reference(f, w0, optimizer, lr, beta2, eps, nu0, steps, substeps=4):
 def test_below_the_edge_central_flow_is_the_stable_flow(optimizer, gen):
     start = torch.tensor([0.3, -0.2], dtype=F64) + 0.1 * torch.rand(2, generator=gen, dtype=F64)
     lr = LR if optimizer == "gd" else 0.01
-    nu0 = None if optimizer == "gd" else (0.05 if optimizer == "scalar_rmsprop" else torch.tensor([0.05, 0.03], dtype=F64))
+    nu0 = {"gd": None, "scalar_rmsprop": 0.05, "rmsprop": torch.tensor([0.05, 0.03], dtype=F64)}
+    nu0 = nu0[optimizer]
     kwargs = dict(lr=lr, beta2=0.9, eps=1e-8, nu0=nu0)
     central = CentralFlow(toy, start, optimizer, **kwargs).run(40)
     stable = StableFlow(toy, start, optimizer, **kwargs).run(40)
@@ -153,7 +156,8 @@ def test_gd_before_the_edge_equals_gradient_flow_on_the_toy(toy_flow):
     central = CentralFlow(toy, start, "gd", lr=LR).run(60)
     stable = StableFlow(toy, start, "gd", lr=LR).run(60)
     torch.testing.assert_close(central.w, stable.w, atol=1e-15, rtol=0)
-    torch.testing.assert_close(stable.w, euler_reference(toy, start, "gd", LR, 0.9, 0.0, None, 60), atol=1e-15, rtol=0)
+    want = euler_reference(toy, start, "gd", LR, 0.9, 0.0, None, 60)
+    torch.testing.assert_close(stable.w, want, atol=1e-15, rtol=0)
 
 
 @pytest.mark.parametrize("optimizer", ["scalar_rmsprop", "rmsprop"])
@@ -207,7 +211,8 @@ def test_sdcp_k1_is_the_closed_form(gen):
     for _ in range(20):
         a = float(torch.randn((), generator=gen, dtype=F64))
         b = float(torch.rand((), generator=gen, dtype=F64)) + 0.1
-        res = solve_sdcp(torch.tensor([[a]], dtype=F64), torch.tensor(b, dtype=F64).reshape(1, 1, 1, 1))
+        beta = torch.tensor(b, dtype=F64).reshape(1, 1, 1, 1)
+        res = solve_sdcp(torch.tensor([[a]], dtype=F64), beta)
         assert float(res.X) == max(0.0, -a / b)
         assert res.kkt_residual < 1e-15
 
@@ -290,8 +295,9 @@ def test_model_triple_dense_and_lanczos_paths_agree(tiny_model_problem):
     model, batch = tiny_model_problem
     before = [p.detach().clone() for p in model.parameters()]
     kwargs = dict(lr=0.5, substeps=4)
-    dense = CentralFlow((model, data.mse_loss, batch), None, "gd", dense_max=10_000, **kwargs).run(8)
-    lanczos = CentralFlow((model, data.mse_loss, batch), None, "gd", dense_max=0, eig_tol=1e-10, **kwargs).run(8)
+    problem = (model, data.mse_loss, batch)
+    dense = CentralFlow(problem, None, "gd", dense_max=10_000, **kwargs).run(8)
+    lanczos = CentralFlow(problem, None, "gd", dense_max=0, eig_tol=1e-10, **kwargs).run(8)
     torch.testing.assert_close(dense.sharpness, lanczos.sharpness, atol=1e-8, rtol=0)
     torch.testing.assert_close(dense.w, lanczos.w, atol=1e-9, rtol=0)
     n = sum(p.numel() for p in model.parameters())
@@ -323,8 +329,9 @@ def test_compare_real_optimizer_matches_the_flows_warmup(optimizer, tiny_model_p
     cmp = compare_central_flow((model, data.mse_loss, batch), None, optimizer, lr=0.1, num_steps=6)
     warm = cmp.central.warmup_steps
     assert warm >= 1
-    torch.testing.assert_close(cmp.central.w[: warm + 1], cmp.real_w[: warm + 1], atol=1e-12, rtol=0)
-    torch.testing.assert_close(cmp.stable.w[: warm + 1], cmp.real_w[: warm + 1], atol=1e-12, rtol=0)
+    real = cmp.real_w[: warm + 1]
+    torch.testing.assert_close(cmp.central.w[: warm + 1], real, atol=1e-12, rtol=0)
+    torch.testing.assert_close(cmp.stable.w[: warm + 1], real, atol=1e-12, rtol=0)
 
 
 def test_flow_bad_input(tiny_model_problem):
@@ -380,13 +387,16 @@ def toy_plus_quadratic(w):
 def test_lanczos_path_reaches_the_toy_settle_point(gen):
     """dense_max=0: eigenpairs from warm-started Lanczos once per step and Rayleigh–Ritz at the
     other substeps; the settle point is the toy's."""
-    start = torch.cat([torch.tensor([2.95, 2.95], dtype=F64), 0.1 * torch.randn(8, generator=gen, dtype=F64)])
+    rest = 0.1 * torch.randn(8, generator=gen, dtype=F64)
+    start = torch.cat([torch.tensor([2.95, 2.95], dtype=F64), rest])
     flow = CentralFlow(toy_plus_quadratic, start, "gd", lr=LR, eig_tol=1e-8, dense_max=0)
     tr = flow.run(120)
-    torch.testing.assert_close(tr.w[-1, :2], torch.tensor([3.0020, 3.0040], dtype=F64), atol=1e-4, rtol=0)
+    settle = torch.tensor([3.0020, 3.0040], dtype=F64)
+    torch.testing.assert_close(tr.w[-1, :2], settle, atol=1e-4, rtol=0)
     assert abs(float(tr.sigma_trace[-1]) - 3.33e-3) < 0.01 * 3.33e-3
     assert float(tr.sharpness.max()) <= 2.0 + 1e-7
-    assert int(tr.num_critical[-1]) == 1 and int(tr.num_tracked[-1]) >= 2  # the top pair and a guard
+    assert int(tr.num_critical[-1]) == 1
+    assert int(tr.num_tracked[-1]) >= 2  # the critical pair and a guard below the threshold
     assert tr.counts["matvecs"] < 120 * 60  # one solve per step, k products at the other substeps
 
 

@@ -97,6 +97,9 @@ def sdcp_operator_matrix(beta: Tensor) -> Tensor:
     return 0.5 * (B + B.T)
 
 
+_UNBOUNDED = "beta: is zero while alpha has a negative eigenvalue; the problem is unbounded"
+
+
 def _check_sdcp_inputs(alpha, beta) -> tuple[Tensor, Tensor]:
     if not isinstance(alpha, Tensor):
         raise TypeError(f"alpha: expected a torch.Tensor, got {type(alpha).__name__}")
@@ -106,7 +109,9 @@ def _check_sdcp_inputs(alpha, beta) -> tuple[Tensor, Tensor]:
         raise ValueError(f"alpha: must be a square [k, k] matrix, got shape {tuple(alpha.shape)}")
     k = alpha.shape[0]
     if tuple(beta.shape) != (k, k, k, k):
-        raise ValueError(f"beta: must have shape [k, k, k, k] = {(k,) * 4}, got {tuple(beta.shape)}")
+        raise ValueError(
+            f"beta: must have shape [k, k, k, k] = {(k,) * 4}, got {tuple(beta.shape)}"
+        )
     if not (alpha.is_floating_point() and beta.is_floating_point()):
         raise TypeError("alpha, beta: must be floating point tensors")
     alpha = alpha.detach().to("cpu", torch.float64)
@@ -198,7 +203,7 @@ def solve_sdcp(
     if torch.linalg.eigvalsh(alpha)[0] >= 0:
         return result(torch.zeros_like(a), 0)
     if b_max <= 0:
-        raise ValueError("beta: is zero while alpha has a negative eigenvalue; the problem is unbounded")
+        raise ValueError(_UNBOUNDED)
 
     a_norm = torch.linalg.vector_norm(a)
     Bn, an = B / b_max, a / a_norm
@@ -224,7 +229,9 @@ def solve_sdcp(
         if res <= target:
             break
         if float(torch.linalg.vector_norm(x)) > 1e12:
-            raise ValueError("beta: the problem is unbounded (beta is singular along a PSD descent direction)")
+            raise ValueError(
+                "beta: the problem is unbounded (beta is singular along a PSD descent direction)"
+            )
         if res <= newton_from:
             x_newton, newton_iters = _semismooth_newton(x, Bn, an, E, target)
             iterations += newton_iters
@@ -238,11 +245,13 @@ def solve_sdcp(
 def _solve_sdcp_scalar(alpha: float, beta: float) -> SDCPResult:
     """k = 1: X = max(0, −α/β), exact, so the KKT residual is that of the rounding only."""
     if beta < 0:
-        raise ValueError(f"beta: must be positive semidefinite on symmetric matrices, got {beta:.3e}")
+        raise ValueError(
+            f"beta: must be positive semidefinite on symmetric matrices, got {beta:.3e}"
+        )
     if alpha >= 0:
         x = 0.0
     elif beta == 0:
-        raise ValueError("beta: is zero while alpha has a negative eigenvalue; the problem is unbounded")
+        raise ValueError(_UNBOUNDED)
     else:
         x = -alpha / beta
     z = alpha + beta * x
@@ -415,7 +424,9 @@ class _ModelObjective(_Objective):
 def _make_objective(loss_fn: object, params: object) -> _Objective:
     if isinstance(loss_fn, tuple):
         if len(loss_fn) != 3:
-            raise ValueError(f"loss_fn: a tuple must be (model, loss, data), got {len(loss_fn)} items")
+            raise ValueError(
+                f"loss_fn: a tuple must be (model, loss, data), got {len(loss_fn)} items"
+            )
         return _ModelObjective(loss_fn, params)
     if callable(loss_fn):
         if params is None:
@@ -430,10 +441,14 @@ def _make_objective(loss_fn: object, params: object) -> _Objective:
 def _flat_start(params: object, n: int | None) -> Tensor:
     if isinstance(params, Tensor):
         start = params
-    elif isinstance(params, (list, tuple)) and params and all(isinstance(p, Tensor) for p in params):
+    elif isinstance(params, (list, tuple)) and params and all(
+        isinstance(p, Tensor) for p in params
+    ):
         start = torch.cat([p.detach().reshape(-1) for p in params])
     else:
-        raise TypeError(f"params: must be a flat tensor or a list of tensors, got {type(params).__name__}")
+        raise TypeError(
+            f"params: must be a flat tensor or a list of tensors, got {type(params).__name__}"
+        )
     if start.dim() != 1 or start.numel() == 0:
         raise ValueError(f"params: must be a non-empty flat vector, got shape {tuple(start.shape)}")
     if not start.is_floating_point():
@@ -446,7 +461,7 @@ def _flat_start(params: object, n: int | None) -> Tensor:
 
 
 class _EffectiveHessian:
-    """P^{-1/2} H P^{-1/2} as an operator for :func:`pfkernels.eigsh` (``s`` = P^{-1/2} diagonal)."""
+    """P^{-1/2} H P^{-1/2} as an operator for :func:`pfkernels.eigsh` (``s``: P^{-1/2} diagonal)."""
 
     def __init__(self, objective: _Objective, w: Tensor, s: Tensor) -> None:
         self._objective, self._w, self._s = objective, w, s
@@ -518,10 +533,15 @@ class _Point:
     V: Tensor
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_positive(value: object, name: str, *, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name}: must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+        kind_name = "an int" if integer else "a number"
+        raise TypeError(f"{name}: must be {kind_name}, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name}: must be positive and finite, got {value}")
 
@@ -596,21 +616,26 @@ class CentralFlow:
             raise ValueError(f"beta2: must be in (0, 1), got {beta2!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
             raise ValueError(f"eps: must be a non-negative finite number, got {eps!r}")
-        for name, value in (("track_threshold", track_threshold), ("critical_threshold", critical_threshold)):
-            _check_positive(value, name)
+        _check_positive(track_threshold, "track_threshold")
+        _check_positive(critical_threshold, "critical_threshold")
         if not track_threshold <= critical_threshold <= EDGE:
             raise ValueError(
-                f"critical_threshold: must satisfy track_threshold <= critical_threshold <= {EDGE}, "
+                f"critical_threshold: must satisfy track_threshold <= critical_threshold <= "
+                f"{EDGE}, "
                 f"got {track_threshold} and {critical_threshold}"
             )
-        if isinstance(dense_max, bool) or not isinstance(dense_max, int) or dense_max < 0:
+        if not _is_count(dense_max):
             raise ValueError(f"dense_max: must be a non-negative int, got {dense_max!r}")
-        if isinstance(max_warmup_steps, bool) or not isinstance(max_warmup_steps, int) or max_warmup_steps < 0:
-            raise ValueError(f"max_warmup_steps: must be a non-negative int, got {max_warmup_steps!r}")
+        if not _is_count(max_warmup_steps):
+            raise ValueError(
+                f"max_warmup_steps: must be a non-negative int, got {max_warmup_steps!r}"
+            )
         self._objective = _make_objective(loss_fn, params)
-        self.optimizer, self.lr, self.beta2, self.eps = optimizer, float(lr), float(beta2), float(eps)
+        self.optimizer, self.lr = optimizer, float(lr)
+        self.beta2, self.eps = float(beta2), float(eps)
         self.substeps, self.k_max, self.eig_tol = substeps, k_max, float(eig_tol)
-        self.track_threshold, self.critical_threshold = float(track_threshold), float(critical_threshold)
+        self.track_threshold = float(track_threshold)
+        self.critical_threshold = float(critical_threshold)
         self.dense_max, self.max_warmup_steps, self.seed = dense_max, max_warmup_steps, seed
         self.solve_every_substep = bool(solve_every_substep)
         self.n = self._objective.n
@@ -630,7 +655,9 @@ class CentralFlow:
         nu = torch.as_tensor(nu0, dtype=torch.float64, device=self._objective.device).clone()
         want = () if self.optimizer == "scalar_rmsprop" else (self.n,)
         if tuple(nu.shape) != want:
-            raise ValueError(f"nu0: must have shape {want} for {self.optimizer}, got {tuple(nu.shape)}")
+            raise ValueError(
+                f"nu0: must have shape {want} for {self.optimizer}, got {tuple(nu.shape)}"
+            )
         if not bool(torch.isfinite(nu).all()) or bool((nu < 0).any()):
             raise ValueError("nu0: must be finite and non-negative")
         return nu
@@ -709,8 +736,10 @@ class CentralFlow:
             return None
         return ((1.0 - self.beta2) / self.beta2) * (self._second_moment(grad) - self.nu)
 
-    def _central_rates(self, point: _Point, dt: float) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """(dw/dt, dν/dt, X, U): Σ = U X Uᵀ with U the critical generalised eigenvectors (UᵀPU = I)."""
+    def _central_rates(
+        self, point: _Point, dt: float
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """(dw/dt, dν/dt, X, U): Σ = U X Uᵀ, U the critical generalised eigenvectors (UᵀPU = I)."""
         obj, p, grad = self._objective, point.p, point.grad
         dw = -grad / p
         dnu = self._nu_rate(grad)
@@ -795,14 +824,15 @@ class CentralFlow:
         optimizer steps until it is below, at most ``max_warmup_steps`` (as the authors do); those
         rows have ``substeps`` 0 and Σ = 0. Calling ``run`` again continues from where it stopped.
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        if not _is_count(num_steps):
             raise ValueError(f"num_steps: must be a non-negative int, got {num_steps!r}")
         before = dict(self._objective.counts)
         start, rows = self.t, []
         for i in range(num_steps + 1):
             advance = i < num_steps
             point = self._measure()
-            if self._warming and point.evals[0] > EDGE and self.warmup_steps < self.max_warmup_steps:
+            above = point.evals[0] > EDGE
+            if self._warming and above and self.warmup_steps < self.max_warmup_steps:
                 empty = torch.zeros(0, 0, dtype=torch.float64, device=point.grad.device)
                 rows.append(self._row(point, empty, point.V[:, :0], 0))
                 if advance:
@@ -818,7 +848,9 @@ class CentralFlow:
         return _stack_rows(rows, start, self.warmup_steps, counts, record_eigenvectors)
 
 
-def _stack_rows(rows: list[dict], start: int, warmup: int, counts: dict, eigvecs: bool) -> CentralFlowTrajectory:
+def _stack_rows(
+    rows: list[dict], start: int, warmup: int, counts: dict, eigvecs: bool
+) -> CentralFlowTrajectory:
     f64 = torch.float64
 
     def column(key: str, dtype=f64) -> Tensor:
@@ -939,14 +971,17 @@ class CentralFlowComparison:
             predicted = self.central.predicted_loss[self.eos]
             smoothed = self.real_loss_smoothed[self.eos]
             measured = self.measured_variance[self.eos]
+            mean = smoothed.mean()
             out.update(
                 eos_onset=float(self.times[self.eos][0]),
                 eos_predicted_loss=float(predicted.mean()),
-                eos_smoothed_loss=float(smoothed.mean()),
-                eos_loss_relative_error=float((predicted.mean() - smoothed.mean()).abs() / smoothed.mean().abs()),
-                eos_loss_pointwise_relative_error=float(((predicted - smoothed).abs() / smoothed.abs()).mean()),
+                eos_smoothed_loss=float(mean),
+                eos_loss_relative_error=float((predicted.mean() - mean).abs() / mean.abs()),
+                eos_loss_pointwise_relative_error=float(
+                    ((predicted - smoothed).abs() / smoothed.abs()).mean()
+                ),
                 eos_stable_loss_relative_error=float(
-                    (self.stable.loss[self.eos].mean() - smoothed.mean()).abs() / smoothed.mean().abs()
+                    (self.stable.loss[self.eos].mean() - mean).abs() / mean.abs()
                 ),
                 eos_predicted_variance=float(self.predicted_variance[self.eos].mean()),
                 eos_measured_variance=float(measured[torch.isfinite(measured)].mean()),
@@ -1015,12 +1050,14 @@ def compare_central_flow(
         numbers (final ‖w_real − w_central‖ vs ‖w_real − w_stable‖, predicted vs smoothed loss
         and predicted vs measured oscillation variance over the EoS phase).
     """
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < math.inf:
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
+        0 <= smoothing < math.inf
+    ):
         raise ValueError(f"smoothing: must be a non-negative finite number, got {smoothing!r}")
     common = dict(lr=lr, beta2=beta2, eps=eps, **flow_kwargs)
     central_flow = CentralFlow(loss_fn, params, optimizer, **common)
     stable_flow = StableFlow(loss_fn, params, optimizer, **common)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+    if not _is_count(num_steps):
         raise ValueError(f"num_steps: must be a non-negative int, got {num_steps!r}")
     central = central_flow.run(num_steps, record_eigenvectors=True)
     stable = stable_flow.run(num_steps)
