@@ -276,6 +276,7 @@ def central_flow_record(comparison) -> dict[str, Any]:
         "sigma_trace": central.sigma_trace,
         "predicted_variance": comparison.predicted_variance,
         "measured_variance": comparison.measured_variance,
+        "measured_total_variance": comparison.measured_total_variance,
         "eos": comparison.eos,
     }
     return to_jsonable({"summary": comparison.summary(), "series": series})
@@ -289,7 +290,8 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     phase used by the summary is shaded. Writes a PNG and returns its path."""
     c, s = comparison.central, comparison.stable
     t = comparison.times.numpy()
-    label = {"gd": "GD", "rmsprop": "RMSProp", "scalar_rmsprop": "scalar RMSProp"}[comparison.optimizer]
+    names = {"gd": "GD", "rmsprop": "RMSProp", "scalar_rmsprop": "scalar RMSProp"}
+    label = names[comparison.optimizer]
     stable_name = "gradient flow" if comparison.optimizer == "gd" else "stable flow"
     fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.5))
     eos = comparison.eos.numpy()
@@ -332,13 +334,17 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     measured, predicted = comparison.measured_variance, comparison.predicted_variance
     ax.plot(t, measured.numpy(), color="black", lw=1.2, label=f"{label}: measured (smoothed)")
     ax.plot(t, predicted.numpy(), color="tab:red", lw=1.4, label="central flow: vᵀΣv")
+    total = comparison.measured_total_variance
+    ax.plot(t, total.numpy(), color="black", lw=0.9, ls="--",
+            label=f"{label}: ‖δ‖² (all directions)")
+    ax.plot(t, c.sigma_trace.numpy(), color="tab:red", lw=0.9, ls="--", label="central flow: tr Σ")
     shade(ax)
     zero = torch.zeros(1, dtype=predicted.dtype)
-    values = torch.cat([predicted, measured[torch.isfinite(measured)], zero])
+    values = torch.cat([predicted, c.sigma_trace, total[torch.isfinite(total)], zero])
     top = float(values.max())
     if top > 0:  # symlog: the variance is exactly 0 before the edge and spans decades after it
         ax.set_yscale("symlog", linthresh=top * 1e-3)
-    ax.set_title("oscillation variance along the top eigenvector")
+    ax.set_title("oscillation variance (top eigenvector; dashed: total)")
     ax.legend(fontsize=7)
     for ax in axes.flat:
         ax.set_xlabel("optimizer step")

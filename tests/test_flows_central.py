@@ -316,6 +316,9 @@ def test_compare_runs_three_processes_from_one_start(tiny_model_problem):
     # Far below the edge GD, its central flow and gradient flow agree to O(η²) per step.
     assert float(cmp.distance_central.max()) < 1e-2
     torch.testing.assert_close(cmp.distance_central, cmp.distance_stable, atol=1e-12, rtol=0)
+    for series in (cmp.measured_variance, cmp.measured_total_variance):
+        assert bool(series[[0, -1]].isnan().all()) and bool(series[1:-1].isfinite().all())
+    assert bool((cmp.measured_total_variance[1:-1] >= cmp.measured_variance[1:-1] - 1e-15).all())
     summary = cmp.summary()
     assert summary["eos_steps"] == 0 and summary["num_steps"] == 10
     assert summary["final_distance_central"] == pytest.approx(float(cmp.distance_central[-1]))

@@ -928,6 +928,9 @@ class CentralFlowComparison:
         predicted_variance: [T], vᵀΣv of the central flow along its unit top eigenvector v.
         measured_variance: [T], the smoothed (δ_t·v_t)² of the optimizer, δ_t = w_t − ¼(w_{t−1} +
             2w_t + w_{t+1}) (its oscillation about the midpoint of midpoints; NaN at both ends).
+        measured_total_variance: [T], the smoothed ‖δ_t‖², to compare with tr Σ
+            (``central.sigma_trace``) without singling out one direction of the critical space,
+            whose eigenvalues all sit at the edge.
         eos: [T] bool, the EoS phase used by :meth:`summary`: after the warm-up, Σ ≠ 0 in the
             central flow, and at least 3·smoothing steps from the end (where the filter is cut).
         optimizer, lr, smoothing: as passed.
@@ -943,6 +946,7 @@ class CentralFlowComparison:
     distance_stable: Tensor
     predicted_variance: Tensor
     measured_variance: Tensor
+    measured_total_variance: Tensor
     eos: Tensor
     optimizer: str
     lr: float
@@ -971,6 +975,7 @@ class CentralFlowComparison:
             predicted = self.central.predicted_loss[self.eos]
             smoothed = self.real_loss_smoothed[self.eos]
             measured = self.measured_variance[self.eos]
+            total = self.measured_total_variance[self.eos]
             mean = smoothed.mean()
             out.update(
                 eos_onset=float(self.times[self.eos][0]),
@@ -985,6 +990,8 @@ class CentralFlowComparison:
                 ),
                 eos_predicted_variance=float(self.predicted_variance[self.eos].mean()),
                 eos_measured_variance=float(measured[torch.isfinite(measured)].mean()),
+                eos_predicted_sigma_trace=float(self.central.sigma_trace[self.eos].mean()),
+                eos_measured_total_variance=float(total[torch.isfinite(total)].mean()),
             )
         return out
 
@@ -1067,10 +1074,12 @@ def compare_central_flow(
     real_w, central_w, stable_w = real_w.cpu(), central.w.cpu(), stable.w.cpu()
     T = real_w.shape[0]
     delta = torch.full((T,), math.nan, dtype=torch.float64)
+    total = delta.clone()
     if T >= 3:
         mid = real_w[1:-1] - 0.25 * (real_w[:-2] + 2.0 * real_w[1:-1] + real_w[2:])
         along = (mid * central.top_eigenvector[1:-1].cpu()).sum(1)
         delta[1:-1] = _gaussian_smooth(along * along, smoothing)
+        total[1:-1] = _gaussian_smooth((mid * mid).sum(1), smoothing)
     cut = math.ceil(3.0 * smoothing)
     eos = (central.num_critical > 0) & (central.times >= central.warmup_steps)
     eos &= central.times <= central.times[-1] - cut
@@ -1085,6 +1094,7 @@ def compare_central_flow(
         distance_stable=torch.linalg.vector_norm(real_w - stable_w, dim=1),
         predicted_variance=central.oscillation_variance,
         measured_variance=delta,
+        measured_total_variance=total,
         eos=eos,
         optimizer=optimizer,
         lr=float(lr),
