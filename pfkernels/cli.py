@@ -536,7 +536,106 @@ def _run_pf(args) -> int:
     return 0
 
 
-_COMMANDS = [_add_info, _add_pf, _add_eos, _add_sharpness]
+_CENTRAL_LR = {"gd": 0.6, "rmsprop": 0.002, "scalar_rmsprop": 0.1}
+
+
+def _add_central(sub) -> None:
+    p = sub.add_parser(
+        "central",
+        help="an optimizer next to its central flow and stable flow (REFERENCES.md §5), with a figure",
+        description="Runs the optimizer (torch.optim SGD or RMSprop, or scalar RMSProp), its central "
+        "flow and its stable flow (gradient flow for GD) from one start on a tanh MLP on the embedded "
+        "digits (MSE, full batch, float64). Writes central_<optimizer>.json (summary and per-step "
+        "series) and central_<optimizer>.png to --out.",
+    )
+    p.add_argument("--out", required=True, help="directory for the JSON and PNG")
+    p.add_argument("--optimizer", choices=sorted(_CENTRAL_LR), default="gd")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: gd 0.6, rmsprop 0.002, scalar_rmsprop 0.1, rates "
+                   "that reach the edge of stability within the default run)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--n-train", type=int, default=256,
+                   help="digits training examples (default 256)")
+    p.add_argument("--width", type=int, default=32,
+                   help="MLP hidden width, 2 hidden layers (default 32)")
+    p.add_argument("--beta2", type=float, default=0.99, help="RMSProp's EMA factor (torch's alpha)")
+    p.add_argument("--eps", type=float, default=1e-8, help="RMSProp's eps")
+    p.add_argument("--substeps", type=int, default=4, help="Euler substeps per optimizer step")
+    p.add_argument("--smoothing", type=float, default=4.0,
+                   help="Gaussian width (steps) for the smoothed optimizer loss (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data split seed")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: fastest for this small model, and robust "
+                   "on a busy machine, where extra threads contend)")
+    p.set_defaults(func=_run_central)
+
+
+def _run_central(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _central_comparison(args)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
+
+
+def _central_comparison(args) -> int:
+    import math
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from . import data, report
+    from .flows import compare_central_flow
+
+    lr = _CENTRAL_LR[args.optimizer] if args.lr is None else args.lr
+    if not (lr > 0 and math.isfinite(lr)):
+        raise SystemExit(f"pfkernels central: --lr must be a positive number, got {lr}")
+    if min(args.steps, args.n_train, args.width, args.substeps, args.threads) < 1:
+        raise SystemExit("pfkernels central: --steps, --n-train, --width, --substeps and --threads "
+                         "must be positive")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = data.digits(n_train=args.n_train, n_test=0, seed=args.seed, dtype=torch.float64)
+    model = data.mlp(width=args.width, depth=2, activation="tanh", seed=args.seed)
+    n = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    cmp = compare_central_flow((model, data.mse_loss, ds.train), None, args.optimizer, lr=lr,
+                               num_steps=args.steps, beta2=args.beta2, eps=args.eps,
+                               substeps=args.substeps, smoothing=args.smoothing)
+    seconds = time.perf_counter() - start
+    record = report.central_flow_record(cmp)
+    record["config"] = {
+        "model": f"tanh MLP 64-{args.width}-{args.width}-10 ({n} parameters)",
+        "data": f"digits, {args.n_train} training examples, MSE, full batch, float64",
+        "optimizer": args.optimizer, "lr": lr, "steps": args.steps, "beta2": args.beta2,
+        "eps": args.eps, "substeps": args.substeps, "smoothing": args.smoothing,
+        "seed": args.seed, "threads": args.threads, "seconds": seconds,
+    }
+    stem = f"central_{args.optimizer}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    report.plot_central_flow_comparison(
+        cmp, out / f"{stem}.png",
+        title=f"{args.optimizer}, lr = {lr:g}: digits MLP 64-{args.width}-{args.width}-10, "
+        f"{args.n_train} examples")
+    summary = record["summary"]
+    print(f"pfkernels central: {args.optimizer} lr={lr:g}, {args.steps} steps in {seconds:.1f} s; "
+          f"EoS from step {summary['eos_onset']} ({summary['eos_steps']} steps in the phase)")
+    print(f"  final ||w_real - w_central|| = {summary['final_distance_central']:.4g}, "
+          f"||w_real - w_stable|| = {summary['final_distance_stable']:.4g} "
+          f"(ratio {summary['final_distance_ratio']:.3f})")
+    if summary["eos_steps"]:
+        print(f"  EoS phase: predicted loss {summary['eos_predicted_loss']:.5g} vs smoothed "
+              f"{summary['eos_smoothed_loss']:.5g} "
+              f"(relative error {summary['eos_loss_relative_error']:.3%})")
+    print(f"  wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return 0
+
+
+_COMMANDS = [_add_info, _add_pf, _add_eos, _add_sharpness, _add_central]
 
 
 def build_parser() -> argparse.ArgumentParser:

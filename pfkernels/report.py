@@ -251,3 +251,110 @@ def plot_eos_report(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# =============================================================================================
+# central flow figures (pfkernels central)
+# =============================================================================================
+
+
+def central_flow_record(comparison) -> dict[str, Any]:
+    """A :class:`pfkernels.flows.CentralFlowComparison` as plain JSON: its ``summary()`` plus
+    the per-step series (losses, distances, sharpness, tr Σ, oscillation variances)."""
+    central, stable = comparison.central, comparison.stable
+    series = {
+        "times": comparison.times,
+        "real_loss": comparison.real_loss,
+        "real_loss_smoothed": comparison.real_loss_smoothed,
+        "central_loss": central.loss,
+        "central_predicted_loss": central.predicted_loss,
+        "stable_loss": stable.loss,
+        "distance_central": comparison.distance_central,
+        "distance_stable": comparison.distance_stable,
+        "central_sharpness": central.sharpness,
+        "stable_sharpness": stable.sharpness,
+        "central_num_critical": central.num_critical,
+        "sigma_trace": central.sigma_trace,
+        "predicted_variance": comparison.predicted_variance,
+        "measured_variance": comparison.measured_variance,
+        "measured_total_variance": comparison.measured_total_variance,
+        "eos": comparison.eos,
+    }
+    return to_jsonable({"summary": comparison.summary(), "series": series})
+
+
+def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "") -> Path:
+    """Four panels over optimizer steps: the three losses (the optimizer raw and smoothed, the
+    central flow's predicted time average and L(w), the stable flow); the distances
+    ‖w_real − w_central‖ and ‖w_real − w_stable‖; effective sharpness of both flows with the
+    edge at 2; predicted vs measured oscillation variance along the top eigenvector. The EoS
+    phase used by the summary is shaded. Writes a PNG and returns its path."""
+    c, s = comparison.central, comparison.stable
+    t = comparison.times.numpy()
+    names = {"gd": "GD", "rmsprop": "RMSProp", "scalar_rmsprop": "scalar RMSProp"}
+    label = names[comparison.optimizer]
+    stable_name = "gradient flow" if comparison.optimizer == "gd" else "stable flow"
+    fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.5))
+    eos = comparison.eos.numpy()
+
+    def shade(ax):
+        if eos.any():
+            ax.axvspan(t[eos][0], t[eos][-1], color="gold", alpha=0.12, lw=0, label="EoS phase")
+
+    ax = axes[0, 0]
+    ax.plot(t, comparison.real_loss.numpy(), color="0.6", lw=0.7, label=label)
+    ax.plot(t, comparison.real_loss_smoothed.numpy(), color="black", lw=1.4,
+            label=f"{label}, smoothed")
+    ax.plot(t, c.predicted_loss.numpy(), color="tab:red", lw=1.6, label="central flow: predicted")
+    ax.plot(t, c.loss.numpy(), color="tab:red", lw=0.9, ls="--", label="central flow: L(w)")
+    ax.plot(t, s.loss.numpy(), color="tab:blue", lw=1.2, label=stable_name)
+    shade(ax)
+    ax.set_yscale("log")
+    ax.set_title("train loss")
+    ax.legend(fontsize=7)
+
+    ax = axes[0, 1]
+    ax.plot(t, comparison.distance_central.numpy(), color="tab:red", lw=1.4,
+            label="‖w_real − w_central‖")
+    ax.plot(t, comparison.distance_stable.numpy(), color="tab:blue", lw=1.4,
+            label=f"‖w_real − w_{stable_name.split()[0]}‖")
+    shade(ax)
+    ax.set_title("distance to the optimizer")
+    ax.legend(fontsize=7)
+
+    ax = axes[1, 0]
+    ax.plot(t, c.sharpness.numpy(), color="tab:red", lw=1.4, label="central flow")
+    ax.plot(t, s.sharpness.numpy(), color="tab:blue", lw=1.2, label=stable_name)
+    ax.axhline(2.0, color="black", ls="--", lw=1.0, label="edge (2)")
+    shade(ax)
+    ax.set_yscale("log")  # RMSProp from torch's zero state starts hundreds of times over the edge
+    ax.set_title("effective sharpness λmax(P^-1/2 H P^-1/2)")
+    ax.legend(fontsize=7)
+
+    ax = axes[1, 1]
+    measured, predicted = comparison.measured_variance, comparison.predicted_variance
+    ax.plot(t, measured.numpy(), color="black", lw=1.2, label=f"{label}: measured (smoothed)")
+    ax.plot(t, predicted.numpy(), color="tab:red", lw=1.4, label="central flow: vᵀΣv")
+    total = comparison.measured_total_variance
+    ax.plot(t, total.numpy(), color="black", lw=0.9, ls="--",
+            label=f"{label}: ‖δ‖² (all directions)")
+    ax.plot(t, c.sigma_trace.numpy(), color="tab:red", lw=0.9, ls="--", label="central flow: tr Σ")
+    shade(ax)
+    zero = torch.zeros(1, dtype=predicted.dtype)
+    values = torch.cat([predicted, c.sigma_trace, total[torch.isfinite(total)], zero])
+    top = float(values.max())
+    if top > 0:  # symlog: the variance is exactly 0 before the edge and spans decades after it
+        ax.set_yscale("symlog", linthresh=top * 1e-3)
+    ax.set_title("oscillation variance (top eigenvector; dashed: total)")
+    ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

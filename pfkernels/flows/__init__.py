@@ -17,3 +17,10 @@ from .principal import StabilityReport
 from .principal import model_loss
 from .principal import stability_report
 from .principal import principal_flow_step
+from .central import CentralFlow
+from .central import CentralFlowComparison
+from .central import CentralFlowTrajectory
+from .central import SDCPResult
+from .central import StableFlow
+from .central import compare_central_flow
+from .central import solve_sdcp
