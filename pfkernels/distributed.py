@@ -37,6 +37,7 @@ __all__ = [
     "weighted_mean",
     "unwrap_model",
     "reduce_loss_and_grads",
+    "operator_seed",
 ]
 
 DEFAULT = "default"
@@ -244,3 +245,19 @@ def reduce_loss_and_grads(loss: Tensor, grads: Sequence[Tensor], process_group: 
         return loss, list(grads)
     out = all_reduce_mean([loss.detach().reshape(()), *grads], group)
     return out[0], out[1:]
+
+
+def operator_seed(A: Any, seed: int | None) -> int | None:
+    """The seed :func:`pfkernels.eigsh` uses for ``A``: ``seed`` itself, unless ``A`` is reduced
+    over a process group (``A.process_group`` is not None) and ``seed`` is None; then rank 0 draws
+    one and broadcasts it (8 bytes, once per solve).
+
+    That is what makes a distributed eigensolve replicated: ``A``'s products are all-reduced, so
+    with the same start vector and the same breakdown restarts every rank runs the same Lanczos
+    recurrence and gets the same bits. An explicit ``seed`` or ``v0`` must be the same on every
+    rank (previous eigenvectors of a distributed solve are).
+    """
+    group = getattr(A, "process_group", None)
+    if seed is not None or group is None:
+        return seed
+    return broadcast_seed(None, group, device=getattr(A, "device", "cpu"))

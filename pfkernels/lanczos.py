@@ -31,6 +31,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
+
 __all__ = ["EigResult", "eigsh"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
@@ -328,6 +330,7 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"argument 'tol': must be a positive finite number, got {tol!r}")
+    seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
     N = op.n
