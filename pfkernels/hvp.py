@@ -712,6 +712,8 @@ class HessianOperator:
                 if g is not None and not bool(torch.isfinite(g).all()):
                     where = f"the gradient has NaN/Inf on batch {i}"
                     break
+        if self._group is not None:
+            where += " (of this rank's shard; the reduced product carries every rank's NaN/Inf)"
         raise FloatingPointError(
             f"HessianOperator.matvec: H·v has NaN/Inf entries in parameters {bad_params}; {where}"
         )
