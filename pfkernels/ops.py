@@ -103,17 +103,28 @@ def _check_pair_lists(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, nam
         name_a,
         f"dtype must be float32 or float64, got {dtype}",
     )
+    # The fast path only compares; messages are built once something is wrong (on a list of
+    # hundreds of tensors, formatting them eagerly cost more than the kernels).
     for i, (x, y) in enumerate(zip(a, b)):
         for name, t in ((name_a, x), (name_b, y)):
-            _check_arg(isinstance(t, Tensor), f"{name}[{i}]", "must be a tensor")
-            _check_arg(t.dtype == dtype, f"{name}[{i}]", f"dtype {t.dtype} differs from {dtype}")
-            _check_arg(t.device == device, f"{name}[{i}]", f"device {t.device} differs from {device}")
-            _check_arg(t.layout == torch.strided, f"{name}[{i}]", "sparse tensors are not supported")
-        _check_arg(
-            x.shape == y.shape,
-            f"{name_b}[{i}]",
-            f"shape {tuple(y.shape)} differs from {name_a}[{i}] {tuple(x.shape)}",
-        )
+            if not (
+                isinstance(t, Tensor)
+                and t.dtype == dtype
+                and t.device == device
+                and t.layout == torch.strided
+            ):
+                _check_arg(isinstance(t, Tensor), f"{name}[{i}]", "must be a tensor")
+                _check_arg(t.dtype == dtype, f"{name}[{i}]", f"dtype {t.dtype} differs from {dtype}")
+                _check_arg(
+                    t.device == device, f"{name}[{i}]", f"device {t.device} differs from {device}"
+                )
+                _check_arg(False, f"{name}[{i}]", "sparse tensors are not supported")
+        if x.shape != y.shape:
+            _check_arg(
+                False,
+                f"{name_b}[{i}]",
+                f"shape {tuple(y.shape)} differs from {name_a}[{i}] {tuple(x.shape)}",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
