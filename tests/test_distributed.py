@@ -56,6 +56,54 @@ def _dal_run(opt_factory, model, x, y, steps=5):
     return torch.stack(lrs), torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+class _CountCollectives:
+    """Counts all_reduce calls (the patched name is what pfkernels.distributed calls)."""
+
+    def __enter__(self):
+        self.calls, self._real = 0, dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._real(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._real
+
+
+def _collective_counts(model, xs, ys, block):
+    op = pfkernels.HessianOperator(model, mse_loss, [(xs[:50], ys[:50]), (xs[50:], ys[50:])],
+                                   cache_graph=True)
+    counts = {}
+    for name, call in {
+        "block_matvec": lambda: op @ block,
+        "block_matvec_cached_again": lambda: op @ block,
+        "gradient": op.gradient,
+        "loss": op.loss,
+    }.items():
+        with _CountCollectives() as c:
+            call()
+        counts[name] = c.calls
+    m = copy.deepcopy(model)
+    opt = DAL(m.parameters())
+    with _CountCollectives() as c:
+        opt.step(lambda: mse_loss(m(xs), ys))
+    counts["dal_step"] = c.calls
+    return counts
+
+
+def _helpers_with_group(rank):
+    t32 = torch.full((2, 3), float(rank + 1))
+    t64 = torch.arange(4, dtype=torch.float64) * (rank + 1)
+    s32, s64 = pfd.all_reduce_sum([t32, t64])
+    return {"sum32": s32, "sum64": s64, "mean": pfd.all_reduce_mean(t64),
+            "seed": pfd.broadcast_seed(None), "seed_given": pfd.broadcast_seed(100 + rank),
+            "bcast": pfd.broadcast_tensor(torch.tensor([rank + 5.0])),
+            "rank": pfd.rank(), "zero": pfd.is_rank_zero(), "world": pfd.world_size()}
+
+
 def _agreement_worker(rank, init_file, out_dir):
     _init(rank, init_file)
     x, y, model = _problem()
@@ -73,14 +121,16 @@ def _agreement_worker(rank, init_file, out_dir):
     # rank 1 splits its shard into two batches: per-batch weighting must survive the reduction
     data1 = [(xs[:70], ys[:70]), (xs[70:], ys[70:])] if rank == 1 else (xs, ys)
     configs = {
+        "float32": dict(model=model, data=(xs, ys), dtype=torch.float32),
         "cached": dict(model=model, data=(xs, ys)),
         "batches": dict(model=model, data=data1, cache_graph=False),
         "ddp_for": dict(model=ddp, data=data1, method="forward-over-reverse"),
     }
     for name, kw in configs.items():
         op = pfkernels.HessianOperator(kw.pop("model"), mse_loss, kw.pop("data"), **kw)
-        out[name] = {"hv": op @ v, "block": op @ block, "grad": op.gradient(),
-                     "loss": op.loss(), "third": op.third_derivative(u, v),
+        v_, block_, u_ = (t.to(op.dtype) for t in (v, block, u))
+        out[name] = {"hv": op @ v_, "block": op @ block_, "grad": op.gradient(),
+                     "loss": op.loss(), "third": op.third_derivative(u_, v_),
                      "world": pfd.world_size(op.process_group)}
     op = pfkernels.HessianOperator(model, mse_loss, (xs, ys))
     res = pfkernels.eigsh(op, k=3, tol=1e-10)  # no seed: rank 0's is broadcast
@@ -89,15 +139,23 @@ def _agreement_worker(rank, init_file, out_dir):
     out["eigsh_ref"] = {"vals": ref_res.eigenvalues, "vecs": ref_res.eigenvectors}
 
     xd, yd = _shard(x, y, rank, DAL_SHARDS)
-    for name, factory in {
-        "dal": lambda m, **kw: DAL(m.parameters(), p=1.0, lr_max=5.0, momentum=0.5, **kw),
-        "dal_fd": lambda m, **kw: DAL(m.parameters(), hvp="finite-difference", **kw),
-        "scaler": lambda m, **kw: DALScaler(torch.optim.Adam(m.parameters(), lr=1e-3), **kw),
-    }.items():
-        local = _dal_run(factory, copy.deepcopy(model), xd, yd)
+    plain = copy.deepcopy
+    for name, factory, wrap in [
+        ("dal", lambda m, **kw: DAL(m.parameters(), momentum=0.5, **kw), plain),
+        ("dal_fd", lambda m, **kw: DAL(m.parameters(), hvp="finite-difference", **kw), plain),
+        ("scaler", lambda m, **kw: DALScaler(torch.optim.Adam(m.parameters(), lr=1e-3), **kw),
+         plain),
+        # the closure runs the model through DDP's forward; DAL's autograd.grad never fires
+        # DDP's hooks, and the next forward must not complain about an unfinished reduction
+        ("dal_ddp", lambda m, **kw: DAL(m.parameters(), **kw),
+         lambda m: torch.nn.parallel.DistributedDataParallel(copy.deepcopy(m))),
+    ]:
+        local = _dal_run(factory, wrap(model), xd, yd)
         full = _dal_run(lambda m, f=factory: f(m, process_group=None), copy.deepcopy(model), x, y)
         out[name] = {"lrs": local[0], "params": local[1]}
         out[name + "_ref"] = {"lrs": full[0], "params": full[1]}
+    out["counts"] = _collective_counts(model, xs, ys, block)
+    out["helpers"] = _helpers_with_group(rank)
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -141,14 +199,18 @@ def results(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("config", ["cached", "batches", "ddp_for"])
+@pytest.mark.parametrize("config", ["float32", "cached", "batches", "ddp_for"])
 @pytest.mark.parametrize("quantity", ["hv", "block", "grad", "loss", "third"])
 def test_operator_equals_single_process_on_the_union(results, config, quantity):
+    # float64: the reduction only reorders sums (1e-12 relative to the largest entry); float32
+    # operators work and reduce in float32 against the float64 reference (1e-5).
+    tol = 1e-5 if config == "float32" else 1e-12
     for rank in range(WORLD):
         got, want = results[rank][config][quantity], results[rank]["ref"][quantity]
         assert results[rank][config]["world"] == WORLD
+        assert got.dtype == (torch.float32 if config == "float32" else torch.float64)
         scale = want.abs().max()
-        assert float((got - want).abs().max()) <= 1e-12 * float(scale), (rank, config)
+        assert float((got.double() - want).abs().max()) <= tol * float(scale), (rank, config)
         # the reduced result is the same bits on every rank
         assert torch.equal(got, results[0][config][quantity])
 
@@ -163,7 +225,7 @@ def test_eigsh_matches_single_process_and_is_identical_across_ranks(results):
         assert torch.equal(got["vecs"], results[0]["eigsh"]["vecs"])
 
 
-@pytest.mark.parametrize("name", ["dal", "dal_fd", "scaler"])
+@pytest.mark.parametrize("name", ["dal", "dal_fd", "scaler", "dal_ddp"])
 def test_dal_steps_equal_single_process_on_the_full_data(results, name):
     # Bit-identical across ranks. Against one process on the full data the only difference is the
     # order of the floating-point sums (two shard means averaged vs one mean), a few ulps per step
@@ -174,6 +236,25 @@ def test_dal_steps_equal_single_process_on_the_full_data(results, name):
         assert torch.equal(got["params"], results[0][name]["params"])
         torch.testing.assert_close(got["lrs"], want["lrs"], rtol=1e-10, atol=0)
         torch.testing.assert_close(got["params"], want["params"], rtol=1e-10, atol=1e-12)
+
+
+def test_one_collective_per_product_and_two_per_dal_step(results):
+    want = {"block_matvec": 1, "block_matvec_cached_again": 1, "gradient": 1, "loss": 1,
+            "dal_step": 2}
+    for rank in range(WORLD):
+        assert results[rank]["counts"] == want
+
+
+def test_helpers_with_a_group(results):
+    for rank in range(WORLD):
+        h = results[rank]["helpers"]
+        assert h["rank"] == rank and h["zero"] == (rank == 0) and h["world"] == WORLD
+        assert torch.equal(h["sum32"], torch.full((2, 3), 3.0))
+        assert torch.equal(h["sum64"], torch.arange(4, dtype=torch.float64) * 3)
+        assert torch.equal(h["mean"], torch.arange(4, dtype=torch.float64) * 1.5)
+        assert h["seed"] == results[0]["helpers"]["seed"]
+        assert h["seed_given"] == 100
+        assert torch.equal(h["bcast"], torch.tensor([5.0]))
 
 
 def test_a_rank_that_raises_brings_the_job_down(tmp_path):
