@@ -12,3 +12,4 @@ from . import data
 __all__ = ["HessianOperator", "__version__", "backend_info", "data"]
 from .lanczos import EigResult  # noqa: E402
 from .lanczos import eigsh  # noqa: E402
+from . import distributed  # noqa: E402
