@@ -76,7 +76,50 @@ def dal(device) -> bool:
     return ok
 
 
-FAMILIES = [multi_tensor, tridiag, dal]
+def lanczos(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 1e-2)):
+        arith = torch.float64 if dtype == torch.float64 else torch.float32
+        for B, n, m, j in ((1, 1, 3, 0), (3, 2049, 12, 11), (2, 70_001, 40, 37)):
+            Q, _ = torch.linalg.qr(torch.randn(B, n, j + 1, dtype=torch.float64))
+            V = torch.zeros(B, m + 1, n, dtype=dtype, device=device)
+            V[:, : j + 1] = Q.transpose(1, 2).to(device, dtype)
+            w = torch.randn(B, n, dtype=arith, device=device)
+            outs = []
+            for fn in (ops.lanczos_step, ops.lanczos_step_ref):
+                Vc, wc = V.clone(), w.clone()
+                a, b, wn = (torch.zeros(B, m, dtype=torch.float64, device=device) for _ in range(3))
+                fn(wc, Vc, j, a, b, wn)
+                outs.append(torch.cat([Vc.double().flatten(), wc.double().flatten(), a.flatten(),
+                                       b.flatten(), wn.flatten()]))
+            ok &= check(f"lanczos_step {dtype} B={B} n={n} j={j}", outs[0], outs[1], tol)
+            S = torch.randn(B, j + 1, 9, dtype=torch.float64, device=device)
+            ok &= check(f"lanczos_ritz {dtype} B={B} n={n} k=9", ops.lanczos_ritz(S, V).double(),
+                        ops.lanczos_ritz_ref(S, V).double(), tol)
+    return ok
+
+
+def flow(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        for n, k in ((1, 1), (3, 0), (2049, 20), (70_001, 7)):
+            U, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))
+            lam = torch.randn(k, dtype=torch.float64) * 3
+            g = torch.randn(n, dtype=torch.float64)
+            args = (g.to(device, dtype), lam.to(device, dtype), U.to(device, dtype), 0.7)
+            got_field, got_proj = ops.flow_field(*args)
+            want_field, want_proj = ops.flow_field_ref(*args)
+            ok &= check(f"flow_field {dtype} n={n} k={k}", torch.view_as_real(got_field),
+                        torch.view_as_real(want_field), tol)
+            ok &= check(f"flow_field projections {dtype} n={n} k={k}", got_proj, want_proj, tol)
+            col_major = U.to(device, dtype).t().contiguous().t()
+            got_cm, _ = ops.flow_field(args[0], args[1], col_major, 0.7)
+            ok &= check(f"flow_field column-major {dtype} n={n} k={k}", torch.view_as_real(got_cm),
+                        torch.view_as_real(want_field), tol)
+    return ok
+
+
+FAMILIES = [multi_tensor, tridiag, dal, lanczos, flow]
 
 
 def main() -> int:

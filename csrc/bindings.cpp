@@ -139,6 +139,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sums"), py::arg("dtype"), py::arg("p"), py::arg("lr_max"), py::arg("lr"),
       py::arg("in_window"), py::arg("out"));
 
+  m.def(
+      "lanczos_step_cpu",
+      [](uintptr_t w, uintptr_t V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
+         uintptr_t alpha, uintptr_t beta, uintptr_t wnorm, int64_t cstride) {
+        py::gil_scoped_release nogil;
+        pfk::cpu::lanczos_step(ptr<void>(w), ptr<void>(V), dtype, B, n, vstride, j,
+                               ptr<double>(alpha), ptr<double>(beta), ptr<double>(wnorm), cstride);
+      },
+      py::arg("w"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
+      py::arg("vstride"), py::arg("j"), py::arg("alpha"), py::arg("beta"), py::arg("wnorm"),
+      py::arg("cstride"));
+
+  m.def(
+      "lanczos_ritz_cpu",
+      [](uintptr_t S, uintptr_t V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t rows,
+         int64_t k, uintptr_t U) {
+        py::gil_scoped_release nogil;
+        pfk::cpu::lanczos_ritz(ptr<const double>(S), ptr<const void>(V), dtype, B, n, vstride,
+                               rows, k, ptr<void>(U));
+      },
+      py::arg("S"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
+      py::arg("vstride"), py::arg("rows"), py::arg("k"), py::arg("U"));
+
 #ifdef PFKERNELS_WITH_CUDA
   m.def("cuda_device_count", &pfk::cuda::device_count);
 
@@ -227,5 +250,30 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("sums"), py::arg("dtype"), py::arg("p"), py::arg("lr_max"), py::arg("lr"),
       py::arg("in_window"), py::arg("out"), py::arg("stream"));
+  m.def("lanczos_workspace_words", &pfk::cuda::lanczos_workspace_words, py::arg("B"),
+        py::arg("n"), py::arg("j"));
+
+  m.def(
+      "lanczos_step_cuda",
+      [](uintptr_t w, uintptr_t V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
+         uintptr_t alpha, uintptr_t beta, uintptr_t wnorm, int64_t cstride, uintptr_t workspace,
+         uintptr_t stream) {
+        pfk::cuda::lanczos_step(ptr<void>(w), ptr<void>(V), dtype, B, n, vstride, j,
+                                ptr<double>(alpha), ptr<double>(beta), ptr<double>(wnorm),
+                                cstride, ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("w"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
+      py::arg("vstride"), py::arg("j"), py::arg("alpha"), py::arg("beta"), py::arg("wnorm"),
+      py::arg("cstride"), py::arg("workspace"), py::arg("stream"));
+
+  m.def(
+      "lanczos_ritz_cuda",
+      [](uintptr_t S, uintptr_t V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t rows,
+         int64_t k, uintptr_t U, uintptr_t stream) {
+        pfk::cuda::lanczos_ritz(ptr<const double>(S), ptr<const void>(V), dtype, B, n, vstride,
+                                rows, k, ptr<void>(U), ptr<void>(stream));
+      },
+      py::arg("S"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
+      py::arg("vstride"), py::arg("rows"), py::arg("k"), py::arg("U"), py::arg("stream"));
 #endif
 }

@@ -12,4 +12,10 @@ from . import data
 __all__ = ["HessianOperator", "__version__", "backend_info", "data"]
 from .lanczos import EigResult  # noqa: E402
 from .lanczos import eigsh  # noqa: E402
+from .lanczos import SpectralDensity  # noqa: E402
+from .lanczos import TraceEstimate  # noqa: E402
+from .lanczos import hutchinson_trace  # noqa: E402
+from .lanczos import layer_sharpness  # noqa: E402
+from .lanczos import sharpness  # noqa: E402
+from .lanczos import spectral_density  # noqa: E402
 from . import distributed  # noqa: E402

@@ -1,4 +1,4 @@
-"""Thick-restart Lanczos for the extreme eigenpairs of symmetric operators, batched and GPU-resident.
+"""Thick-restart Lanczos for extreme eigenpairs of symmetric operators, batched and GPU-resident.
 
 :func:`eigsh` is the solver every curvature measurement in pfkernels runs on (sharpness tracking,
 the principal flow, central flows). The algorithm is thick-restart Lanczos (Wu & Simon, SIAM J.
@@ -32,10 +32,19 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
+from . import ops
+from .hvp import HessianOperator
 
-__all__ = ["EigResult", "eigsh"]
+__all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
+           "layer_sharpness", "sharpness", "spectral_density"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
+# Thick restart keeps k + half of the spare basis (Wu & Simon's choice; 0.2 to 0.65 measured the
+# same within a few matvecs on Hessian-like spectra).
+_KEEP_FRAC = 0.5
+# Projected problems are solved on the host; a batch of tridiagonals (first cycle) goes to the
+# batched tridiag_eigh kernel, a few problems to LAPACK (as fast for one small matrix).
+_TRIDIAG_MIN_BATCH = 8
 
 
 class EigResult(NamedTuple):
@@ -65,8 +74,13 @@ class _Operator:
     """A uniform view of every kind of ``A``: ``apply(X [B, n]) -> [B, n]`` in ``dtype`` on
     ``device``; ``B`` is fixed by the solve."""
 
-    def __init__(self, apply: Callable[[Tensor], Tensor], n: int, dtype, device, batch):
+    def __init__(self, apply: Callable[[Tensor], Tensor], n: int, dtype, device, batch,
+                 fresh: bool = False, apply_rows: Callable[[Tensor, Tensor], Tensor] | None = None):
         self.apply = apply
+        # apply_rows(X, rows) -> A_rows X[rows]: only the still active problems of a batch pay
+        # for their products (dense batches, where row i's matrix is known)
+        self.apply_rows = apply_rows
+        self.fresh = fresh  # apply() returns a new tensor that nobody else holds
         self.n = n
         self.dtype = dtype
         self.device = device
@@ -100,25 +114,27 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         Aw = A.to(work)
         if A.dim() == 2:
             apply = lambda X: X @ Aw  # noqa: E731  (A symmetric: X A == (A X^T)^T)
-        else:
-            apply = lambda X: torch.bmm(Aw, X.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-        return _Operator(apply, A.shape[-1], work, A.device, batch)
+            return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True)
+        # one gemv per problem: torch.bmm with a single right-hand side is ~4x slower on the CPU
+        rows = lambda X, r: torch.stack([Aw[i] @ X[i] for i in r.tolist()])  # noqa: E731
+        apply = lambda X: rows(X, torch.arange(X.shape[0]))  # noqa: E731
+        return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True, apply_rows=rows)
 
     if _is_scipy_operator(A):
         import numpy as np
 
         if A.shape[0] != A.shape[1]:
             raise ValueError(f"argument 'A': the operator must be square, got {A.shape}")
-        if batch is not None:
-            raise ValueError("argument 'batch': a SciPy LinearOperator is unbatched")
         device = v0_t.device if v0_t is not None else torch.device("cpu")
 
         def apply(X: Tensor) -> Tensor:
-            x = X[0].detach().to("cpu", torch.float64).numpy()
-            y = np.asarray(A.matvec(x), dtype=np.float64).reshape(-1)
-            return torch.from_numpy(y).to(device).unsqueeze(0)
+            rows = [np.asarray(A.matvec(x), dtype=np.float64).reshape(-1)
+                    for x in X.detach().to("cpu", torch.float64).numpy()]
+            return torch.from_numpy(np.stack(rows)).to(device)
 
-        return _Operator(apply, int(A.shape[0]), torch.float64, device, None)
+        rows = lambda X, r: apply(X[r.to(X.device)])  # noqa: E731  (one operator for all rows)
+        return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True,
+                         apply_rows=rows)
 
     if hasattr(A, "matvec") and hasattr(A, "shape"):
         shape = tuple(A.shape)
@@ -129,6 +145,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         op_dtype = op_dtype if isinstance(op_dtype, torch.dtype) else None
         op_device = getattr(A, "device", None)
         mv = A.matvec
+        fresh = isinstance(A, HessianOperator)  # its matvec returns a new tensor
     elif callable(A):
         if n_kw is not None:
             n = int(n_kw)
@@ -137,7 +154,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
                 else v0_t.shape[-1]
         else:
             raise ValueError("argument 'n': a callable operator needs n= (or v0) to fix the size")
-        op_dtype, op_device, mv = None, None, A
+        op_dtype, op_device, mv, fresh = None, None, A, False
     else:
         raise TypeError(
             f"argument 'A': expected a HessianOperator, an object with matvec and shape, a "
@@ -153,7 +170,10 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         apply = lambda X: mv(X[0].to(op_dtype)).reshape(1, -1).to(work)  # noqa: E731
     else:
         apply = lambda X: mv(X.to(op_dtype)).reshape(X.shape).to(work)  # noqa: E731
-    return _Operator(apply, n, work, torch.device(op_device), batch)
+    # a HessianOperator applies one H to every row: finished problems can leave the product
+    rows = (lambda X, r: apply(X[r.to(X.device)])) if fresh and batch is not None else None
+    return _Operator(apply, n, work, torch.device(op_device), batch, fresh=fresh,
+                     apply_rows=rows)
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -188,28 +208,14 @@ def _orthonormalise_against(V: Tensor, x: Tensor, work) -> tuple[Tensor, Tensor]
     return x, h
 
 
-def _lanczos_step_torch(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
-                        wnorm: Tensor) -> Tensor:
-    """One Lanczos step on a batch (pure torch); writes ``alpha[:, j]``, ``beta[:, j]``,
-    ``wnorm[:, j]`` (``||A v_j||``) and ``V[:, j+1]``; returns the unnormalised residual."""
-    work = w.dtype
-    wnorm[:, j] = torch.linalg.vector_norm(w, dim=1).to(torch.float64)
-    r, h = _orthonormalise_against(V[:, : j + 1], w, work)
-    b = torch.linalg.vector_norm(r, dim=1)
-    alpha[:, j] = h[:, j].to(torch.float64)
-    beta[:, j] = b.to(torch.float64)
-    V[:, j + 1] = (r / torch.where(b > 0, b, torch.ones_like(b)).unsqueeze(1)).to(V.dtype)
-    return b
-
-
-def _random_vectors(B: int, n: int, seed, device, work, offset: int = 0) -> Tensor:
+def _random_vectors(B: int, n: int, seed, device, work) -> Tensor:
     """Start vectors: problem ``i`` of a batch draws from ``Generator().manual_seed(seed + i)``
     (in float64 on the CPU, so a seed gives the same start on every device); no seed draws from
     torch's global generator."""
     if seed is None:
         return torch.randn(B, n, dtype=torch.float64).to(device, work)
     rows = [torch.randn(n, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(int(seed) + offset + i))
+                        generator=torch.Generator().manual_seed(int(seed) + i))
             for i in range(B)]
     return torch.stack(rows).to(device, work)
 
@@ -316,6 +322,20 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     Small problems (``n <= ncv``, which includes ``k == n``) build the matrix from ``n`` matvecs
     and solve it densely in float64 (``num_matvecs = n + k``: the extra k give true residuals).
 
+    Convergence is checked on the host every step early in a cycle and every ~1/8 of the cycle
+    later (on CUDA each check is one host synchronisation; the steps between are free of them).
+    Batched problems step in lockstep; a converged problem is frozen (its result and matvec
+    count are final; the operator is still applied to its row unless A is a dense batch, a
+    HessianOperator or a SciPy operator, whose rows are known to be separate products).
+
+    Like every single-vector Krylov method (ARPACK included), an eigenvalue of exact
+    multiplicity > 1 shows up once in exact arithmetic; its further copies appear only as
+    rounding and restarts expose them, so ``k`` spanning an exactly repeated eigenvalue (e.g.
+    the Kronecker-structured last-layer block of an MSE Hessian) may return a smaller eigenvalue
+    in place of a copy. Warm starting from a block of eigenvectors does not change that (the
+    solve starts from the block's column sum, measured in bench/bench_eigsh.py to need fewer
+    matvecs than its first column).
+
     Raises:
         ValueError/TypeError naming the argument for bad input; FloatingPointError naming the
         Lanczos iteration when the operator returns NaN or infinity.
@@ -359,12 +379,16 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
 
     vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, ncv,
                                                         x0, seed, storage, work, check_residuals)
+    _warn_unconverged(conv, tol, max_matvecs)
+    return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
+
+
+def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int) -> None:
     if not bool(conv.all()):
         bad = (~conv).sum().item()
         warnings.warn(f"eigsh: {bad} of {conv.numel()} wanted eigenpairs did not reach "
                       f"tol={tol:g} within max_matvecs={max_matvecs}; returning the best Ritz "
-                      f"pairs with converged=False", RuntimeWarning, stacklevel=2)
-    return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
+                      f"pairs with converged=False", RuntimeWarning, stacklevel=3)
 
 
 def _finish(vals, vecs, res, nmv, conv, batched) -> EigResult:
@@ -373,162 +397,453 @@ def _finish(vals, vecs, res, nmv, conv, batched) -> EigResult:
     return EigResult(vals[0], vecs[0], res[0], int(nmv[0]), conv[0])
 
 
-def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                           check_residuals):
-    n, dev = op.n, op.device
-    f64 = torch.float64
-    V = torch.zeros(B, m + 1, n, dtype=storage, device=dev)
-    V[:, 0] = x0.to(storage)
-    alpha = torch.zeros(B, m, dtype=f64, device=dev)
-    beta = torch.zeros(B, m, dtype=f64, device=dev)
-    wnorm = torch.zeros(B, m, dtype=f64, device=dev)
-    arrow = torch.zeros(B, m, m, dtype=f64)  # host: the thick-restart part of T
-    eps = torch.finfo(work).eps
-    floor_rel = eps ** (2.0 / 3.0)
-    breakdown_rel = 16 * eps
-    restart_gen = torch.Generator().manual_seed(int(seed) + 7919) if seed is not None else None
+class _Lanczos:
+    """``B`` thick-restart Lanczos processes in lockstep (one batched matvec per step).
 
-    active = [True] * B
-    matvecs = torch.zeros(B, dtype=torch.int64)
-    out_vals = torch.zeros(B, k, dtype=f64)
-    out_res = torch.zeros(B, k, dtype=f64)
-    out_conv = torch.zeros(B, k, dtype=torch.bool)
-    out_vecs = torch.zeros(B, k, n, dtype=work, device=dev)
-    n_keep = min(m - 1, max(k + (m - k) // 2, k))
-    l = 0
-    j = 0
-    cycle_start = 0
-    next_check = min(m, 1)
-    iteration = 0  # total Lanczos steps of this solve (names the step in NaN errors)
-    first_iter_of = torch.zeros(m, dtype=torch.int64)  # iteration number of basis slot j
+    :meth:`step` never reads device memory back to the host on CUDA, so a run of steps between
+    two :meth:`check` calls is free of host synchronisation; :meth:`check` solves the projected
+    problems on the host and freezes the problems that converged (their matvec counts stop,
+    their results are final); :meth:`restart` compresses a full basis to the kept Ritz vectors
+    plus the residual vector.
+    """
 
-    while True:
-        first_iter_of[j] = iteration
-        W = op.apply(V[:, j].to(work))
-        if W.shape != (B, n):
-            raise ValueError(f"argument 'A': the operator returned shape {tuple(W.shape)} for "
-                             f"an input of shape {(B, n) if op.batch else (n,)}")
-        act = torch.tensor(active)
-        matvecs += act.to(torch.int64)
-        b = _lanczos_step_torch(W, V, j, alpha, beta, wnorm)
-        if dev.type == "cpu":
-            broke = (b.to(f64) <= breakdown_rel * wnorm[:, j]) & act
+    def __init__(self, op: _Operator, B: int, k: int, which: str, tol: float, max_matvecs: int,
+                 m: int, x0: Tensor, seed, storage, work, mask: Tensor | None = None):
+        self.mask = mask  # [B, n] 0/1: keeps breakdown restarts inside each problem's subspace
+        self.op, self.B, self.k, self.which, self.tol = op, B, k, which, tol
+        self.max_matvecs, self.m, self.storage, self.work = max_matvecs, m, storage, work
+        n, dev, f64 = op.n, op.device, torch.float64
+        self.device = dev
+        self.V = torch.zeros(B, m + 1, n, dtype=storage, device=dev)
+        self.V[:, 0] = x0.to(storage)
+        self.alpha = torch.zeros(B, m, dtype=f64, device=dev)
+        self.beta = torch.zeros(B, m, dtype=f64, device=dev)
+        self.wnorm = torch.zeros(B, m, dtype=f64, device=dev)
+        self.arrow = torch.zeros(B, m, m, dtype=f64)  # host: the thick-restart block of T
+        eps = torch.finfo(work).eps
+        self.floor_rel = eps ** (2.0 / 3.0)
+        self.breakdown_rel = 16 * eps
+        self.gen = torch.Generator().manual_seed(int(seed) + 7919) if seed is not None else None
+        self.active = torch.ones(B, dtype=torch.bool)
+        self.matvecs = torch.zeros(B, dtype=torch.int64)
+        self.vals = torch.zeros(B, k, dtype=f64)
+        self.res = torch.zeros(B, k, dtype=f64)
+        self.conv = torch.zeros(B, k, dtype=torch.bool)
+        self.vecs = torch.zeros(B, k, n, dtype=work, device=dev)
+        self.n_keep = min(m - 1, k + int(_KEEP_FRAC * (m - k)))
+        self.l = 0  # basis rows 0..l-1 hold kept Ritz vectors (arrowhead part of T)
+        self.j = 0  # next step computes A v_j
+        self.cycle_start = 0
+        self.next_check = max(1, min(k, m))
+        self.iteration = 0
+        self.iteration_of = torch.zeros(m, dtype=torch.int64)  # step number of each slot
+
+    def step(self) -> None:
+        j, B, n = self.j, self.B, self.op.n
+        self.iteration_of[j] = self.iteration
+        X = self.V[:, j].to(self.work)
+        if self.op.apply_rows is not None and not bool(self.active.all()):
+            rows = self.active.nonzero().flatten()
+            W = torch.zeros_like(X)
+            W[rows.to(self.device)] = self.op.apply_rows(X, rows)
+        else:
+            W = self.op.apply(X)
+        if tuple(W.shape) != (B, n):
+            raise ValueError(f"argument 'A': the operator returned shape {tuple(W.shape)} for an "
+                             f"input of shape {(B, n) if self.op.batch else (n,)}")
+        # lanczos_step overwrites w: never hand it a tensor the operator may still hold
+        W = W.clone(memory_format=torch.contiguous_format) if not self.op.fresh else W.contiguous()
+        self.matvecs += self.active
+        ops.lanczos_step(W, self.V, j, self.alpha, self.beta, self.wnorm)
+        if self.device.type == "cpu":  # reading beta costs nothing on the CPU: handle it now
+            broke = (self.beta[:, j] <= self.breakdown_rel * self.wnorm[:, j]) & self.active
             if bool(broke.any()):
-                _replace_broken(V, j, broke, beta, restart_gen, work)
-        j += 1
-        iteration += 1
-        if j < next_check and j < m and int(matvecs.max()) < max_matvecs:
-            continue
+                self._replace_broken(j, broke)
+        self.j += 1
+        self.iteration += 1
 
-        # ---- convergence check (one host synchronisation) ----
-        a_h, b_h, wn_h = alpha[:, :j].cpu(), beta[:, :j].cpu(), wnorm[:, :j].cpu()
-        for p in range(B):
-            if active[p] and not bool(torch.isfinite(a_h[p]).all() & torch.isfinite(b_h[p]).all()):
-                bad = int((~(torch.isfinite(a_h[p]) & torch.isfinite(b_h[p]))).nonzero()[0, 0])
-                raise FloatingPointError(
-                    f"eigsh: the operator returned NaN or infinity at Lanczos iteration "
-                    f"{int(first_iter_of[bad])} (problem {p} of the batch, basis slot {bad})")
-        if dev.type != "cpu":
-            broke_any = (b_h <= breakdown_rel * wn_h)
-            broke_any[:, :l] = False
-            if bool(broke_any.any()):
-                first = int(broke_any.any(0).nonzero()[0, 0])
-                # rare: an invariant subspace was found between checks; drop the steps after it
-                # and continue from a fresh vector (the dropped matvecs stay counted)
-                j = first + 1
-                broke = broke_any[:, first].to(dev)
-                _replace_broken(V, first, broke, beta, restart_gen, work)
-                b_h = beta[:, :j].cpu()
-                a_h = a_h[:, :j]
-        T = arrow[:, :j, :j].clone()
-        idx = torch.arange(l, j)
-        T[:, idx, idx] = a_h[:, l:j]
-        if j - 1 > l:
+    def due(self) -> bool:
+        return (self.j >= self.next_check or self.j == self.m
+                or int(self.matvecs.max()) >= self.max_matvecs)
+
+    def _replace_broken(self, j: int, broke: Tensor) -> None:
+        """Breakdown at step j: v_{j+1} becomes a random unit vector orthogonal to V[0..j] and
+        beta_j = 0 in T (T is block diagonal there: an exact invariant subspace)."""
+        B, n = self.B, self.op.n
+        r = torch.randn(B, n, dtype=torch.float64, generator=self.gen).to(self.device, self.work)
+        if self.mask is not None:
+            r = r * self.mask
+        r, _ = _orthonormalise_against(self.V[:, : j + 1], r, self.work)
+        r = r / torch.linalg.vector_norm(r, dim=1, keepdim=True)
+        mask = broke.to(self.device)
+        self.V[:, j + 1] = torch.where(mask[:, None], r.to(self.storage), self.V[:, j + 1])
+        self.beta[:, j] = torch.where(mask, torch.zeros_like(self.beta[:, j]), self.beta[:, j])
+
+    def _projected(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Host copies of T's eigen-decomposition: (theta [B, j] ascending, S [B, j, j], last
+        beta [B]). A NaN from the operator is reported here, naming its step."""
+        j, l = self.j, self.l
+        a_h, b_h = self.alpha[:, :j].cpu(), self.beta[:, :j].cpu()
+        finite = torch.isfinite(a_h) & torch.isfinite(b_h)
+        bad = ~finite.all(1) & self.active
+        if bool(bad.any()):
+            p = int(bad.nonzero()[0, 0])
+            slot = int((~finite[p]).nonzero()[0, 0])
+            raise FloatingPointError(
+                f"eigsh: the operator returned NaN or infinity at Lanczos iteration "
+                f"{int(self.iteration_of[slot])} (problem {p} of the batch)")
+        if self.device.type != "cpu":
+            wn_h = self.wnorm[:, :j].cpu()
+            broke = (b_h <= self.breakdown_rel * wn_h) & self.active[:, None]
+            broke[:, :l] = False
+            if bool(broke.any()):
+                # an invariant subspace was found between two checks: continue from a fresh
+                # vector after the first breakdown and drop the later steps (their matvecs stay
+                # counted; breakdown is rare outside exactly low-rank operators)
+                first = int(broke.any(0).nonzero()[0, 0])
+                self._replace_broken(first, broke[:, first])
+                self.j = j = first + 1
+                a_h, b_h = a_h[:, :j], self.beta[:, :j].cpu()
+        if l == 0 and self.B >= _TRIDIAG_MIN_BATCH:
+            theta, S = ops.tridiag_eigh(a_h, b_h[:, : j - 1], "all")
+        else:
+            T = self.arrow[:, :j, :j].clone()
+            idx = torch.arange(l, j)
+            T[:, idx, idx] = a_h[:, l:j]
             T[:, idx[:-1], idx[:-1] + 1] = b_h[:, l: j - 1]
             T[:, idx[:-1] + 1, idx[:-1]] = b_h[:, l: j - 1]
-        theta, S = torch.linalg.eigh(T)
-        last_beta = b_h[:, j - 1]
+            theta, S = torch.linalg.eigh(T)
+        return theta, S, b_h[:, j - 1]
+
+    def check(self) -> bool:
+        """Freeze the problems whose k wanted pairs converged or whose budget ran out; True when
+        none is left."""
+        theta, S, last_beta = self._projected()
+        j, k = self.j, self.k
+        self._theta, self._S, self._last_beta = theta, S, last_beta
         tnorm = theta.abs().amax(1)
-        sels = [_select(theta[p], min(k, j), which) for p in range(B)]
-        finalize = []
-        for p in range(B):
-            if not active[p]:
-                continue
-            sel = sels[p]
+        done = []
+        for p in self.active.nonzero().flatten().tolist():
+            sel = _select(theta[p], min(k, j), self.which)
             r = (last_beta[p] * S[p, j - 1, sel]).abs()
-            scale = torch.maximum(theta[p, sel].abs(), floor_rel * tnorm[p])
-            ok = (r <= tol * scale) if sel.numel() == k else torch.zeros(k, dtype=torch.bool)
-            done = bool(ok.all()) and sel.numel() == k
-            out_of_budget = int(matvecs[p]) >= max_matvecs
-            if done or out_of_budget:
-                finalize.append((p, sel, r, ok))
-        if finalize:
-            ps = [f[0] for f in finalize]
-            Ssel = torch.zeros(len(ps), j, k, dtype=f64)
-            for i, (p, sel, r, ok) in enumerate(finalize):
+            scale = torch.maximum(theta[p, sel].abs(), self.floor_rel * tnorm[p])
+            ok = r <= self.tol * scale
+            if (sel.numel() == k and bool(ok.all())) or int(self.matvecs[p]) >= self.max_matvecs:
+                done.append((p, sel, r, ok))
+        if done:
+            ps = [d[0] for d in done]
+            Ssel = torch.zeros(len(ps), j, k, dtype=torch.float64)
+            for i, (p, sel, _, _) in enumerate(done):
+                Ssel[i, :, : sel.numel()] = S[p][:, sel]
+            Vs = self.V if len(ps) == self.B else self.V[ps]
+            U = _ritz(Ssel.to(self.device), Vs)
+            for i, (p, sel, r, ok) in enumerate(done):
                 cnt = sel.numel()
-                Ssel[i, :, :cnt] = S[p][:, sel]
-            U = torch.bmm(Ssel.transpose(1, 2).to(dev, work), V[ps, :j].to(work))
-            for i, (p, sel, r, ok) in enumerate(finalize):
-                cnt = sel.numel()
-                vals_p = theta[p, sel]
-                order = torch.argsort(vals_p, descending=True, stable=True)
-                out_vals[p, :cnt] = vals_p[order]
-                out_res[p, :cnt] = r[order]
-                out_conv[p, :cnt] = ok[order]
-                out_vecs[p, :cnt] = U[i, order.to(dev)]
-                active[p] = False
-            if check_residuals:
-                _true_residuals(op, out_vecs, out_vals, out_res, out_conv, ps, tol, floor_rel,
-                                tnorm, matvecs, B)
-        if not any(active):
-            break
+                order = torch.argsort(theta[p, sel], descending=True, stable=True)
+                self.vals[p, :cnt] = theta[p, sel][order]
+                self.res[p, :cnt] = r[order]
+                self.conv[p, :cnt] = ok[order]
+                self.vecs[p, :cnt] = U[i, order.to(self.device)]
+                self.active[p] = False
+        return not bool(self.active.any())
 
-        if j == m:
-            # thick restart: keep the n_keep most wanted Ritz vectors and the residual vector
-            keep = [_select(theta[p], n_keep, which) for p in range(B)]
-            Sk = torch.stack([S[p][:, keep[p]] for p in range(B)])  # [B, m, l]
-            Uk = torch.bmm(Sk.transpose(1, 2).to(dev, work), V[:, :m].to(work))
-            V[:, :n_keep] = Uk.to(storage)
-            V[:, n_keep] = V[:, m]
-            arrow.zero_()
-            tk = torch.stack([theta[p, keep[p]] for p in range(B)])
-            ar = torch.arange(n_keep)
-            arrow[:, ar, ar] = tk
-            coupling = last_beta[:, None] * Sk[:, m - 1, :]
-            arrow[:, n_keep, :n_keep] = coupling
-            arrow[:, :n_keep, n_keep] = coupling
-            alpha.zero_()
-            beta.zero_()
-            l = n_keep
-            j = n_keep
-            cycle_start = j
-        steps = j - cycle_start
-        next_check = min(m, j + max(1, steps // 8))
-    vecs = out_vecs.transpose(1, 2)
-    return out_vals.to(dev), vecs, out_res.to(dev), matvecs, out_conv.to(dev)
+    def restart(self) -> None:
+        """Thick restart (Wu & Simon): keep the n_keep most wanted Ritz vectors and append the
+        residual vector; T becomes diag(theta) bordered by beta_m s_{m,i}."""
+        theta, S, last_beta = self._theta, self._S, self._last_beta
+        m, lk = self.m, self.n_keep
+        keep = [_select(theta[p], lk, self.which) for p in range(self.B)]
+        Sk = torch.stack([S[p][:, keep[p]] for p in range(self.B)])  # [B, m, lk]
+        Uk = _ritz(Sk.to(self.device), self.V)
+        self.V[:, :lk] = Uk.to(self.storage)
+        self.V[:, lk] = self.V[:, m]
+        self.arrow.zero_()
+        ar = torch.arange(lk)
+        self.arrow[:, ar, ar] = torch.stack([theta[p, keep[p]] for p in range(self.B)])
+        coupling = last_beta[:, None] * Sk[:, m - 1, :]
+        self.arrow[:, lk, :lk] = coupling
+        self.arrow[:, :lk, lk] = coupling
+        self.alpha.zero_()
+        self.beta.zero_()
+        self.l = self.j = self.cycle_start = lk
+
+    def schedule(self) -> None:
+        """Checks come every step early in a cycle and every ~1/8 of the cycle's length later:
+        at most ~12% extra matvecs after convergence, O(log) checks per cycle."""
+        steps = self.j - self.cycle_start
+        self.next_check = min(self.m, self.j + max(1, steps // 8))
+
+    def run(self) -> None:
+        while True:
+            self.step()
+            if not self.due():
+                continue
+            if self.check():
+                return
+            if self.j == self.m:
+                self.restart()
+            self.schedule()
+
+    def true_residuals(self) -> None:
+        """Replace the relation's residuals by ||A u - lambda u|| from k more (counted) matvecs."""
+        for i in range(self.k):
+            U = self.vecs[:, i].contiguous()
+            AU = self.op.apply(U).to(torch.float64)
+            lam = self.vals[:, i].to(self.device)
+            r = torch.linalg.vector_norm(AU - U.to(torch.float64) * lam[:, None], dim=1).cpu()
+            self.res[:, i] = r
+        scale = torch.maximum(self.vals.abs(), self.floor_rel * self.vals.abs().amax(1, True))
+        self.conv = self.res <= self.tol * scale
+        self.matvecs += self.k
 
 
-def _replace_broken(V, j, broke, beta, gen, work):
-    """Breakdown at step j: v_{j+1} becomes a random unit vector orthogonal to V[0..j]."""
-    B, _, n = V.shape
-    r = torch.randn(B, n, dtype=torch.float64, generator=gen).to(V.device, work)
-    r, _ = _orthonormalise_against(V[:, : j + 1], r, work)
-    r = r / torch.linalg.vector_norm(r, dim=1, keepdim=True)
-    mask = broke.to(V.device).unsqueeze(1)
-    V[:, j + 1] = torch.where(mask, r.to(V.dtype), V[:, j + 1])
-    beta[:, j] = torch.where(broke.to(beta.device), torch.zeros_like(beta[:, j]), beta[:, j])
+def _ritz(S: Tensor, V: Tensor) -> Tensor:
+    """U [B, k, n] = S^T V. On the CPU, BLAS gemm beats the lanczos_ritz kernel for float32 and
+    float64 bases (bench/bench_eigsh.py --kernels), so it is used there; the kernel serves
+    bfloat16 bases (BLAS would need a float32 copy of V) and CUDA."""
+    if V.device.type == "cpu" and V.dtype != torch.bfloat16:
+        return ops.lanczos_ritz_ref(S, V)
+    return ops.lanczos_ritz(S, V)
 
 
-def _true_residuals(op, out_vecs, out_vals, out_res, out_conv, ps, tol, floor_rel, tnorm,
-                    matvecs, B):
-    k = out_vecs.shape[1]
-    for i in range(k):
-        AU = op.apply(out_vecs[:, i].contiguous())
-        r = torch.linalg.vector_norm((AU - out_vecs[:, i] * out_vals[:, i, None].to(AU)), dim=1)
-        for p in ps:
-            out_res[p, i] = float(r[p])
-            scale = max(abs(float(out_vals[p, i])), floor_rel * float(tnorm[p]))
-            out_conv[p, i] = out_res[p, i] <= tol * scale
-    for p in ps:
-        matvecs[p] += k
+def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
+                           check_residuals, mask=None):
+    lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask)
+    lz.run()
+    if check_residuals:
+        lz.true_residuals()
+    dev = op.device
+    return (lz.vals.to(dev), lz.vecs.transpose(1, 2), lz.res.to(dev), lz.matvecs,
+            lz.conv.to(dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Built on eigsh: sharpness, per-layer sharpness, spectral density (SLQ), Hutchinson trace.
+# ---------------------------------------------------------------------------------------------
+
+
+def sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, params=None,
+              method: str = "auto", hvp_dtype: torch.dtype | None = None, **eigsh_kwargs
+              ) -> EigResult:
+    """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model(inputs), targets)`` (the sharpness
+    is ``eigenvalues[0]``, in raw units: GD is stable below ``2/lr``).
+
+    Builds ``HessianOperator(model, loss_fn, data, params=params, method=method,
+    dtype=hvp_dtype)`` and returns ``eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)`` (pass
+    ``v0=previous.eigenvectors`` to warm start, ``seed=``, ``ncv=``, ``max_matvecs=``, ...).
+    Eigenvectors are flat over the selected parameters in ``model.named_parameters()`` order.
+    """
+    H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    return eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)
+
+
+def _parameter_blocks(names: list[str], numels: list[int], by: str) -> list[tuple[str, list]]:
+    """Consecutive index ranges of the flat parameter vector, one block per tensor or module."""
+    blocks: dict[str, list[tuple[int, int]]] = {}
+    offset = 0
+    for name, size in zip(names, numels):
+        label = name if by == "parameter" else name.rsplit(".", 1)[0] if "." in name else name
+        blocks.setdefault(label, []).append((offset, offset + size))
+        offset += size
+    return list(blocks.items())
+
+
+def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: str = "parameter",
+                    params=None, method: str = "auto", hvp_dtype: torch.dtype | None = None,
+                    ncv: int | None = None, max_matvecs: int | None = None,
+                    seed: int | None = None) -> dict[str, EigResult]:
+    """Top-``k`` eigenpairs of each diagonal block ``H_bb`` of the loss Hessian: one block per
+    parameter tensor (``by="parameter"``) or per module (``by="module"``: a layer's weight and
+    bias together).
+
+    Blocks of different sizes are batched by embedding: problem ``b`` lives in the full
+    parameter space with the operator ``P_b H P_b`` (``P_b`` zeroes the coordinates outside block
+    ``b``), its start and breakdown vectors are masked to the block, so its Krylov space never
+    leaves the block; all problems share one batched HVP per step, ``H [P_1 v_1; ...; P_B
+    v_B]``. Blocks no larger than ``ncv`` (biases of small layers) are solved densely from their
+    columns, ``max size`` batched HVPs for all of them together.
+
+    Returns ``{block label: EigResult}`` with eigenvectors over the block's own coordinates
+    ([n_b, k_b], ``k_b = min(k, n_b)``) and ``num_matvecs`` the batched products that block
+    took part in.
+    """
+    if by not in ("parameter", "module"):
+        raise ValueError(f"argument 'by': must be 'parameter' or 'module', got {by!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
+    H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    seed = _dist.operator_seed(H, seed)  # the same start vectors on every rank of a distributed H
+    named = dict(model.named_parameters())
+    blocks = _parameter_blocks(H.param_names, [named[n].numel() for n in H.param_names], by)
+    n, dev = H.shape[0], H.device
+    work = torch.float64 if H.dtype == torch.float64 else torch.float32
+    ncv_of = lambda size: min(max(2 * k + 1, 20) if ncv is None else ncv, size)  # noqa: E731
+    idx = {label: torch.cat([torch.arange(a, b) for a, b in ranges]) for label, ranges in blocks}
+    small = [label for label, _ in blocks if idx[label].numel() <= ncv_of(idx[label].numel()) or
+             idx[label].numel() <= k]
+    large = [label for label, _ in blocks if label not in small]
+    out: dict[str, EigResult] = {}
+
+    if small:
+        width = max(idx[label].numel() for label in small)
+        cols = []
+        for c in range(width):
+            X = torch.zeros(len(small), n, dtype=H.dtype, device=dev)
+            for p, label in enumerate(small):
+                if c < idx[label].numel():
+                    X[p, idx[label][c]] = 1
+            cols.append(H.matvec(X))
+        for p, label in enumerate(small):
+            ib = idx[label].to(dev)
+            M = torch.stack([cols[c][p, ib] for c in range(ib.numel())], 1).to(torch.float64)
+            M = 0.5 * (M + M.T)
+            theta, S = torch.linalg.eigh(M.cpu())
+            kb = min(k, ib.numel())
+            out[label] = EigResult(theta[-kb:].flip(0).to(dev),
+                                   S[:, -kb:].flip(1).to(dev, work),
+                                   torch.zeros(kb, dtype=torch.float64, device=dev), width,
+                                   torch.ones(kb, dtype=torch.bool, device=dev))
+
+    if large:
+        P = len(large)
+        mask = torch.zeros(P, n, dtype=work, device=dev)
+        for p, label in enumerate(large):
+            mask[p, idx[label].to(dev)] = 1
+        op = _Operator(lambda X: H.matvec((X * mask).to(H.dtype)).to(work) * mask, n, work, dev, P,
+                       fresh=True)
+        m = min(ncv_of(n), min(idx[label].numel() for label in large))
+        m = max(m, k + 1)
+        x0 = _random_vectors(P, n, seed, dev, work) * mask
+        x0 = x0 / torch.linalg.vector_norm(x0, dim=1, keepdim=True)
+        budget = max(1000, 30 * m) if max_matvecs is None else max_matvecs
+        vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, P, k, "LA", tol, budget, m, x0,
+                                                            seed, work, work, False, mask)
+        _warn_unconverged(conv, tol, budget)
+        for p, label in enumerate(large):
+            ib = idx[label].to(dev)
+            out[label] = EigResult(vals[p], vecs[p][ib], res[p], int(nmv[p]), conv[p])
+    return {label: out[label] for label, _ in blocks}
+
+
+class SpectralDensity(NamedTuple):
+    """What :func:`spectral_density` returns.
+
+    * ``grid`` [G] float64: where the density is evaluated;
+    * ``density`` [G] float64: the Gaussian-broadened density, integrating to 1 over the grid;
+    * ``nodes`` [P, m] float64: Ritz values of each probe's Lanczos tridiagonal (ascending);
+    * ``weights`` [P, m] float64: their quadrature weights ``tau = (first row of S)^2``, summing
+      to 1 per probe;
+    * ``num_matvecs`` int: batched operator applications (each with P rows).
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    num_matvecs: int
+
+
+def _lanczos_tridiagonals(op: _Operator, P: int, m: int, x0: Tensor, seed) -> tuple[Tensor, Tensor]:
+    """m Lanczos steps (full reorthogonalisation) from each row of x0: (nodes, weights) [P, m]."""
+    lz = _Lanczos(op, P, 1, "LA", 1.0, 10 ** 9, m, x0, seed, op.dtype, op.dtype)
+    for _ in range(m):
+        lz.step()
+    theta, S, _ = lz._projected()
+    return theta, S[:, 0, :] ** 2
+
+
+def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | Tensor = 1000,
+                     sigma: float | None = None, *, seed: int | None = None,
+                     n: int | None = None, dtype: torch.dtype | None = None) -> SpectralDensity:
+    """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature (Ghorbani,
+    Krishnan & Xiao, ICML 2019, Sec. 3; Ubaru, Chen & Saad 2017), as in PyHessian's
+    ``density()``.
+
+    ``num_probes`` Rademacher probes (normalised) are run as one batch (A is applied to [P, n]
+    blocks: a :class:`HessianOperator`, a batched callable, a dense tensor or a SciPy operator,
+    which is applied row by row) for ``num_steps`` Lanczos steps each with full
+    reorthogonalisation. Probe ``p``'s tridiagonal ``T_p = S diag(theta) S^T`` gives the
+    quadrature ``v_p^T f(A) v_p ~ sum_i tau_{p,i} f(theta_{p,i})``, ``tau = S[0, :]^2``, and
+
+        phi(t) = (1/P) sum_p sum_i tau_{p,i} N(t; theta_{p,i}, sigma^2)
+
+    estimates the spectral density ``(1/n) sum_j delta(t - lambda_j)`` broadened by a Gaussian.
+
+    Args:
+        grid: number of evenly spaced points over ``[min theta - 5 sigma, max theta + 5 sigma]``,
+            or a 1-D tensor of points.
+        sigma: broadening; default ``0.01 * (max theta - min theta)`` (at least 1e-12).
+        seed: probes are drawn from ``Generator().manual_seed(seed)``.
+    """
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"argument 'num_steps': must be a positive int, got {num_steps!r}")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"argument 'sigma': must be positive and finite, got {sigma!r}")
+    seed = _dist.operator_seed(A, seed)  # the same probes on every rank of a distributed A
+    op = _wrap_operator(A, n, None, num_probes, dtype)
+    m = min(num_steps, op.n)
+    z = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
+    x0 = z / math.sqrt(op.n)
+    nodes, weights = _lanczos_tridiagonals(op, num_probes, m, x0, seed)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        sigma = max(0.01 * (hi - lo), 1e-12)
+    if isinstance(grid, Tensor):
+        if grid.dim() != 1 or grid.numel() < 2:
+            raise ValueError("argument 'grid': a tensor grid must be 1-D with at least 2 points")
+        t = grid.detach().to("cpu", torch.float64)
+    else:
+        if not isinstance(grid, int) or grid < 2:
+            raise ValueError(f"argument 'grid': must be an int >= 2 or a 1-D tensor, got {grid!r}")
+        t = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
+    gauss = torch.exp(-0.5 * ((t[:, None, None] - nodes[None]) / sigma) ** 2)
+    density = (gauss * weights[None]).sum((1, 2)) / (num_probes * sigma * math.sqrt(2 * math.pi))
+    return SpectralDensity(t, density, nodes, weights, m)
+
+
+def _rademacher(P: int, n: int, seed, device, dtype) -> Tensor:
+    g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    z = torch.randint(0, 2, (P, n), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
+    return z.to(device)
+
+
+class TraceEstimate(NamedTuple):
+    """What :func:`hutchinson_trace` returns: the estimate of ``tr(A)``, its standard error
+    (sample standard deviation of ``z^T A z`` over sqrt(num_probes)), and the matvecs spent."""
+
+    trace: float
+    std_error: float
+    num_matvecs: int
+
+
+def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: int | None = None,
+                     n: int | None = None, dtype: torch.dtype | None = None) -> TraceEstimate:
+    """Hutchinson's estimator ``tr(A) ~ (1/P) sum_p z_p^T A z_p`` with Rademacher probes
+    (Hutchinson 1990; PyHessian's ``trace()``), applying A to blocks of ``batch_size`` probes
+    at once ([b, n] -> [b, n]; a SciPy operator is applied row by row)."""
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"argument 'batch_size': must be a positive int, got {batch_size!r}")
+    seed = _dist.operator_seed(A, seed)  # the same probes on every rank of a distributed A
+    z_all = None
+    samples = []
+    done = 0
+    first = True
+    while done < num_probes:
+        b = min(batch_size, num_probes - done)
+        op = _wrap_operator(A, n, None, b, dtype)
+        if first:
+            z_all = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
+            first = False
+        z = z_all[done: done + b]
+        Az = op.apply(z)
+        samples.append((z.to(torch.float64) * Az.to(torch.float64)).sum(1))
+        done += b
+    est = torch.cat(samples)
+    if not bool(torch.isfinite(est).all()):
+        raise FloatingPointError("hutchinson_trace: the operator returned NaN or infinity")
+    std = float(est.std()) / math.sqrt(num_probes) if num_probes > 1 else float("nan")
+    return TraceEstimate(float(est.mean()), std, num_probes)

@@ -808,3 +808,189 @@ def dal_rate_ref(
         rate = torch.full((), float(lr), dtype=torch.float64, device=sums.device)
     rate = torch.where(torch.isfinite(s).all(), rate, torch.full_like(rate, math.nan))
     return rate.to(sums.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# lanczos family: the fused Lanczos step and the Ritz-vector product of pfkernels.eigsh.
+# ---------------------------------------------------------------------------------------------
+
+_LANCZOS_ARITH = {torch.float32: torch.float32, torch.float64: torch.float64,
+                  torch.bfloat16: torch.float32}
+
+
+def _lanczos_step_check(w, V, j, alpha, beta, wnorm) -> None:
+    for name, t in (("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
+        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
+        _check_arg(t.device == V.device, name, f"device {t.device} differs from V's {V.device}")
+    _check_arg(V.dim() == 3, "V", f"must have shape [B, m+1, n], got {tuple(V.shape)}")
+    _check_arg(V.dtype in _LANCZOS_ARITH, "V",
+               f"dtype must be float32, float64 or bfloat16, got {V.dtype}")
+    B, rows, n = V.shape
+    _check_arg(V.stride(2) == 1 and V.stride(1) == n, "V",
+               "each problem's basis [m+1, n] must be contiguous")
+    arith = _LANCZOS_ARITH[V.dtype]
+    _check_arg(w.dtype == arith, "w", f"dtype must be {arith} for a {V.dtype} basis, got {w.dtype}")
+    _check_arg(tuple(w.shape) == (B, n) and w.is_contiguous(), "w",
+               f"must be a contiguous [B, n] = {(B, n)} tensor, got {tuple(w.shape)}")
+    _check_arg(isinstance(j, int) and 0 <= j <= rows - 2, "j",
+               f"must be an int in [0, {rows - 2}] for V with {rows} rows, got {j!r}")
+    for name, t in (("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
+        _check_arg(t.dtype == torch.float64, name, f"dtype must be float64, got {t.dtype}")
+        _check_arg(t.dim() == 2 and t.shape[0] == B and t.shape[1] > j and t.stride(1) == 1,
+                   name, f"must be [B, >j] = [{B}, >{j}] with unit last stride, got "
+                   f"{tuple(t.shape)}")
+    _check_arg(alpha.stride(0) == beta.stride(0) == wnorm.stride(0), "beta",
+               "alpha, beta and wnorm must share their row stride")
+
+
+@torch.library.custom_op(
+    "pfkernels::lanczos_step", mutates_args={"w", "V", "alpha", "beta", "wnorm"}
+)
+def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
+                     wnorm: Tensor) -> None:
+    device = V.device
+    if not _has_backend("lanczos_step", device):
+        _warn_fallback("lanczos_step", device)
+        lanczos_step_ref(w, V, j, alpha, beta, wnorm)
+        return
+    B, rows, n = V.shape
+    if B == 0 or n == 0:
+        lanczos_step_ref(w, V, j, alpha, beta, wnorm)
+        return
+    args = (w.data_ptr(), V.data_ptr(), _DTYPE_CODES[V.dtype], B, n, V.stride(0), j,
+            alpha.data_ptr(), beta.data_ptr(), wnorm.data_ptr(), alpha.stride(0))
+    if device.type == "cpu":
+        _C.lanczos_step_cpu(*args)
+    else:
+        workspace = torch.empty(_C.lanczos_workspace_words(B, n, j), dtype=torch.float64,
+                                device=device)
+        _C.lanczos_step_cuda(*args, workspace.data_ptr(), _stream(device))
+
+
+@_lanczos_step_op.register_fake
+def _(w, V, j, alpha, beta, wnorm):
+    return None
+
+
+def lanczos_step(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
+                 wnorm: Tensor) -> None:
+    """One Lanczos step with full reorthogonalisation, for a batch of ``B`` problems, in place.
+
+    Given ``w = A v_j``, classical Gram-Schmidt twice against the basis ``V[:, 0..j]``::
+
+        c1 = V_j w;  w -= V_j^T c1;  c2 = V_j w;  w -= V_j^T c2
+        alpha_j = c1[j] + c2[j];  beta_j = ||w||;  v_{j+1} = w / beta_j
+
+    (the first pass contains the three-term recurrence: ``c1[j] = v_j^T A v_j`` and ``c1[j-1]``
+    is ``beta_{j-1}`` in exact arithmetic). ``beta_j == 0`` writes ``v_{j+1} = w`` (zeros) for the
+    caller to replace. Nothing is read back to the host.
+
+    Args:
+        w: ``[B, n]`` contiguous, float32 (for a float32 or bfloat16 basis) or float64 (for a
+            float64 basis); overwritten by the orthogonalised residual ``beta_j v_{j+1}``.
+        V: ``[B, m+1, n]`` basis (each problem's ``[m+1, n]`` contiguous; the batch stride is
+            free, so a slice of a larger basis works), float32, float64 or bfloat16 storage
+            (float32 arithmetic); rows ``0..j`` are read, row ``j+1`` is written.
+        j: the step, ``0 <= j <= m - 1``.
+        alpha, beta, wnorm: ``[B, >j]`` float64 with unit last stride and a common row stride;
+            column ``j`` receives ``alpha_j``, ``beta_j`` and ``||A v_j||`` (before
+            orthogonalisation: the scale the breakdown test compares ``beta_j`` with).
+
+    Sums are accumulated in float64 across tiles in a fixed order: deterministic for any thread
+    count, no float atomics on CUDA, the caller's stream.
+
+    Equivalent to :func:`lanczos_step_ref`.
+    """
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm)
+    torch.ops.pfkernels.lanczos_step(w, V, j, alpha, beta, wnorm)
+
+
+def lanczos_step_ref(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
+                     wnorm: Tensor) -> None:
+    """Pure-torch twin of :func:`lanczos_step` (batched gemv, float64 scalars)."""
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm)
+    arith = w.dtype
+    Vj = V[:, : j + 1].to(arith)
+    wnorm[:, j] = torch.linalg.vector_norm(w, dim=1).to(torch.float64)
+    x = w
+    coef = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    for _ in range(2):
+        c = torch.bmm(Vj, x.unsqueeze(-1)).squeeze(-1)
+        x = x - torch.bmm(c.unsqueeze(1), Vj).squeeze(1)
+        coef = coef + c[:, j].to(torch.float64)
+    b = torch.linalg.vector_norm(x, dim=1).to(torch.float64)
+    alpha[:, j] = coef
+    beta[:, j] = b
+    inv = torch.where(b > 0, 1.0 / torch.where(b > 0, b, 1.0), 1.0).to(arith)
+    w.copy_(x)
+    V[:, j + 1] = (x * inv.unsqueeze(1)).to(V.dtype)
+
+
+def _lanczos_ritz_check(S, V) -> None:
+    for name, t in (("S", S), ("V", V)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
+        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
+    _check_arg(S.device == V.device, "S", f"device {S.device} differs from V's {V.device}")
+    _check_arg(V.dim() == 3, "V", f"must have shape [B, >=rows, n], got {tuple(V.shape)}")
+    _check_arg(V.dtype in _LANCZOS_ARITH, "V",
+               f"dtype must be float32, float64 or bfloat16, got {V.dtype}")
+    _check_arg(V.stride(2) == 1 and V.stride(1) == V.shape[2], "V",
+               "each problem's basis must be contiguous")
+    _check_arg(S.dtype == torch.float64, "S", f"dtype must be float64, got {S.dtype}")
+    _check_arg(S.dim() == 3 and S.shape[0] == V.shape[0] and S.shape[1] <= V.shape[1], "S",
+               f"must be [B, rows, k] with B={V.shape[0]} and rows <= {V.shape[1]}, got "
+               f"{tuple(S.shape)}")
+
+
+@torch.library.custom_op("pfkernels::lanczos_ritz", mutates_args=())
+def _lanczos_ritz_op(S: Tensor, V: Tensor) -> Tensor:
+    device = V.device
+    if not _has_backend("lanczos_ritz", device):
+        _warn_fallback("lanczos_ritz", device)
+        return lanczos_ritz_ref(S, V)
+    B, rows, k = S.shape
+    n = V.shape[2]
+    U = torch.full((B, k, n), math.nan, dtype=_LANCZOS_ARITH[V.dtype], device=device)
+    if U.numel() == 0:
+        return U.zero_()
+    S = S.contiguous()
+    args = (S.data_ptr(), V.data_ptr(), _DTYPE_CODES[V.dtype], B, n, V.stride(0), rows, k,
+            U.data_ptr())
+    if rows == 0:
+        return U.zero_()
+    if device.type == "cpu":
+        _C.lanczos_ritz_cpu(*args)
+    else:
+        _C.lanczos_ritz_cuda(*args, _stream(device))
+    return U
+
+
+@_lanczos_ritz_op.register_fake
+def _(S, V):
+    return V.new_empty(S.shape[0], S.shape[2], V.shape[2], dtype=_LANCZOS_ARITH[V.dtype])
+
+
+def lanczos_ritz(S: Tensor, V: Tensor) -> Tensor:
+    """Ritz vectors ``U = S^T V[:, :rows]`` for a batch: ``U[b, r] = sum_i S[b, i, r] V[b, i]``.
+
+    Args:
+        S: ``[B, rows, k]`` float64, eigenvector coefficients of the projected matrix (columns).
+        V: ``[B, >=rows, n]`` basis, float32, float64 or bfloat16 (each problem contiguous).
+
+    Returns:
+        ``[B, k, n]`` in the arithmetic dtype (float32 for float32/bfloat16 bases, float64 for
+        float64), on V's device. One read of ``V`` per group of 8 Ritz vectors on CUDA.
+
+    Equivalent to :func:`lanczos_ritz_ref`.
+    """
+    _lanczos_ritz_check(S, V)
+    return torch.ops.pfkernels.lanczos_ritz(S, V)
+
+
+def lanczos_ritz_ref(S: Tensor, V: Tensor) -> Tensor:
+    """Pure-torch twin of :func:`lanczos_ritz` (one batched gemm)."""
+    _lanczos_ritz_check(S, V)
+    arith = _LANCZOS_ARITH[V.dtype]
+    rows = S.shape[1]
+    return torch.bmm(S.transpose(1, 2).to(arith), V[:, :rows].to(arith))

@@ -29,6 +29,9 @@ PG_TIMEOUT_S = 20
 
 def _init(rank, init_file, timeout_s=PG_TIMEOUT_S):
     torch.set_num_threads(1)
+    # fresh processes start torch's global generator from the same constant; a real job's ranks
+    # need not, and the unseeded solves must agree anyway
+    torch.manual_seed(1000 + rank)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -137,6 +140,10 @@ def _agreement_worker(rank, init_file, out_dir):
     out["eigsh"] = {"vals": res.eigenvalues, "vecs": res.eigenvectors}
     ref_res = pfkernels.eigsh(ref, k=3, tol=1e-10, seed=5)
     out["eigsh_ref"] = {"vals": ref_res.eigenvalues, "vecs": ref_res.eigenvectors}
+    out["trace"] = {"unseeded": pfkernels.hutchinson_trace(op, 6).trace,
+                    "seeded": pfkernels.hutchinson_trace(op, 6, seed=3).trace,
+                    "ref": pfkernels.hutchinson_trace(ref, 6, seed=3).trace,
+                    "density": pfkernels.spectral_density(op, 2, 10, grid=5).density}
 
     xd, yd = _shard(x, y, rank, DAL_SHARDS)
     plain = copy.deepcopy
@@ -223,6 +230,14 @@ def test_eigsh_matches_single_process_and_is_identical_across_ranks(results):
         torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-7)
         assert torch.equal(got["vals"], results[0]["eigsh"]["vals"])
         assert torch.equal(got["vecs"], results[0]["eigsh"]["vecs"])
+
+
+def test_stochastic_estimators_draw_the_same_probes_on_every_rank(results):
+    for rank in range(WORLD):
+        got = results[rank]["trace"]
+        assert got["unseeded"] == results[0]["trace"]["unseeded"]
+        assert torch.equal(got["density"], results[0]["trace"]["density"])
+        assert got["seeded"] == pytest.approx(got["ref"], rel=1e-10)
 
 
 @pytest.mark.parametrize("name", ["dal", "dal_fd", "scaler", "dal_ddp"])

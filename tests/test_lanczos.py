@@ -14,6 +14,16 @@ from pfkernels import eigsh
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are small: one thread avoids waking thread teams (very slow on the
+    shared, oversubscribed machines the suite runs on)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _with_spectrum(evals, gen):
     """Q diag(evals) Q^T with a Haar-random orthogonal Q."""
     evals = torch.as_tensor(evals, dtype=F64)
@@ -213,3 +223,139 @@ def test_nan_operator_names_iteration(gen):
 
     with pytest.raises(FloatingPointError, match="iteration 6"):
         eigsh(op, n=200, k=1, tol=1e-10, seed=0, dtype=F64)
+
+
+def test_check_residuals_agree_with_relation(gen, seed):
+    A = _with_spectrum(SPECTRA["indefinite"](200, gen), gen)
+    rel = eigsh(A, k=3, tol=1e-8, seed=seed)
+    true = eigsh(A, k=3, tol=1e-8, seed=seed, check_residuals=True)
+    assert true.num_matvecs == rel.num_matvecs + 3
+    assert torch.allclose(true.residuals, rel.residuals, atol=1e-10 * A.abs().max())
+
+
+def test_float64_storage_of_a_float32_operator(gen, seed):
+    A = _with_spectrum(SPECTRA["separated"](200, gen), gen)
+    res = eigsh(lambda v: (A.float() @ v.float()).double(), n=200, k=2, tol=1e-6, seed=seed,
+                dtype=F64)
+    assert res.eigenvectors.dtype == F64
+    assert (res.eigenvalues - _reference(A, 2, "LA")).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------ real Hessians (digits MLP)
+
+@pytest.fixture(scope="module")
+def tiny_mlp_hessian():
+    ds = pfkernels.data.digits(n_train=200, n_test=10)
+    model = pfkernels.data.mlp(width=16, depth=1, seed=1)
+    H = pfkernels.HessianOperator(model, pfkernels.data.mse_loss, ds.train, dtype=F64)
+    M = H.matvec(torch.eye(H.shape[0], dtype=F64))
+    return model, ds, H, 0.5 * (M + M.T)
+
+
+def test_tiny_mlp_hessian_against_dense(tiny_mlp_hessian, seed):
+    model, ds, H, M = tiny_mlp_hessian
+    for which, k in (("LA", 5), ("SA", 2), ("LM", 3)):
+        res = eigsh(H, k=k, which=which, tol=1e-9, seed=seed)
+        _check_invariants(M, res, k, which, tol_val=1e-9, tol_res=1e-7)
+    top = pfkernels.sharpness(model, pfkernels.data.mse_loss, ds.train, k=2, tol=1e-9,
+                              hvp_dtype=F64, seed=seed)
+    assert torch.allclose(top.eigenvalues, _reference(M, 2, "LA"), rtol=1e-9, atol=0)
+
+
+def test_mid_mlp_hessian_against_scipy(seed):
+    """A 5,962-parameter digits MLP (64-48-48-10) in float64: eigsh vs ARPACK, both at tol
+    1e-10."""
+    ds = pfkernels.data.digits(n_train=300, n_test=10)
+    model = pfkernels.data.mlp(width=48, depth=2, seed=2)
+    H = pfkernels.HessianOperator(model, pfkernels.data.mse_loss, ds.train, dtype=F64)
+    ref = sla.eigsh(H.to_scipy(), k=3, which="LA", tol=1e-10,
+                    v0=np.random.default_rng(seed).standard_normal(H.shape[0]),
+                    return_eigenvectors=False)
+    res = eigsh(H, k=3, tol=1e-10, seed=seed)
+    assert np.allclose(res.eigenvalues.numpy(), np.sort(ref)[::-1], rtol=1e-9, atol=0)
+
+
+def test_batched_hessian_operator_equals_unbatched(tiny_mlp_hessian, seed):
+    """A HessianOperator applies one H to every row: B solves with different starts."""
+    _, _, H, M = tiny_mlp_hessian
+    rb = eigsh(H, k=2, tol=1e-9, seed=seed, batch=3)
+    for i in range(3):
+        ri = eigsh(H, k=2, tol=1e-9, seed=seed + i)
+        assert torch.allclose(rb.eigenvalues[i], ri.eigenvalues, rtol=1e-10, atol=0)
+        assert int(rb.num_matvecs[i]) == ri.num_matvecs
+    assert torch.allclose(rb.eigenvalues[0], _reference(M, 2, "LA"), rtol=1e-9, atol=0)
+
+
+def test_layer_sharpness_matches_dense_blocks(tiny_mlp_hessian, seed):
+    model, ds, H, M = tiny_mlp_hessian
+    out = pfkernels.layer_sharpness(model, pfkernels.data.mse_loss, ds.train, k=1, tol=1e-10,
+                                    hvp_dtype=F64, seed=seed)
+    offset = 0
+    for name, p in model.named_parameters():
+        block = M[offset: offset + p.numel(), offset: offset + p.numel()]
+        offset += p.numel()
+        top = torch.linalg.eigvalsh(block)[-1]
+        assert torch.allclose(out[name].eigenvalues[0], top, rtol=1e-8, atol=1e-12), name
+        u = out[name].eigenvectors[:, 0]
+        assert torch.linalg.vector_norm(block @ u - top * u) <= 1e-6 * block.abs().max()
+    mods = pfkernels.layer_sharpness(model, pfkernels.data.mse_loss, ds.train, k=1, tol=1e-10,
+                                     hvp_dtype=F64, seed=seed, by="module")
+    assert sorted(mods) == ["0", "2"]
+    n0 = sum(p.numel() for p in model[0].parameters())
+    assert torch.allclose(mods["0"].eigenvalues[0], torch.linalg.eigvalsh(M[:n0, :n0])[-1],
+                          rtol=1e-8)
+
+
+def test_spectral_density_and_trace(gen, seed):
+    ev = torch.cat([torch.full((150,), -1.0, dtype=F64), torch.full((50,), 2.0, dtype=F64)])
+    A = _with_spectrum(ev, gen)
+    sd = pfkernels.spectral_density(A, num_probes=8, num_steps=30, sigma=0.05, seed=seed)
+    dx = float(sd.grid[1] - sd.grid[0])
+    assert abs(float(sd.density.sum()) * dx - 1) < 1e-3
+    assert torch.allclose(sd.weights.sum(1), torch.ones(8, dtype=F64))
+    # mass near each eigenvalue: 3/4 at -1 and 1/4 at 2 (up to probe noise ~ 1/sqrt(8 * 200))
+    near = lambda c: float(sd.density[(sd.grid - c).abs() < 0.5].sum()) * dx  # noqa: E731
+    assert abs(near(-1.0) - 0.75) < 0.08 and abs(near(2.0) - 0.25) < 0.08
+    te = pfkernels.hutchinson_trace(A, num_probes=64, seed=seed, batch_size=16)
+    assert abs(te.trace - float(torch.trace(A))) <= 5 * te.std_error + 1e-9
+    assert te.num_matvecs == 64
+
+
+def test_spectral_density_matches_dense_moments(tiny_mlp_hessian, seed):
+    """SLQ with enough steps integrates polynomials of low degree exactly per probe: the
+    estimated moments match z^T A^p z / n for the same probes' mean (Ubaru et al. 2017)."""
+    _, _, H, M = tiny_mlp_hessian
+    sd = pfkernels.spectral_density(H, num_probes=4, num_steps=20, seed=seed)
+    n = M.shape[0]
+    z = torch.randint(0, 2, (4, n), generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.int8).to(F64) * 2 - 1
+    for p in (1, 2, 3):
+        want = ((z @ torch.linalg.matrix_power(M, p)) * z).sum(1) / n
+        got = (sd.weights * sd.nodes ** p).sum(1)
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_no_host_sync_inside_a_restart_cycle(seed):
+    from pfkernels.lanczos import _Lanczos, _wrap_operator
+
+    A = _with_spectrum(torch.randn(4000, dtype=F64), torch.Generator().manual_seed(seed))
+    A = A.float().cuda()
+    op = _wrap_operator(A, None, None, None, None)
+    x0 = torch.randn(1, 4000, device="cuda")
+    x0 /= x0.norm()
+    lz = _Lanczos(op, 1, 2, "LA", 1e-6, 1000, 30, x0, seed, torch.float32, torch.float32)
+    lz.step()
+    lz.check()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            lz.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not lz.check()
+    res = eigsh(A, k=2, tol=1e-5, seed=seed)
+    assert res.eigenvalues.device.type == "cuda" and res.eigenvectors.is_cuda
+    ref = _reference(A.double().cpu(), 2, "LA")
+    assert torch.allclose(res.eigenvalues.cpu(), ref, rtol=1e-4)

@@ -38,6 +38,18 @@ void multi_tensor_momentum_update(void* const* params, const void* const* grads,
 void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
               void* out);
 
+// lanczos: one Lanczos step for B problems. w [B, n] = A v_j (float32 for float32/bfloat16
+// storage, float64 for float64) is overwritten by the orthogonalised residual; V holds problem b's
+// basis rows at V + b * vstride + i * n in the storage dtype; v_{j+1} = w / beta_j is written to
+// row j + 1; alpha_j, beta_j and ||w|| (before orthogonalisation) go to alpha/beta/wnorm
+// [b * cstride + j] (float64). Classical Gram-Schmidt twice against rows 0..j.
+void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
+                  double* alpha, double* beta, double* wnorm, int64_t cstride);
+// lanczos: Ritz vectors U [B, k, n] (arithmetic dtype) = S^T V with S [B, rows, k] float64 and
+// V's rows 0..rows-1 as above.
+void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
+                  int64_t vstride, int64_t rows, int64_t k, void* U);
+
 int max_threads();
 
 }  // namespace pfk::cpu

@@ -35,6 +35,15 @@ void multi_tensor_momentum_update(void* const* params, const void* const* grads,
 void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
               void* out, void* stream);
 
+// lanczos: as pfk::cpu::lanczos_step, with a float64 workspace of
+// lanczos_workspace_words(B, n, j) elements.
+int64_t lanczos_workspace_words(int64_t B, int64_t n, int64_t j);
+void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
+                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* workspace,
+                  void* stream);
+void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
+                  int64_t vstride, int64_t rows, int64_t k, void* U, void* stream);
+
 int device_count();
 
 }  // namespace pfk::cuda

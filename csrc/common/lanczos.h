@@ -1,0 +1,63 @@
+// lanczos family: what the CPU and CUDA kernels share — the storage types of the Lanczos basis
+// (float32, float64, or bfloat16 storage with float32 arithmetic) and the normalisation rule.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace pfk {
+
+// bfloat16 as raw bits: the top 16 bits of an IEEE float32. Conversions are bit operations, so
+// host and device round identically (round to nearest even; NaN stays NaN).
+struct BF16 {
+  uint16_t bits;
+};
+
+union FloatBits {
+  float f;
+  uint32_t u;
+};
+
+PFK_HD float bf16_to_float(BF16 x) {
+  FloatBits b;
+  b.u = static_cast<uint32_t>(x.bits) << 16;
+  return b.f;
+}
+
+PFK_HD BF16 float_to_bf16(float x) {
+  FloatBits b;
+  b.f = x;
+  if ((b.u & 0x7fffffffu) > 0x7f800000u) return BF16{static_cast<uint16_t>((b.u >> 16) | 0x40u)};
+  const uint32_t rounding = 0x7fffu + ((b.u >> 16) & 1u);
+  return BF16{static_cast<uint16_t>((b.u + rounding) >> 16)};
+}
+
+// Storage type S of the basis and arithmetic type A of the vectors: (float, float),
+// (double, double), (BF16, float).
+template <typename S>
+struct LanczosTypes;
+template <>
+struct LanczosTypes<float> {
+  using Arith = float;
+  PFK_HD static float load(float x) { return x; }
+  PFK_HD static float store(float x) { return x; }
+};
+template <>
+struct LanczosTypes<double> {
+  using Arith = double;
+  PFK_HD static double load(double x) { return x; }
+  PFK_HD static double store(double x) { return x; }
+};
+template <>
+struct LanczosTypes<BF16> {
+  using Arith = float;
+  PFK_HD static float load(BF16 x) { return bf16_to_float(x); }
+  PFK_HD static BF16 store(float x) { return float_to_bf16(x); }
+};
+
+// v_{j+1} = w / beta_j; an exactly zero residual (beta_j == 0, an invariant subspace found to the
+// last bit) is written as is, i.e. zeros, and the caller replaces it with a fresh vector.
+PFK_HD double lanczos_inverse_norm(double beta) { return beta > 0.0 ? 1.0 / beta : 1.0; }
+
+}  // namespace pfk

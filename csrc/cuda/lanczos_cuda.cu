@@ -1,0 +1,274 @@
+// lanczos family, CUDA: one fused Lanczos step (classical Gram-Schmidt twice) and Ritz vectors
+// for a batch of problems.
+//
+// Every pass over the basis is one bandwidth-bound kernel over a (tile, problem) grid that reads
+// each element of V[b, 0..j] once: a dot pass (each thread keeps its elements of w in registers
+// and forms its share of all j+1 dot products; warp shuffles then shared memory reduce them in a
+// fixed order to one float64 partial per tile), a one-block-per-problem reduction of the tile
+// partials in tile order (deterministic, no atomics), and an update pass w -= V^T c. The step is
+// dot, reduce, update, dot, reduce, update(+norm), reduce, normalise: nothing waits on the host,
+// and alpha_j, beta_j and ||A v_j|| are written to device memory.
+#include <cstdint>
+
+#include "common/lanczos.h"
+#include "common/macros.h"
+#include "cuda/cuda_check.cuh"
+#include "cuda/cuda_kernels.h"
+
+namespace pfk::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 8;
+constexpr int64_t kTile = kThreads * kPerThread;  // elements of one problem per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowGroup = 32;  // rows reduced per shared-memory round
+
+template <typename S>
+using Arith = typename LanczosTypes<S>::Arith;
+
+// This thread's kPerThread elements of one tile of w (zero past n), coalesced across the block.
+template <typename A>
+__device__ __forceinline__ void load_tile(const A* __restrict__ w, int64_t n, int64_t x0,
+                                          A (&wr)[kPerThread]) {
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t x = x0 + e * kThreads + threadIdx.x;
+    wr[e] = x < n ? w[x] : A(0);
+  }
+}
+
+// partial[(b * tiles + tile) * slots + i] = <V_i, w> over the tile, i < rows; with_norm also
+// writes ||w||^2 of the tile to slot `rows`.
+template <typename S>
+__global__ void dot_kernel(const S* __restrict__ V, const Arith<S>* __restrict__ w, int64_t n,
+                           int64_t vstride, int64_t rows, int64_t slots, bool with_norm,
+                           double* __restrict__ partial) {
+  using A = Arith<S>;
+  const int64_t b = blockIdx.y, tile = blockIdx.x, tiles = gridDim.x;
+  const int64_t x0 = tile * kTile;
+  A wr[kPerThread];
+  load_tile(w + b * n, n, x0, wr);
+  __shared__ double sm[kRowGroup][kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  double* out = partial + (b * tiles + tile) * slots;
+  const int64_t total = rows + (with_norm ? 1 : 0);
+  for (int64_t g = 0; g < total; g += kRowGroup) {
+    const int64_t gend = min(total, g + kRowGroup);
+    for (int64_t i = g; i < gend; ++i) {
+      A acc = 0;
+      if (i < rows) {
+        const S* v = V + b * vstride + i * n;
+#pragma unroll
+        for (int e = 0; e < kPerThread; ++e) {
+          const int64_t x = x0 + e * kThreads + threadIdx.x;
+          if (x < n) acc += LanczosTypes<S>::load(v[x]) * wr[e];
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kPerThread; ++e) acc += wr[e] * wr[e];
+      }
+      double d = static_cast<double>(acc);
+      for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
+      if (lane == 0) sm[i - g][warp] = d;
+    }
+    __syncthreads();
+    if (threadIdx.x < gend - g) {
+      double s = 0;
+      for (int q = 0; q < kWarps; ++q) s += sm[threadIdx.x][q];
+      out[g + threadIdx.x] = s;
+    }
+    __syncthreads();
+  }
+}
+
+// c[b * cols + i] = sum over tiles (in order) of the partials; one block per problem.
+__global__ void reduce_kernel(const double* __restrict__ partial, int64_t tiles, int64_t slots,
+                              int64_t cols, double* __restrict__ c) {
+  const int64_t b = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    double s = 0;
+    for (int64_t t = 0; t < tiles; ++t) s += partial[(b * tiles + t) * slots + i];
+    c[b * cols + i] = s;
+  }
+}
+
+// w -= sum_i c_i V_i; with_norm also writes the tile's ||w||^2 to partial slot 0.
+template <typename S>
+__global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
+                              const double* __restrict__ c, int64_t n, int64_t vstride,
+                              int64_t rows, int64_t ccols, bool with_norm,
+                              double* __restrict__ partial) {
+  using A = Arith<S>;
+  const int64_t b = blockIdx.y, tile = blockIdx.x;
+  const int64_t x0 = tile * kTile;
+  A wr[kPerThread];
+  load_tile(w + b * n, n, x0, wr);
+  for (int64_t i = 0; i < rows; ++i) {
+    const A ci = static_cast<A>(c[b * ccols + i]);
+    const S* v = V + b * vstride + i * n;
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int64_t x = x0 + e * kThreads + threadIdx.x;
+      if (x < n) wr[e] -= ci * LanczosTypes<S>::load(v[x]);
+    }
+  }
+  A sq = 0;
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) {
+    const int64_t x = x0 + e * kThreads + threadIdx.x;
+    if (x < n) {
+      w[b * n + x] = wr[e];
+      sq += wr[e] * wr[e];
+    }
+  }
+  if (!with_norm) return;
+  __shared__ double sm[kWarps];
+  double d = static_cast<double>(sq);
+  for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
+  if ((threadIdx.x & 31) == 0) sm[threadIdx.x >> 5] = d;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0;
+    for (int q = 0; q < kWarps; ++q) s += sm[q];
+    partial[b * gridDim.x + tile] = s;
+  }
+}
+
+// alpha_j = c1[j] + c2[j], ||A v_j|| from pass 1's norm slot, beta_j from the final partials.
+__global__ void scalars_kernel(const double* __restrict__ c1, const double* __restrict__ c2,
+                               const double* __restrict__ norm_partial, int64_t tiles,
+                               int64_t rows, int64_t j, double* __restrict__ alpha,
+                               double* __restrict__ beta, double* __restrict__ wnorm,
+                               int64_t cstride) {
+  const int64_t b = blockIdx.x;
+  double s = 0;
+  for (int64_t t = 0; t < tiles; ++t) s += norm_partial[b * tiles + t];
+  alpha[b * cstride + j] = c1[b * (rows + 1) + j] + c2[b * rows + j];
+  wnorm[b * cstride + j] = sqrt(c1[b * (rows + 1) + rows]);
+  beta[b * cstride + j] = sqrt(s);
+}
+
+template <typename S>
+__global__ void normalise_kernel(const Arith<S>* __restrict__ w, S* __restrict__ V, int64_t n,
+                                 int64_t vstride, int64_t j, const double* __restrict__ beta,
+                                 int64_t cstride) {
+  using A = Arith<S>;
+  const int64_t b = blockIdx.y;
+  const A inv = static_cast<A>(lanczos_inverse_norm(beta[b * cstride + j]));
+  S* out = V + b * vstride + (j + 1) * n;
+  for (int64_t x = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; x < n;
+       x += int64_t(gridDim.x) * blockDim.x)
+    out[x] = LanczosTypes<S>::store(w[b * n + x] * inv);
+}
+
+template <typename S>
+void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, int64_t j,
+               double* alpha, double* beta, double* wnorm, int64_t cstride, double* ws,
+               cudaStream_t stream) {
+  using A = Arith<S>;
+  A* w = static_cast<A*>(w_ptr);
+  S* V = static_cast<S*>(V_ptr);
+  const int64_t rows = j + 1, tiles = (n + kTile - 1) / kTile;
+  // workspace: partials [B, tiles, rows + 1], c1 [B, rows + 1], c2 [B, rows]
+  double* partial = ws;
+  double* c1 = partial + B * tiles * (rows + 1);
+  double* c2 = c1 + B * (rows + 1);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
+  const int rthreads = 128;
+
+  dot_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, n, vstride, rows, rows + 1, true, partial);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  reduce_kernel<<<static_cast<unsigned>(B), rthreads, 0, stream>>>(partial, tiles, rows + 1,
+                                                                    rows + 1, c1);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c1, n, vstride, rows, rows + 1, false,
+                                                  partial);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  dot_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, n, vstride, rows, rows, false, partial);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  reduce_kernel<<<static_cast<unsigned>(B), rthreads, 0, stream>>>(partial, tiles, rows, rows, c2);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c2, n, vstride, rows, rows, true, partial);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  scalars_kernel<<<static_cast<unsigned>(B), 1, 0, stream>>>(c1, c2, partial, tiles, rows, j,
+                                                             alpha, beta, wnorm, cstride);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  const dim3 ngrid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
+  normalise_kernel<S><<<ngrid, kThreads, 0, stream>>>(w, V, n, vstride, j, beta, cstride);
+  PFK_CUDA_CHECK(cudaGetLastError());
+}
+
+constexpr int kRitzCols = 8;  // Ritz vectors formed per block (registers per thread)
+
+// U[b, r, x] = sum_i S[b, i, r] V[b, i, x] for r in this block's group of kRitzCols columns.
+template <typename S>
+__global__ void ritz_kernel(const double* __restrict__ Sm, const S* __restrict__ V, int64_t n,
+                            int64_t vstride, int64_t rows, int64_t k, Arith<S>* __restrict__ U) {
+  using A = Arith<S>;
+  const int64_t b = blockIdx.y, r0 = int64_t(blockIdx.z) * kRitzCols;
+  const int64_t x = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cols = min(int64_t(kRitzCols), k - r0);
+  A acc[kRitzCols];
+#pragma unroll
+  for (int r = 0; r < kRitzCols; ++r) acc[r] = 0;
+  if (x < n) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const A v = LanczosTypes<S>::load(V[b * vstride + i * n + x]);
+      const double* s = Sm + (b * rows + i) * k + r0;
+#pragma unroll
+      for (int r = 0; r < kRitzCols; ++r)
+        if (r < cols) acc[r] += static_cast<A>(s[r]) * v;
+    }
+#pragma unroll
+    for (int r = 0; r < kRitzCols; ++r)
+      if (r < cols) U[(b * k + r0 + r) * n + x] = acc[r];
+  }
+}
+
+template <typename S>
+void ritz_impl(const double* Sm, const void* V, int64_t B, int64_t n, int64_t vstride,
+               int64_t rows, int64_t k, void* U, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(B),
+                  static_cast<unsigned>((k + kRitzCols - 1) / kRitzCols));
+  ritz_kernel<S><<<grid, kThreads, 0, stream>>>(Sm, static_cast<const S*>(V), n, vstride, rows, k,
+                                                static_cast<Arith<S>*>(U));
+  PFK_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+int64_t lanczos_workspace_words(int64_t B, int64_t n, int64_t j) {
+  const int64_t rows = j + 1, tiles = (n + kTile - 1) / kTile;
+  return B * tiles * (rows + 1) + B * (rows + 1) + B * rows;
+}
+
+void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
+                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* workspace,
+                  void* stream) {
+  if (B == 0 || n == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, workspace, s);
+    case kFloat64:
+      return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, workspace, s);
+    case kBFloat16:
+      return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, workspace, s);
+    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
+                  int64_t vstride, int64_t rows, int64_t k, void* U, void* stream) {
+  if (B == 0 || n == 0 || k == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32: return ritz_impl<float>(S, V, B, n, vstride, rows, k, U, s);
+    case kFloat64: return ritz_impl<double>(S, V, B, n, vstride, rows, k, U, s);
+    case kBFloat16: return ritz_impl<BF16>(S, V, B, n, vstride, rows, k, U, s);
+    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+}  // namespace pfk::cuda
