@@ -164,6 +164,7 @@ def _agreement_worker(rank, init_file, out_dir):
     out["counts"] = _collective_counts(model, xs, ys, block)
     out["helpers"] = _helpers_with_group(rank)
     torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears its connections down while a peer still uses them
     dist.destroy_process_group()
 
 
