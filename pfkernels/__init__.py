@@ -18,4 +18,10 @@ from .lanczos import hutchinson_trace  # noqa: E402
 from .lanczos import layer_sharpness  # noqa: E402
 from .lanczos import sharpness  # noqa: E402
 from .lanczos import spectral_density  # noqa: E402
+from .eos import SharpnessTracker  # noqa: E402
+from .eos import StabilityThreshold  # noqa: E402
+from .eos import detect_eos  # noqa: E402
+from .eos import preconditioned_operator  # noqa: E402
+from .eos import stability_threshold  # noqa: E402
+from .eos import stability_thresholds  # noqa: E402
 from . import distributed  # noqa: E402

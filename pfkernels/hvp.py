@@ -9,21 +9,31 @@ Two ways to take a product (``method``):
 
 - ``"double-backward"``: g = ∇E by reverse mode with ``create_graph``, then ∇(g·v) by a second
   reverse pass (Pearlmutter's trick, what PyHessian does). For a block of B vectors the forward
-  pass and the first backward are shared and only the second backward runs B times.
+  pass and the first backward are shared and only the second backward runs B times; with
+  ``cache_graph`` (default for one in-memory batch) the first-order graph is also kept between
+  calls while the parameters are unchanged, so a Lanczos solve pays one backward per product.
 - ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(E), (θ,), (v,))``; blocks of vectors
   go through ``torch.func.vmap``.
 
-``"auto"`` picks double-backward. Measured on the 2-core development CPU (torch 2.13, float32,
-``bench/bench_hvp.py``, results in ``bench/results/hvp_cpu.json``; the machine was shared, so
-ratios are approximate), in units of one gradient:
+``"auto"`` picks double-backward, for single vectors and for blocks, by measurement
+(``bench/bench_hvp.py``, ``bench/results/hvp_cpu.json``): 2-core CPU shared with other jobs (load
+average 8-10, so one torch thread), torch 2.13, float32, 1000 digits, MSE; median over interleaved
+rounds, in units of one gradient:
 
-====================  ===========  =====================  ==============================
-model                 double-bwd   forward-over-reverse   16 vectors: shared-graph loop /
-                      (1 vector)   (1 vector)             vmap forward-over-reverse
-====================  ===========  =====================  ==============================
-digits MLP 2x200      see JSON     see JSON               see JSON
-digits CNN (16, 32)   see JSON     see JSON               see JSON
-====================  ===========  =====================  ==============================
+=========================  ==========  ============  ============  ======================
+model (parameters)         double bwd  double bwd,   forward over  16 vectors: double bwd
+                           fresh point graph reused  reverse       (graph reused) / vmap
+                                                                   forward-over-reverse
+=========================  ==========  ============  ============  ======================
+MLP 2x200 tanh (55,210)    1.99        1.25          2.55          18.3 / 23.7
+MLP 2x256 tanh (85,002)    3.03        1.55          3.18          24.6 / 30.2
+CNN (16, 32) tanh (6,090)  1.93        0.86          1.99          13.6 / 21.9
+=========================  ==========  ============  ============  ======================
+
+Anchors in the same runs: PyHessian's HVP (graph reused) 1.08 / 1.46 / 0.83, at a fresh point
+1.85 / 2.33 / 1.78; curvlinops 2.43 / 3.19 / 1.99 for one vector, 20.4 / 28.7 / 20.0 for 16.
+Batching the second backward with ``is_grads_batched`` (vmap) cost 23.5 / 32.3 / 20.2 for 16
+vectors, more than the plain loop, so blocks loop over the shared first-order graph.
 
 The model is evaluated with ``torch.func.functional_call`` on views of θ, so the caller's model
 and its tensors are never modified: parameters are read afresh from the model at every call (the
@@ -406,7 +416,21 @@ class HessianOperator:
 
     @property
     def param_names(self) -> list[str]:
+        """Names of the parameters θ covers, in ``model.named_parameters()`` order."""
         return list(self._names)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The caller's model (``None`` for :meth:`from_function`)."""
+        return self._model
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The model's own parameter tensors that θ covers, in θ's order (e.g. to look up
+        optimizer state); empty for :meth:`from_function`."""
+        if self._model is None:
+            return []
+        named = dict(self._model.named_parameters())
+        return [named[n] for n in self._names]
 
     def reset_counters(self) -> None:
         """Set ``num_matvecs`` (vectors multiplied so far; a [B, n] product counts B) to 0."""

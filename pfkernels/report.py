@@ -1,9 +1,18 @@
-"""Metrics files and matplotlib figures (Agg backend, PNG).
+"""Metrics files (JSONL, CSV) and matplotlib figures (Agg backend, PNG).
 
-Each tool keeps its figures in its own marked section below.
+Each tool keeps its figures in its own marked section below. Metrics rows are flat dicts of JSON
+scalars (numbers, strings, booleans, None) or lists of numbers; tensors and numpy scalars are
+converted on write, and non-finite floats are written as ``null`` so every line is strict JSON.
 """
 
 from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -75,3 +84,170 @@ def plot_flow_comparison(comparison, path, *, directions=None, direction_labels=
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# =============================================================================================
+# metrics files and the edge-of-stability figure (pfkernels eos)
+# =============================================================================================
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` as plain JSON: tensors and numpy values to numbers or lists, NaN/inf to None."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"row: cannot write a value of type {type(value).__name__} as JSON")
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to a file, flushing each line (safe to ``tail -f``).
+
+    Args:
+        path: file to write; its folder is created. An existing file is truncated unless
+            ``append=True``.
+    """
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a" if append else "w", encoding="utf-8")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self._file.closed:
+            raise ValueError(f"MetricsWriter: {self.path} is closed")
+        self._file.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
+        self._file.flush()
+
+    __call__ = write
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Writes ``rows`` as CSV; columns are the union of keys in first-seen order, lists as JSON."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            plain = to_jsonable(row)
+            writer.writerow(
+                {
+                    k: json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
+                    for k, v in plain.items()
+                }
+            )
+
+
+def _series(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if value is not None:
+            steps.append(row["step"])
+            values.append(value)
+    return steps, values
+
+
+def plot_eos_report(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    title: str = "",
+    band: float = 0.1,
+) -> Path:
+    """Saves the run figure: loss, sharpness against the stability threshold, and the rate.
+
+    Panels: (1) training loss (log scale) and accuracy when present; (2) the tracked sharpness
+    (``preconditioned_sharpness`` when the rows have it, else ``sharpness``) with the threshold
+    drawn as a line and a ±``band`` shaded region; (3) the learning rate when it varies (DAL).
+
+    Args:
+        rows: per-step rows with ``step`` and ``loss``, and on measured steps ``sharpness``,
+            ``threshold`` and optionally ``preconditioned_sharpness``, ``lr``, ``accuracy``.
+        path: output image path (PNG).
+        title: figure title.
+
+    Returns:
+        the path written.
+    """
+    lr_steps, lrs = _series(rows, "lr")
+    show_lr = len(set(lrs)) > 1
+    fig, axes = plt.subplots(
+        3 if show_lr else 2, 1, figsize=(8, 8.5 if show_lr else 6.5), sharex=True, squeeze=True
+    )
+    ax_loss, ax_sharp = axes[0], axes[1]
+
+    steps, losses = _series(rows, "loss")
+    ax_loss.plot(steps, losses, color="tab:blue", lw=1.0, label="train loss")
+    if losses and min(losses) > 0:
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss")
+    acc_steps, accs = _series(rows, "accuracy")
+    if accs:
+        ax_acc = ax_loss.twinx()
+        ax_acc.plot(acc_steps, accs, color="tab:green", lw=1.0, alpha=0.7, label="train accuracy")
+        ax_acc.set_ylabel("accuracy", color="tab:green")
+        ax_acc.set_ylim(0.0, 1.02)
+    ax_loss.legend(loc="upper right", fontsize=8)
+    ax_loss.grid(alpha=0.3)
+
+    p_steps, p_sharp = _series(rows, "preconditioned_sharpness")
+    s_steps, sharp = _series(rows, "sharpness")
+    t_steps, thresholds = _series(rows, "threshold")
+    if p_sharp:
+        ax_sharp.plot(p_steps, p_sharp, "o-", ms=2, lw=1.0, color="tab:red",
+                      label="preconditioned sharpness λmax(P⁻¹H)")
+        ax_sharp.set_ylabel("preconditioned sharpness")
+    else:
+        ax_sharp.plot(s_steps, sharp, "o-", ms=2, lw=1.0, color="tab:red",
+                      label="sharpness λmax(H)")
+        ax_sharp.set_ylabel("sharpness")
+    if thresholds:
+        ax_sharp.plot(t_steps, thresholds, "--", color="black", lw=1.2, label="stability threshold")
+        low = [t * (1 - band) for t in thresholds]
+        high = [t * (1 + band) for t in thresholds]
+        ax_sharp.fill_between(t_steps, low, high, color="gray", alpha=0.15,
+                              label=f"±{band:.0%} of threshold")
+    ax_sharp.legend(loc="lower right", fontsize=8)
+    ax_sharp.grid(alpha=0.3)
+    ax_sharp.set_ylim(bottom=0)
+
+    if show_lr:
+        ax_lr = axes[2]
+        ax_lr.plot(lr_steps, lrs, color="tab:purple", lw=1.0, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.grid(alpha=0.3)
+        ax_lr.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("step")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

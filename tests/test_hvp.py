@@ -342,6 +342,8 @@ def test_follows_the_model_and_counts(seed):
     parts = op.unflatten(op.flat_parameters())
     assert all(torch.equal(parts[n], p) for n, p in model.named_parameters())
     assert op.num_parameters == op.shape[0] == sum(p.numel() for p in model.parameters())
+    assert op.model is model and all(p is q for p, q in zip(op.parameters(), model.parameters()))
+    assert HessianOperator.from_function(lambda t: t.sum(), theta).parameters() == []
 
 
 def test_to_scipy(seed):

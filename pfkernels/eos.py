@@ -1,0 +1,802 @@
+"""Edge-of-stability tracking: stability thresholds, preconditioned sharpness, a tracker.
+
+Cohen et al. (ICLR 2021) found that full-batch gradient descent at rate η drives the sharpness
+S = λ_max(H) up to 2/η ("progressive sharpening") and then holds it there while the loss keeps
+falling non-monotonically ("the edge of stability", EoS). Cohen et al. (2022, arXiv 2207.14484)
+found the same for adaptive methods in preconditioned units: λ_max(P⁻¹H) settles at
+(2 + 2β1)/((1 − β1)η) for Adam. This module gives
+
+- :func:`stability_threshold` / :func:`stability_thresholds`: the threshold of a torch optimizer
+  from its hyper-parameters, in the units it applies to (REFERENCES.md §3, §4, §6);
+- :func:`preconditioned_operator`: the symmetric P^{-1/2} H P^{-1/2} from Adam/AdamW/RMSprop state;
+- :class:`SharpnessTracker`: top-k Hessian eigenvalues every few steps of a training loop, each
+  solve warm-started from the previous eigenvectors, with sinks (JSONL file, callable,
+  TensorBoard writer) and :func:`detect_eos` summarising a run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PreconditionedOperator",
+    "SharpnessTracker",
+    "StabilityThreshold",
+    "detect_eos",
+    "is_adaptive",
+    "preconditioned_operator",
+    "preconditioner_diagonal",
+    "stability_threshold",
+    "stability_thresholds",
+]
+
+_REF_GD = "Cohen et al., ICLR 2021 (arXiv 2103.00065); REFERENCES.md §3"
+_REF_ADAPTIVE = (
+    "Cohen et al. 2022, Adaptive Gradient Methods at the Edge of Stability (arXiv 2207.14484); "
+    "REFERENCES.md §4"
+)
+_REF_NGD = "Arora, Li, Panigrahi, ICML 2022 (arXiv 2205.09745); REFERENCES.md §6"
+_REF_DAL = "Rosca, Wu, Qin, Dherin, TMLR 2023 (arXiv 2302.01952); REFERENCES.md §2"
+
+
+@dataclass(frozen=True)
+class StabilityThreshold:
+    """Largest curvature at which an optimizer is stable on a quadratic, for one param group.
+
+    Attributes:
+        value: the threshold (a float; ``inf`` when the rate is 0).
+        units: ``"raw"`` when it bounds λ_max(H), ``"preconditioned"`` when it bounds λ_max(P⁻¹H)
+            with P the optimizer's diagonal preconditioner (see :func:`preconditioned_operator`).
+        formula: the formula with the hyper-parameters it used, e.g. ``"(2+2β)/(η(1-d)) - wd"``.
+        reference: where the formula comes from.
+    """
+
+    value: float
+    units: str
+    formula: str
+    reference: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ratio(numerator: float, lr: float) -> float:
+    return math.inf if lr == 0.0 else numerator / lr
+
+
+def _sgd_threshold(group: dict) -> StabilityThreshold:
+    lr = float(group["lr"])
+    beta = float(group.get("momentum", 0.0))
+    damp = float(group.get("dampening", 0.0))
+    wd = float(group.get("weight_decay", 0.0))
+    if group.get("maximize", False):
+        raise ValueError("optimizer: maximize=True ascends the loss; it has no stability threshold")
+    if group.get("nesterov", False):
+        value = _ratio(2.0 + 2.0 * beta, lr * (1.0 + 2.0 * beta))
+        formula = f"(2+2β)/(η(1+2β)) with β={beta:g}, η={lr:g}"
+    elif beta > 0.0:
+        if damp >= 1.0:
+            raise ValueError("optimizer: SGD with dampening >= 1 never moves after its first step")
+        value = _ratio(2.0 + 2.0 * beta, lr * (1.0 - damp))
+        formula = f"(2+2β)/(η(1-d)) with β={beta:g}, d={damp:g}, η={lr:g}"
+    else:
+        value = _ratio(2.0, lr)
+        formula = f"2/η with η={lr:g}"
+    if wd:
+        value -= wd
+        formula += f", minus weight_decay={wd:g}"
+    return StabilityThreshold(value, "raw", formula, _REF_GD)
+
+
+def _adam_threshold(group: dict) -> StabilityThreshold:
+    lr = float(group["lr"])
+    beta1 = float(group["betas"][0])
+    if beta1 >= 1.0:
+        raise ValueError("optimizer: Adam with beta1 >= 1 has no stability threshold")
+    value = _ratio(2.0 + 2.0 * beta1, (1.0 - beta1) * lr)
+    formula = f"(2+2β1)/((1-β1)η) with β1={beta1:g}, η={lr:g}"
+    return StabilityThreshold(value, "preconditioned", formula, _REF_ADAPTIVE)
+
+
+def _rmsprop_threshold(group: dict) -> StabilityThreshold:
+    lr = float(group["lr"])
+    mu = float(group.get("momentum", 0.0))
+    if mu > 0.0:
+        value = _ratio(2.0 + 2.0 * mu, lr)
+        formula = f"(2+2μ)/η with momentum μ={mu:g}, η={lr:g}"
+    else:
+        value = _ratio(2.0, lr)
+        formula = f"2/η with η={lr:g}"
+    return StabilityThreshold(value, "preconditioned", formula, _REF_ADAPTIVE)
+
+
+def _gradient_norm(group: dict) -> float:
+    grads = [p.grad for p in group["params"] if p.grad is not None]
+    if not grads:
+        raise ValueError(
+            "grad_norm: NormalizedGD's threshold depends on the current gradient; pass grad_norm= "
+            "or call it after backward() so that .grad is set"
+        )
+    return float(torch.sqrt(sum(g.detach().double().pow(2).sum() for g in grads)))
+
+
+_TORCH_KINDS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
+
+def _pfk_optimizers() -> tuple[type, type]:
+    from .optim import DAL, NormalizedGD
+
+    return DAL, NormalizedGD
+
+
+def stability_thresholds(
+    optimizer: torch.optim.Optimizer, *, grad_norm: float | None = None
+) -> list[StabilityThreshold]:
+    """Stability threshold of each param group of ``optimizer``.
+
+    Every formula is the largest curvature a of E = ½·a·x² at which the optimizer's linear
+    recurrence has spectral radius ≤ 1; below it the iterates converge, above it they diverge.
+
+    - ``torch.optim.SGD`` (plain): 2/η.
+    - SGD with momentum β and dampening d. Torch updates b ← βb + (1−d)g, θ ← θ − ηb (the first
+      step copies g into b, which changes a transient only). On the quadratic this is heavy ball
+      with rate η' = η(1−d): θ_{t+1} = θ_t − η'aθ_t + β(θ_t − θ_{t−1}), characteristic polynomial
+      z² − (1 + β − η'a)z + β. For 0 ≤ β < 1 its roots lie in the unit disc iff
+      0 < η'a < 2 + 2β (the root z = −1 appears at η'a = 2 + 2β), hence
+      **a < (2 + 2β)/(η(1 − d))**. d = 0 gives REFERENCES.md §3's (2+2β)/η; d = β gives its EMA
+      form (2+2β)/((1−β)η).
+    - SGD Nesterov (torch requires d = 0): (2 + 2β)/(η(1 + 2β)).
+    - Coupled ``weight_decay`` wd (SGD) adds wd to every curvature, so the bound on the loss's own
+      sharpness is the value above minus wd.
+    - Adam / AdamW with β1: (2 + 2β1)/((1 − β1)η) in preconditioned units (38/η at β1 = 0.9):
+      θ ← θ − ηP⁻¹m with m the EMA of gradients is EMA momentum on P⁻¹H. Weight decay is not folded
+      in (for Adam it adds wd·P⁻¹, not a constant; AdamW's decoupled shrink is outside P⁻¹H).
+    - ``torch.optim.RMSprop``: 2/η preconditioned; with momentum μ (heavy ball on P⁻¹g, no
+      dampening) (2 + 2μ)/η.
+    - :class:`pfkernels.optim.DAL`: GD at its current rate, so 2/h with h = ``optimizer.last_lr``
+      (the rate of its latest step; before any step the base rate). DAL sets h = 2/v^p with
+      v = ‖Hg‖/‖g‖, so for p = 1 the ratio S/threshold is S/v, the top curvature over the
+      gradient-weighted one.
+    - :class:`pfkernels.optim.NormalizedGD`: x ← x − η g/‖g‖ is GD at the state-dependent rate
+      η/‖g‖, so the threshold is 2‖g‖/η in raw units, with g the current full-batch gradient
+      (``grad_norm`` if given, else the norm of the ``.grad`` of the group's parameters). It is
+      not a fixed number: Arora et al. show the iterates settle where λ_1 ≈ 2‖g‖/η while ‖g‖
+      shrinks, so λ_1 is driven down rather than up.
+
+    GD on √(L − min L) (``pfkernels.optim.sqrt_loss``) is plain SGD on a transformed objective:
+    the 2/η threshold applies to the Hessian of that objective.
+
+    Args:
+        optimizer: a torch optimizer of the kinds above.
+        grad_norm: current gradient norm, used by NormalizedGD only.
+
+    Returns:
+        one :class:`StabilityThreshold` per param group.
+
+    Raises:
+        TypeError: for an optimizer of another kind.
+        ValueError: for hyper-parameters without a threshold (maximize, dampening ≥ 1, β1 ≥ 1).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, torch.optim.SGD):
+        return [_sgd_threshold(group) for group in optimizer.param_groups]
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return [_adam_threshold(group) for group in optimizer.param_groups]
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return [_rmsprop_threshold(group) for group in optimizer.param_groups]
+    dal_cls, ngd_cls = _pfk_optimizers()
+    if isinstance(optimizer, dal_cls):
+        out = []
+        for index in range(len(optimizer.param_groups)):
+            rate = _dal_rate(optimizer, index)
+            formula = f"2/h with h={rate:g}"
+            out.append(StabilityThreshold(_ratio(2.0, rate), "raw", formula, _REF_DAL))
+        return out
+    if isinstance(optimizer, ngd_cls):
+        out = []
+        for group in optimizer.param_groups:
+            lr = float(group["lr"])
+            norm = _gradient_norm(group) if grad_norm is None else float(grad_norm)
+            formula = f"2‖g‖/η with ‖g‖={norm:g}, η={lr:g}"
+            out.append(StabilityThreshold(_ratio(2.0 * norm, lr), "raw", formula, _REF_NGD))
+        return out
+    raise TypeError(
+        f"optimizer: no stability threshold is known for {type(optimizer).__name__}; "
+        "supported: SGD (momentum, dampening, nesterov), Adam, AdamW, RMSprop, "
+        "pfkernels.optim.DAL, pfkernels.optim.NormalizedGD"
+    )
+
+
+def _dal_rate(optimizer, index: int) -> float:
+    last = getattr(optimizer, "last_lr", None)
+    if last is None:
+        return float(optimizer.param_groups[index]["lr"])
+    last = torch.as_tensor(last)
+    return float(last.reshape(-1)[index] if last.numel() > 1 else last)
+
+
+def stability_threshold(
+    optimizer: torch.optim.Optimizer, *, grad_norm: float | None = None
+) -> StabilityThreshold:
+    """The stability threshold of ``optimizer`` when all its param groups share one.
+
+    See :func:`stability_thresholds` for the formulas. Raises ValueError when groups disagree
+    (sharpness over all parameters has no single threshold then; track groups separately).
+    """
+    per_group = stability_thresholds(optimizer, grad_norm=grad_norm)
+    if not per_group:
+        raise ValueError("optimizer: has no param groups")
+    first = per_group[0]
+    for index, other in enumerate(per_group[1:], start=1):
+        same = math.isclose(other.value, first.value, rel_tol=1e-12) or other.value == first.value
+        if not same or other.units != first.units:
+            raise ValueError(
+                f"optimizer: param groups 0 and {index} have different stability thresholds "
+                f"({first.formula} vs {other.formula}); track them separately with params="
+            )
+    return first
+
+
+def _operator_params(hessian_op) -> list[torch.Tensor]:
+    params = hessian_op.parameters() if hasattr(hessian_op, "parameters") else []
+    if not params:
+        raise TypeError(
+            "hessian_op: expected a pfkernels.HessianOperator built from a model (its parameters "
+            "are looked up in the optimizer's state)"
+        )
+    return params
+
+
+def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.Tensor:
+    state = optimizer.state.get(p, {})
+    if key not in state:
+        raise ValueError(
+            f"optimizer: no '{key}' in the state of a parameter of shape {tuple(p.shape)}; "
+            "the preconditioner exists after the optimizer's first step"
+        )
+    return state[key]
+
+
+def _adam_diagonal(optimizer, p: torch.Tensor, group: dict) -> torch.Tensor:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    eps = float(group["eps"])
+    t = float(_state_of(optimizer, p, "step"))
+    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+    nu = _state_of(optimizer, p, key).detach().double()
+    return (1.0 - beta1**t) * ((nu / (1.0 - beta2**t)).sqrt() + eps)
+
+
+def _rmsprop_diagonal(optimizer, p: torch.Tensor, group: dict) -> torch.Tensor:
+    eps = float(group["eps"])
+    square_avg = _state_of(optimizer, p, "square_avg").detach().double()
+    if group.get("centered", False):
+        grad_avg = _state_of(optimizer, p, "grad_avg").detach().double()
+        square_avg = square_avg - grad_avg * grad_avg
+    return square_avg.sqrt() + eps
+
+
+def is_adaptive(optimizer: torch.optim.Optimizer | None) -> bool:
+    """True for optimizers with a diagonal preconditioner: Adam, AdamW, RMSprop."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop))
+
+
+def preconditioner_diagonal(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The diagonal P of an adaptive optimizer's update θ ← θ − η P⁻¹ m, flat over ``params``.
+
+    - Adam / AdamW: P = (1 − β1^t)·(√(ν/(1 − β2^t)) + ε), with ν = ``max_exp_avg_sq`` under
+      amsgrad, exactly as torch forms its step (REFERENCES.md §4; Cohen et al. 2022 eq. 2).
+    - RMSprop: P = √ν + ε, or √(ν − ḡ²) + ε when ``centered`` (ḡ the running mean gradient): the
+      denominator torch divides by. RMSprop has no bias correction.
+
+    It is read from the optimizer's current state (the preconditioner of its latest step).
+
+    Args:
+        optimizer: Adam, AdamW or RMSprop that has taken at least one step.
+        params: the parameters, in the order of the flat vectors.
+
+    Returns:
+        float64 ``[n]`` on the parameters' device, n = total number of elements.
+    """
+    if not is_adaptive(optimizer):
+        raise TypeError(
+            f"optimizer: expected Adam, AdamW or RMSprop (a diagonal preconditioner), got "
+            f"{type(optimizer).__name__}"
+        )
+    groups = _group_of(optimizer)
+    diagonal = _rmsprop_diagonal if isinstance(optimizer, torch.optim.RMSprop) else _adam_diagonal
+    parts = []
+    for p in params:
+        group = groups.get(id(p))
+        if group is None:
+            raise ValueError(
+                f"optimizer: a parameter of shape {tuple(p.shape)} is not in any of its param "
+                "groups"
+            )
+        parts.append(diagonal(optimizer, p, group).reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+class PreconditionedOperator:
+    """The symmetric operator P^{-1/2} H P^{-1/2} for a diagonal preconditioner P.
+
+    It has the eigenvalues of P⁻¹H (similar matrices), so its λ_max is the preconditioned
+    sharpness of Cohen et al. 2022, and Lanczos can run on it because it is symmetric. Vectors are
+    ``[n]`` or ``[B, n]`` in the operator's dtype and device.
+
+    Attributes:
+        hessian: the wrapped operator H.
+        inv_sqrt_diagonal: P^{-1/2}, ``[n]``.
+    """
+
+    def __init__(self, hessian, inv_sqrt_diagonal: torch.Tensor):
+        self.hessian = hessian
+        self.inv_sqrt_diagonal = inv_sqrt_diagonal.to(dtype=hessian.dtype, device=hessian.device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.hessian.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hessian.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hessian.device
+
+    @property
+    def num_matvecs(self) -> int:
+        return self.hessian.num_matvecs
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        d = self.inv_sqrt_diagonal
+        return d * self.hessian.matvec(d * v)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+
+def preconditioned_operator(hessian_op, optimizer: torch.optim.Optimizer) -> PreconditionedOperator:
+    """P^{-1/2} H P^{-1/2} from the state of an Adam, AdamW or RMSprop optimizer.
+
+    Args:
+        hessian_op: a :class:`pfkernels.HessianOperator` over parameters the optimizer updates.
+        optimizer: an adaptive optimizer that has taken at least one step; P as in
+            :func:`preconditioner_diagonal`.
+
+    Returns:
+        a :class:`PreconditionedOperator` whose top eigenvalue is λ_max(P⁻¹H) (REFERENCES.md §4).
+    """
+    p_diag = preconditioner_diagonal(optimizer, _operator_params(hessian_op))
+    return PreconditionedOperator(hessian_op, p_diag.rsqrt())
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+
+
+def _increase_share(losses: Sequence[float]) -> float | None:
+    if len(losses) < 2:
+        return None
+    rises = sum(b > a for a, b in zip(losses[:-1], losses[1:]))
+    return rises / (len(losses) - 1)
+
+
+def detect_eos(
+    records: Sequence[dict],
+    losses: Sequence[tuple[int, float]] | None = None,
+    *,
+    band: float = 0.1,
+    sharpening_factor: float = 1.1,
+) -> dict[str, Any]:
+    """Summarises a tracked run: progressive sharpening, EoS onset, hovering, loss oscillation.
+
+    The tracked sharpness is the preconditioned one when the records have it (records without it,
+    from before an adaptive optimizer's first step, are skipped), else the raw one; ``ratio`` is
+    it over the stability threshold (Cohen et al. 2021 §3, 2022 §3).
+
+    - EoS onset: the first measured step with ratio ≥ 1 (the first crossing of the threshold).
+    - Progressive sharpening: over the measurements before the onset (all of them when there is
+      none), the tracked sharpness rose: its least-squares slope over steps is positive and its
+      last value is at least ``sharpening_factor`` times its first.
+    - Hovering: the share of measurements from the onset on with |ratio − 1| ≤ ``band``.
+    - Non-monotone loss: the share of steps whose loss exceeds the previous step's, before and
+      from the onset on (needs per-step ``losses``; at EoS the loss rises on a sizeable share of
+      steps while falling in the long run).
+
+    Args:
+        records: tracker records (dicts with ``step``, ``sharpness``, optional
+            ``preconditioned_sharpness``, ``threshold``, ``ratio``), in step order.
+        losses: optional per-step ``(step, loss)`` pairs.
+        band: half-width of the hovering band, relative to the threshold.
+        sharpening_factor: rise needed to call the sharpening progressive.
+
+    Returns:
+        a JSON-ready dict: ``measurements``, ``initial_sharpness``, ``final_sharpness``,
+        ``max_ratio``, ``final_ratio``, ``progressive_sharpening`` (bool), ``sharpening_ratio``,
+        ``eos_reached`` (bool), ``eos_onset_step`` (int or None), ``within_band_share``,
+        ``median_ratio_after_onset``, ``loss_increase_share_before_onset``,
+        ``loss_increase_share_after_onset`` (None where undefined).
+    """
+    # Adaptive runs compare preconditioned sharpness with the threshold; their records from
+    # before the optimizer's first step have the raw value only and are left out.
+    key = (
+        "preconditioned_sharpness"
+        if any(r.get("preconditioned_sharpness") is not None for r in records)
+        else "sharpness"
+    )
+    measured = [r for r in records if r.get(key) is not None]
+    values = [r[key] for r in measured]
+    ratios = [r.get("ratio") for r in measured]
+    onset_index = next(
+        (i for i, q in enumerate(ratios) if q is not None and q >= 1.0), None
+    )
+    onset_step = None if onset_index is None else int(measured[onset_index]["step"])
+    pre = measured if onset_index is None else measured[:onset_index]
+    pre_values = values[: len(pre)]
+    sharpening_ratio = None
+    progressive = False
+    if len(pre) >= 2 and pre_values[0] > 0:
+        sharpening_ratio = pre_values[-1] / pre_values[0]
+        slope = _slope([float(r["step"]) for r in pre], pre_values)
+        progressive = slope > 0 and sharpening_ratio >= sharpening_factor
+    after = [] if onset_index is None else [q for q in ratios[onset_index:] if q is not None]
+    within = None if not after else sum(abs(q - 1.0) <= band for q in after) / len(after)
+    median_after = None
+    if after:
+        ordered = sorted(after)
+        mid = len(ordered) // 2
+        median_after = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    before_losses: list[float] = []
+    after_losses: list[float] = []
+    for step, loss in losses or ():
+        (before_losses if onset_step is None or step < onset_step else after_losses).append(loss)
+    known_ratios = [q for q in ratios if q is not None]
+    return {
+        "measurements": len(measured),
+        "initial_sharpness": values[0] if values else None,
+        "final_sharpness": values[-1] if values else None,
+        "max_ratio": max(known_ratios) if known_ratios else None,
+        "final_ratio": known_ratios[-1] if known_ratios else None,
+        "progressive_sharpening": progressive,
+        "sharpening_ratio": sharpening_ratio,
+        "eos_reached": onset_step is not None,
+        "eos_onset_step": onset_step,
+        "within_band_share": within,
+        "median_ratio_after_onset": median_after,
+        "loss_increase_share_before_onset": _increase_share(before_losses),
+        "loss_increase_share_after_onset": _increase_share(after_losses),
+    }
+
+
+_SCALARS = ("sharpness", "preconditioned_sharpness", "threshold", "ratio", "num_matvecs")
+
+
+class _Sink:
+    """Sends records to one destination: a JSONL path, a SummaryWriter-like object or a callable."""
+
+    def __init__(self, target):
+        from .report import MetricsWriter
+
+        self._writer = None
+        self._scalars = None
+        self._call = None
+        if hasattr(target, "add_scalar"):
+            self._scalars = target
+        elif callable(target):
+            self._call = target
+        elif isinstance(target, (str, Path)):
+            self._writer = MetricsWriter(target)
+        else:
+            raise TypeError(
+                "sinks: each sink must be a file path (JSONL), an object with add_scalar "
+                "(TensorBoard SummaryWriter) or a callable taking the record; got "
+                f"{type(target).__name__}"
+            )
+
+    def __call__(self, record: dict) -> None:
+        if self._writer is not None:
+            self._writer.write(record)
+        elif self._call is not None:
+            self._call(record)
+        else:
+            step = record["step"]
+            for key in _SCALARS:
+                if record.get(key) is not None:
+                    self._scalars.add_scalar(f"eos/{key}", record[key], step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class SharpnessTracker:
+    """Top-k Hessian eigenvalues every ``every`` steps of a training loop, warm-started.
+
+    Each measurement builds the Hessian of ``loss_fn`` on ``data`` at the model's current
+    parameters and runs :func:`pfkernels.eigsh` for the top ``k`` eigenpairs, starting from the
+    previous measurement's eigenvectors: between nearby steps the top eigenvectors barely move, so
+    the solve needs a few Hessian-vector products instead of a cold Lanczos run (the EoS code of
+    Cohen et al. solves cold with ARPACK every time). With an adaptive optimizer (Adam, AdamW,
+    RMSprop) it also solves for λ_max(P⁻¹H) on :func:`preconditioned_operator`, warm-started the
+    same way, and compares that with the threshold.
+
+    Call ``tracker.step(i)`` once per training step, before ``optimizer.step()`` (the measurement
+    is the sharpness the coming update sees, as in Cohen et al.).
+
+    Args:
+        model: the ``torch.nn.Module`` being trained.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch.
+        data: one batch ``(inputs, targets)`` or an iterable of batches (the Hessian is of the mean
+            loss over them; use a fixed subset for a stochastic run).
+        every: measure when ``i % every == 0``.
+        k: number of top eigenvalues.
+        guard: extra eigenpairs solved for (and warm-started) beyond ``k`` but not reported. At
+            the edge of stability the top eigenvalues cross: the old top direction can drop below
+            another that rose, and a Lanczos run started from the old top eigenvector alone then
+            converges to the wrong pair (on the digits MLP at EoS, to the second eigenvalue, 1.7%
+            low, at one of 30 measurements). Tracking the next pair too carries the new top
+            direction in the start vector. ``guard=0`` roughly halves the HVPs per measurement
+            and accepts that risk (bench/bench_tracking.py measures both).
+        optimizer: the optimizer, for the stability threshold (:func:`stability_threshold`) and,
+            when adaptive, the preconditioner.
+        tol: relative tolerance of each eigensolve (see :func:`pfkernels.eigsh`).
+        threshold: a fixed threshold in raw units instead of one read from ``optimizer`` (for
+            hand-written loops, e.g. ``2 / lr``).
+        params: which parameters the Hessian covers, as for :class:`pfkernels.HessianOperator`:
+            None (all with ``requires_grad``), a list of names or a callable ``name -> bool``.
+        sinks: where each record also goes: a path (JSONL file, one record per line), an object
+            with ``add_scalar(tag, value, step)`` (TensorBoard's SummaryWriter; tags ``eos/...``),
+            or a callable taking the record.
+        max_matvecs: cap on HVPs per solve.
+        method, dtype, mode: passed to :class:`pfkernels.HessianOperator`.
+        seed: seed of the random start vector of the first solve.
+
+    Attributes:
+        history: the records measured so far.
+        losses: the ``(step, loss)`` pairs given to :meth:`step`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable,
+        data,
+        *,
+        every: int = 10,
+        k: int = 1,
+        guard: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        tol: float = 1e-3,
+        threshold: float | None = None,
+        params: Sequence[str] | Callable[[str], bool] | None = None,
+        sinks: Iterable = (),
+        max_matvecs: int | None = None,
+        method: str = "auto",
+        dtype: torch.dtype | None = None,
+        mode: str = "eval",
+        seed: int = 0,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected a positive integer, got {every!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive integer, got {k!r}")
+        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+            raise ValueError(f"guard: expected a non-negative integer, got {guard!r}")
+        if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
+            raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if threshold is not None and optimizer is not None:
+            raise ValueError("threshold: give either threshold= or optimizer=, not both")
+        if threshold is not None and not threshold > 0:
+            raise ValueError(f"threshold: expected a positive number, got {threshold!r}")
+        if optimizer is not None:
+            stability_threshold(optimizer, grad_norm=0.0)
+        from .hvp import HessianOperator
+
+        # One operator for the whole run: it reads the live parameters at every product, and
+        # in-memory data is converted and checked once.
+        self.hessian = HessianOperator(
+            model, loss_fn, data, params=params, method=method, dtype=dtype, mode=mode
+        )
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.every, self.k, self.guard, self.tol = every, k, guard, float(tol)
+        self.optimizer = optimizer
+        self.fixed_threshold = None if threshold is None else float(threshold)
+        self.max_matvecs = max_matvecs
+        self.seed = seed
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[tuple[int, float]] = []
+        self._sinks = [_Sink(s) for s in sinks]
+        self._vectors: torch.Tensor | None = None
+        self._preconditioned_vectors: torch.Tensor | None = None
+
+    @property
+    def eigenvectors(self) -> torch.Tensor | None:
+        """The top ``k`` eigenvectors of the latest measurement, ``[n, k]`` (None before one)."""
+        return None if self._vectors is None else self._vectors[:, : self.k]
+
+    def step(self, step: int, loss: float | torch.Tensor | None = None) -> dict[str, Any] | None:
+        """Measures when ``step % every == 0``; returns the record then, else None.
+
+        ``loss`` (optional, the step's training loss on ``data``) is kept in :attr:`losses` for
+        the non-monotonicity statistics of :meth:`summary`, and saves the measurement a forward
+        pass.
+        """
+        if loss is not None:
+            loss = float(loss)
+            self.losses.append((int(step), loss))
+        if step % self.every:
+            return None
+        return self.measure(step, loss=loss)
+
+    def _solve(self, operator, v0):
+        from .lanczos import eigsh
+
+        return eigsh(
+            operator,
+            k=min(self.k + self.guard, operator.shape[0]),
+            which="LA",
+            tol=self.tol,
+            max_matvecs=self.max_matvecs,
+            v0=v0,
+            seed=self.seed,
+        )
+
+    def _threshold(self, hessian) -> StabilityThreshold | None:
+        if self.fixed_threshold is not None:
+            return StabilityThreshold(self.fixed_threshold, "raw", "given", "user")
+        if self.optimizer is None:
+            return None
+        grad_norm = None
+        optimizer = self.optimizer
+        if not isinstance(optimizer, _TORCH_KINDS) and isinstance(optimizer, _pfk_optimizers()[1]):
+            grad_norm = float(hessian.gradient().norm())
+        return stability_threshold(self.optimizer, grad_norm=grad_norm)
+
+    def _has_preconditioner(self) -> bool:
+        return all(self.optimizer.state.get(p) for p in _operator_params(self.hessian))
+
+    def measure(self, step: int, loss: float | None = None) -> dict[str, Any]:
+        """Measures now, whatever the step; appends the record to :attr:`history` and the sinks.
+
+        ``loss``: the loss on ``data`` at the current parameters when the caller has it;
+        otherwise it is evaluated.
+
+        Returns:
+            a dict with ``step``, ``sharpness`` (λ_max(H)), ``eigenvalues`` (top k, descending),
+            ``preconditioned_sharpness`` and ``preconditioned_eigenvalues`` (None unless the
+            optimizer is adaptive and has taken a step), ``threshold`` and ``threshold_units``
+            (None without optimizer or threshold), ``ratio`` (tracked sharpness / threshold;
+            None when they are in different units), ``num_matvecs`` (HVPs this measurement),
+            ``converged``, ``loss``, ``lr`` (first group's, None without optimizer) and
+            ``time`` (seconds spent).
+        """
+        start = time.perf_counter()
+        hessian = self.hessian
+        before = hessian.num_matvecs
+        raw = self._solve(hessian, self._vectors)
+        self._vectors = raw.eigenvectors
+        converged = bool(torch.as_tensor(raw.converged).all())
+        eigenvalues = [float(x) for x in raw.eigenvalues[: self.k]]
+        preconditioned = None
+        # An adaptive optimizer has no preconditioner before its first step: raw sharpness only.
+        if is_adaptive(self.optimizer) and self._has_preconditioner():
+            operator = preconditioned_operator(hessian, self.optimizer)
+            pre = self._solve(operator, self._preconditioned_vectors)
+            self._preconditioned_vectors = pre.eigenvectors
+            converged = converged and bool(torch.as_tensor(pre.converged).all())
+            preconditioned = [float(x) for x in pre.eigenvalues[: self.k]]
+        threshold = self._threshold(hessian)
+        tracked = eigenvalues[0] if preconditioned is None else preconditioned[0]
+        comparable = threshold is not None and (
+            threshold.units == "raw" or preconditioned is not None
+        )
+        record = {
+            "step": int(step),
+            "sharpness": eigenvalues[0],
+            "eigenvalues": eigenvalues,
+            "preconditioned_sharpness": None if preconditioned is None else preconditioned[0],
+            "preconditioned_eigenvalues": preconditioned,
+            "threshold": None if threshold is None else threshold.value,
+            "threshold_units": None if threshold is None else threshold.units,
+            "ratio": tracked / threshold.value if comparable else None,
+            "num_matvecs": hessian.num_matvecs - before,
+            "converged": converged,
+            "loss": float(hessian.loss()) if loss is None else float(loss),
+            "lr": None if self.optimizer is None else float(self.optimizer.param_groups[0]["lr"]),
+            "time": time.perf_counter() - start,
+        }
+        self.history.append(record)
+        for sink in self._sinks:
+            sink(record)
+        return record
+
+    def summary(self, *, band: float = 0.1) -> dict[str, Any]:
+        """:func:`detect_eos` over :attr:`history` and :attr:`losses`, plus HVP and time totals."""
+        out = detect_eos(self.history, self.losses, band=band)
+        out["total_matvecs"] = sum(r["num_matvecs"] for r in self.history)
+        out["mean_matvecs"] = out["total_matvecs"] / len(self.history) if self.history else None
+        out["tracking_time"] = sum(r["time"] for r in self.history)
+        return out
+
+    def close(self) -> None:
+        """Closes file sinks."""
+        for sink in self._sinks:
+            sink.close()
+
+
+def _lightning_callback_class():
+    import importlib.util
+
+    if importlib.util.find_spec("lightning") is not None:
+        from lightning.pytorch import Callback
+    elif importlib.util.find_spec("pytorch_lightning") is not None:
+        from pytorch_lightning import Callback
+    else:
+        raise AttributeError(
+            "SharpnessCallback needs lightning (pip install lightning); it is not importable here"
+        )
+
+    class SharpnessCallback(Callback):
+        """Lightning callback: a :class:`SharpnessTracker` stepped after every training batch.
+
+        ``SharpnessCallback(loss_fn, data, **tracker_kwargs)``; the tracker is built at the first
+        batch from the LightningModule and the trainer's first optimizer (unless ``optimizer=``
+        or ``threshold=`` is given), and each record is logged with ``pl_module.log_dict`` under
+        ``eos/...``. ``callback.tracker`` holds it (history, summary).
+        """
+
+        def __init__(self, loss_fn: Callable, data, **tracker_kwargs):
+            super().__init__()
+            self.loss_fn, self.data, self.tracker_kwargs = loss_fn, data, tracker_kwargs
+            self.tracker: SharpnessTracker | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.tracker is None:
+                kwargs = dict(self.tracker_kwargs)
+                if "threshold" not in kwargs and "optimizer" not in kwargs and trainer.optimizers:
+                    kwargs["optimizer"] = trainer.optimizers[0]
+                self.tracker = SharpnessTracker(pl_module, self.loss_fn, self.data, **kwargs)
+            record = self.tracker.step(trainer.global_step)
+            if record is not None:
+                scalars = {
+                    f"eos/{key}": float(record[key])
+                    for key in _SCALARS
+                    if record[key] is not None
+                }
+                pl_module.log_dict(scalars)
+
+    return SharpnessCallback
+
+
+def __getattr__(name: str):
+    # Defined lazily: importing lightning costs seconds and it is an optional dependency.
+    if name == "SharpnessCallback":
+        return _lightning_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,158 @@
+"""The `pfkernels` command: `eos` end to end on a few steps, `sharpness` on a user module."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from pfkernels import cli, report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: extra intra-op threads only contend (badly so on a shared machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+SMALL = ["--steps", "7", "--every", "3", "--n-train", "48", "--width", "12", "--quiet"]
+ROW_KEYS = {"step", "loss", "accuracy", "lr"}
+MEASURED_KEYS = ROW_KEYS | {"sharpness", "preconditioned_sharpness", "threshold", "ratio",
+                            "eigenvalues", "num_matvecs"}
+SUMMARY_KEYS = {"command", "config", "threshold", "steps_run", "diverged", "final_loss",
+                "final_accuracy", "test_accuracy", "wall_time", "tracking_time", "eos", "files",
+                "stability_report"}
+EOS_KEYS = {"measurements", "initial_sharpness", "final_sharpness", "max_ratio", "final_ratio",
+            "progressive_sharpening", "sharpening_ratio", "eos_reached", "eos_onset_step",
+            "within_band_share", "median_ratio_after_onset", "loss_increase_share_before_onset",
+            "loss_increase_share_after_onset", "total_matvecs", "mean_matvecs", "tracking_time"}
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "run"
+    code = cli.main(["eos", *SMALL, "--out", str(out), *extra])
+    return code, out
+
+
+def _check_outputs(out, steps=7, adaptive=False):
+    rows = report.read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(steps))
+    for r in rows:
+        measured = r["step"] % 3 == 0
+        assert set(r) == (MEASURED_KEYS if measured else ROW_KEYS)
+        assert r["loss"] > 0 and 0 <= r["accuracy"] <= 1 and r["lr"] > 0
+        if measured:
+            assert r["sharpness"] == r["eigenvalues"][0] and r["num_matvecs"] > 0
+            assert r["threshold"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert set(summary["eos"]) == EOS_KEYS
+    assert summary["steps_run"] == steps and summary["diverged"] is False
+    # An adaptive optimizer's step-0 measurement (no preconditioner yet) is not counted.
+    assert summary["eos"]["measurements"] == len(range(0, steps, 3)) - adaptive
+    assert summary["files"] == ["metrics.jsonl", "summary.json", "report.png"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows, summary
+
+
+def test_eos_gd_end_to_end(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    code, out = _run(tmp_path, "--lr", "0.2")
+    assert code == 0 and torch.get_num_threads() == threads
+    rows, summary = _check_outputs(out)
+    assert rows[0]["threshold"] == pytest.approx(10.0)
+    assert rows[0]["preconditioned_sharpness"] is None
+    assert rows[0]["ratio"] == pytest.approx(rows[0]["sharpness"] / 10.0)
+    assert summary["threshold"]["value"] == pytest.approx(10.0)
+    assert summary["threshold"]["units"] == "raw"
+    assert summary["config"]["lr"] == 0.2 and summary["config"]["optimizer"] == "gd"
+    pf = summary["stability_report"]  # the principal flow's view of the final point
+    assert pf["lr"] == 0.2 and len(pf["eigenvalues"]) == 2
+    assert pf["eigenvalues"][0] == pytest.approx(rows[-1]["sharpness"], rel=0.2)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["momentum", "nesterov", "adam", "rmsprop", "dal", "ngd", "sqrt-loss"]
+)
+def test_eos_every_optimizer(tmp_path, optimizer):
+    code, out = _run(tmp_path, "--optimizer", optimizer)
+    assert code == 0
+    adaptive = optimizer in ("adam", "rmsprop")
+    rows, summary = _check_outputs(out, adaptive=adaptive)
+    measured = [r for r in rows if "sharpness" in r]
+    # Adam/RMSprop have no preconditioner before their first step: step 0 is not measured then.
+    assert all((r["preconditioned_sharpness"] is not None) == adaptive for r in measured[1:])
+    assert summary["threshold"]["units"] == ("preconditioned" if adaptive else "raw")
+    assert (summary["stability_report"] is not None) == (optimizer == "sqrt-loss")
+    if optimizer == "adam":
+        assert measured[-1]["threshold"] == pytest.approx(38 / 1e-3)
+    if optimizer == "dal":
+        assert len({r["lr"] for r in rows}) > 1  # the rate adapts every step
+
+
+def test_eos_cnn_and_synthetic(tmp_path):
+    code, out = _run(tmp_path, "--model", "cnn")
+    assert code == 0
+    _check_outputs(out)
+    code = cli.main(["eos", *SMALL, "--dataset", "synthetic", "--out", str(tmp_path / "syn")])
+    assert code == 0
+    rows = report.read_jsonl(tmp_path / "syn" / "metrics.jsonl")
+    assert all(r["accuracy"] is None for r in rows)
+
+
+def test_eos_divergence_is_reported(tmp_path):
+    code, out = _run(tmp_path, "--lr", "1e4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 1 and summary["diverged"] is True and summary["steps_run"] < 7
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--lr", "-1"], ["--steps", "0"], ["--model", "cnn", "--dataset", "synthetic"],
+     ["--threads", "0"]],
+)
+def test_eos_bad_arguments(tmp_path, extra):
+    with pytest.raises(SystemExit):
+        _run(tmp_path, *extra)
+
+
+def test_sharpness_command(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_problem.py").write_text(textwrap.dedent("""
+        import torch
+
+        def problem():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+            )
+            x, y = torch.randn(40, 3), torch.randn(40, 2)
+            loss_fn = lambda out, target: 0.5 * ((out - target) ** 2).sum(1).mean()
+            return model, loss_fn, (x, y)
+    """))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sharpness", "--model", "my_problem:problem", "--k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    import my_problem
+    from pfkernels import HessianOperator
+
+    model, loss_fn, batch = my_problem.problem()
+    op = HessianOperator(model, loss_fn, batch)
+    dense = torch.stack([op.matvec(e) for e in torch.eye(op.shape[0])])
+    want = torch.linalg.eigvalsh(dense.double()).flip(0)[:3]
+    assert out["num_parameters"] == 50
+    assert out["eigenvalues"] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-5)
+    assert all(out["converged"])
+    assert cli.main(["sharpness", "--model", "my_problem:problem", "--k", "2"]) == 0
+    assert "λ1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["no_colon", "missing_module_xyz:f", "my_problem2:nothing",
+                                  "my_problem2:wrong"])
+def test_sharpness_bad_model(tmp_path, monkeypatch, spec):
+    (tmp_path / "my_problem2.py").write_text("def wrong():\n    return 1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main(["sharpness", "--model", spec])
