@@ -19,6 +19,8 @@ tensors).
 
 from __future__ import annotations
 
+import datetime
+import os
 from typing import Any, Sequence
 
 import torch
@@ -38,9 +40,16 @@ __all__ = [
     "unwrap_model",
     "reduce_loss_and_grads",
     "operator_seed",
+    "init_from_env",
+    "shard_batch",
+    "all_reduce_grads",
+    "example_mean",
+    "leave_launched",
 ]
 
 DEFAULT = "default"
+# The group init_from_env created (so leave_launched tears down only what it set up).
+_LAUNCHED: list = []
 
 
 def _initialised() -> bool:
@@ -261,3 +270,88 @@ def operator_seed(A: Any, seed: int | None) -> int | None:
     if seed is not None or group is None:
         return seed
     return broadcast_seed(None, group, device=getattr(A, "device", "cpu"))
+
+
+def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 300.0):
+    """Joins the job a launcher such as ``torchrun`` started, if any: ``(group, device)``.
+
+    When ``WORLD_SIZE`` > 1 is set in the environment and ``torch.distributed`` is not yet
+    initialised, initialises the default group (NCCL for a CUDA ``device``, gloo otherwise, with
+    a ``timeout_s`` timeout so a failed rank does not leave the others hanging) and, for CUDA,
+    selects the GPU ``LOCAL_RANK``. Returns the world group (or the existing one) and the device
+    this rank should use; ``(None, device)`` for a single process. Pair with
+    :func:`leave_launched` when the work is done.
+    """
+    device = torch.device(device)
+    if not _initialised():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+            return None, device
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        _LAUNCHED.append(torch.distributed.group.WORLD)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return torch.distributed.group.WORLD, device
+
+
+def shard_batch(batch: Sequence[Tensor], process_group: Any = DEFAULT
+                ) -> tuple[tuple[Tensor, ...], float]:
+    """This rank's contiguous slice of a replicated batch, and its weight ``R n_r / N``.
+
+    ``batch``: tensors sharing their leading (example) size N, the same on every rank. Rank r
+    gets rows ``torch.tensor_split(range(N), R)[r]`` (sizes differ by at most one). Scaling the
+    rank's mean loss by the weight makes the equal-weight mean over ranks (DDP's, DAL's) the
+    example-weighted mean over all N examples. Without a group: ``(tuple(batch), 1.0)``.
+    """
+    group = resolve_group(process_group)
+    batch = tuple(batch)
+    if group is None:
+        return batch, 1.0
+    world, me = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    n = batch[0].shape[0]
+    if n < world:
+        raise ValueError(f"argument 'batch': {n} examples cannot be split over {world} ranks")
+    shard = tuple(t.tensor_split(world)[me] for t in batch)
+    return shard, world * shard[0].shape[0] / n
+
+
+def all_reduce_grads(params: Sequence[Tensor], process_group: Any = DEFAULT) -> None:
+    """Replaces each parameter's ``.grad`` by its mean over the ranks, in one flat collective
+    (what DDP's hooks would do after ``backward()``); parameters without a gradient are skipped
+    (they must be the same on every rank). No-op without a group."""
+    group = resolve_group(process_group)
+    if group is None:
+        return
+    with_grad = [p for p in params if p.grad is not None]
+    for p, g in zip(with_grad, all_reduce_mean([p.grad for p in with_grad], group)):
+        p.grad.copy_(g)
+
+
+def example_mean(values: Sequence[float | None], count: int, process_group: Any = DEFAULT
+                 ) -> list[float | None]:
+    """Per-rank means of ``count`` examples (floats, e.g. a loss and an accuracy) -> their means
+    over all examples of all ranks, in one collective. ``None`` entries stay None (they must be
+    None on every rank). Without a group, the values unchanged."""
+    group = resolve_group(process_group)
+    values = list(values)
+    if group is None:
+        return values
+    present = [i for i, v in enumerate(values) if v is not None]
+    total = torch.tensor([values[i] * count for i in present], dtype=torch.float64)
+    device = "cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu"
+    means = weighted_mean(total.to(device), count, group).tolist()
+    for i, m in zip(present, means):
+        values[i] = m
+    return values
+
+
+def leave_launched() -> None:
+    """Waits for every rank, then destroys the group :func:`init_from_env` created (a rank that
+    exits while a peer still holds the connection can abort it); nothing if it created none."""
+    if _LAUNCHED and _initialised():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _LAUNCHED.clear()

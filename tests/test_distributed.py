@@ -8,6 +8,9 @@ collective fails the test instead of hanging it.
 
 import copy
 import datetime
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -161,6 +164,11 @@ def _agreement_worker(rank, init_file, out_dir):
         full = _dal_run(lambda m, f=factory: f(m, process_group=None), copy.deepcopy(model), x, y)
         out[name] = {"lrs": local[0], "params": local[1]}
         out[name + "_ref"] = {"lrs": full[0], "params": full[1]}
+    logged = []
+    tracker = pfkernels.SharpnessTracker(model, mse_loss, (xs, ys), every=1, k=2,
+                                         sinks=[logged.append])
+    tracker.step(0)
+    out["tracker"] = {"history": tracker.history[0]["eigenvalues"], "logged": len(logged)}
     out["counts"] = _collective_counts(model, xs, ys, block)
     out["helpers"] = _helpers_with_group(rank)
     torch.save(out, f"{out_dir}/rank{rank}.pt")
@@ -271,6 +279,37 @@ def test_helpers_with_a_group(results):
         assert h["seed"] == results[0]["helpers"]["seed"]
         assert h["seed_given"] == 100
         assert torch.equal(h["bcast"], torch.tensor([5.0]))
+
+
+def test_tracker_measures_on_every_rank_and_logs_on_rank_zero(results):
+    for rank in range(WORLD):
+        got = results[rank]["tracker"]
+        assert got["history"] == results[0]["tracker"]["history"]
+        assert got["logged"] == (1 if rank == 0 else 0)
+
+
+def _eos_cli(out, ranks):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [sys.executable, "-P", *(launcher if ranks > 1 else []), "-m", "pfkernels", "eos",
+           "--steps", "12", "--every", "5", "--n-train", "101", "--width", "16",
+           "--dtype", "float64", "--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((out / "summary.json").read_text())
+
+
+def test_torchrun_eos_cli_equals_one_process(tmp_path):
+    # 101 examples: shards of 51 and 50, so the per-rank loss weights matter
+    one, one_summary = _eos_cli(tmp_path / "one", 1)
+    two, two_summary = _eos_cli(tmp_path / "two", 2)
+    assert len(two) == 12  # only rank 0 wrote (rank 1 wrote to os.devnull)
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in ("loss", "accuracy", "sharpness", "threshold"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-9), (a["step"], key)
+    assert two_summary["steps_run"] == one_summary["steps_run"] == 12
 
 
 def test_a_rank_that_raises_brings_the_job_down(tmp_path):
