@@ -24,3 +24,4 @@ from .eos import detect_eos  # noqa: E402
 from .eos import preconditioned_operator  # noqa: E402
 from .eos import stability_threshold  # noqa: E402
 from .eos import stability_thresholds  # noqa: E402
+from . import distributed  # noqa: E402

@@ -222,21 +222,26 @@ class _Progress:
 def _run_eos(args) -> int:
     import torch
 
+    from . import distributed
+
     threads = torch.get_num_threads()
     try:
-        return _train_and_track(args)
+        code = _train_and_track(args)
+        distributed.leave_launched()
+        return code
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
 def _train_and_track(args) -> int:
     import math
+    import os
     import time
     from pathlib import Path
 
     import torch
 
-    from . import data, eos, report
+    from . import data, distributed, eos, report
 
     lr = _EOS_RATES[args.optimizer] if args.lr is None else args.lr
     steps = args.steps
@@ -249,11 +254,14 @@ def _train_and_track(args) -> int:
         raise SystemExit(f"pfkernels eos: --threads must be positive, got {args.threads}")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device)
+    # Under torchrun: one rank per process, each training on its shard, rank 0 writing.
+    group, device = distributed.init_from_env(args.device)
+    lead = distributed.is_rank_zero(group)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     model, train, test, classify = _eos_problem(args, dtype, device)
+    train, weight = distributed.shard_batch(train, group)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _eos_optimizer(args, params, lr)
     if args.optimizer == "sqrt-loss":
@@ -268,24 +276,25 @@ def _train_and_track(args) -> int:
         tol=args.tol, seed=args.seed,
     )
     x, y = train
-    progress = _Progress(steps, args.quiet)
+    progress = _Progress(steps, args.quiet or not lead)
     rows = []
     start = time.perf_counter()
     diverged = False
     record = None
-    with report.MetricsWriter(out / "metrics.jsonl") as writer:
+    with report.MetricsWriter(out / "metrics.jsonl" if lead else os.devnull) as writer:
         for step in range(steps):
             seen = {}
 
             def closure():
                 optimizer.zero_grad(set_to_none=True)
                 outputs = model(x)
-                value = objective(outputs, y)
+                value = objective(outputs, y) * weight
                 if not seen:  # DAL's finite-difference probe calls it again, elsewhere
                     seen["outputs"] = outputs.detach()
                     seen["loss"] = float(data.mse_loss(seen["outputs"], y))
                 if args.optimizer != "dal":
                     value.backward()
+                    distributed.all_reduce_grads(params, group)
                 return value
 
             try:
@@ -295,15 +304,15 @@ def _train_and_track(args) -> int:
             except FloatingPointError:
                 diverged = True
                 break
-            loss = seen["loss"]
+            accuracy = None
+            if classify:
+                accuracy = float((seen["outputs"].argmax(1) == y.argmax(1)).double().mean())
+            loss, accuracy = distributed.example_mean([seen["loss"], accuracy], len(x), group)
             if not math.isfinite(loss):
                 diverged = True
                 break
             tracker.losses.append((step, loss))
             record = measured or record
-            accuracy = None
-            if classify:
-                accuracy = float((seen["outputs"].argmax(1) == y.argmax(1)).double().mean())
             rate = float(optimizer.last_lr) if args.optimizer == "dal" else lr
             row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": rate}
             if measured is not None:
@@ -339,6 +348,8 @@ def _train_and_track(args) -> int:
                                                     diverged),
         "files": ["metrics.jsonl", "summary.json", "report.png"],
     }
+    if not lead:
+        return 1 if diverged else 0
     (out / "summary.json").write_text(json.dumps(report.to_jsonable(summary), indent=2) + "\n")
     title = f"{args.optimizer}, lr={lr:g}, {args.model} on {args.dataset} ({args.n_train} examples)"
     report.plot_eos_report(rows, out / "report.png", title=title)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from . import distributed as _dist
+
 __all__ = [
     "PreconditionedOperator",
     "SharpnessTracker",
@@ -364,6 +366,11 @@ class PreconditionedOperator:
     def num_matvecs(self) -> int:
         return self.hessian.num_matvecs
 
+    @property
+    def process_group(self):
+        """The wrapped operator's process group (eigsh agrees on a seed over it)."""
+        return getattr(self.hessian, "process_group", None)
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         d = self.inv_sqrt_diagonal
         return d * self.hessian.matvec(d * v)
@@ -632,7 +639,9 @@ class SharpnessTracker:
         self.seed = seed
         self.history: list[dict[str, Any]] = []
         self.losses: list[tuple[int, float]] = []
-        self._sinks = [_Sink(s) for s in sinks]
+        # Under data parallelism every rank measures (the products are collectives), rank 0 logs.
+        lead = _dist.is_rank_zero(self.hessian.process_group)
+        self._sinks = [_Sink(s) for s in sinks] if lead else []
         self._vectors: torch.Tensor | None = None
         self._preconditioned_vectors: torch.Tensor | None = None
 

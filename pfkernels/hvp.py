@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import distributed as _dist
 from .ops import _check_arg
 
 __all__ = ["HessianOperator"]
@@ -151,6 +152,17 @@ class HessianOperator:
             so each further product costs one backward pass instead of a forward and two
             backwards. It holds the activations of every batch in memory. ``None`` (default):
             on when ``data`` is one batch; ``True`` also caches a list of batches.
+        process_group: data parallelism (see :mod:`pfkernels.distributed`): ``"default"`` (the
+            world group when ``torch.distributed`` is initialised, else none), ``None`` (local
+            only) or a ``ProcessGroup``. Each rank passes its own shard as ``data``; every
+            product, ``gradient()``, ``loss()`` and ``third_derivative()`` is then that of the
+            global example-weighted mean ``Σ_ranks Σ_b n_b ℓ_b / Σ_ranks Σ_b n_b``, identical on
+            every rank: the rank's ``Σ_b n_b term_b`` (after the local product, outside any cached
+            graph) and its example count travel in one flat all-reduce per call, a ``[B, n]``
+            block included. A model wrapped in ``DistributedDataParallel`` is unwrapped
+            (``model.module``); DDP's gradient hooks never fire here (``torch.autograd.grad`` does
+            not accumulate into ``.grad``), so this explicit reduction is what makes the result
+            global. Every rank must make the same calls in the same order.
 
     Vectors are flat over the selected parameters in ``model.named_parameters()`` order, of the
     operator's ``dtype`` and ``device``. Parameters that do not reach the loss get zero rows.
@@ -170,7 +182,10 @@ class HessianOperator:
         mode: str = "eval",
         check_finite: bool = True,
         cache_graph: bool | None = None,
+        process_group: Any = "default",
     ) -> None:
+        self._group = _dist.resolve_group(process_group)
+        model = _dist.unwrap_model(model)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"argument 'model': must be a torch.nn.Module, got {type(model).__name__}"
@@ -291,6 +306,7 @@ class HessianOperator:
         op._data_checked = True
         op._cache_graph = False
         op._graph = None
+        op._group = None
         op.num_matvecs = 0
         return op
 
@@ -388,6 +404,11 @@ class HessianOperator:
     def method(self) -> str:
         """The product method in use (``"auto"`` resolved)."""
         return self._method
+
+    @property
+    def process_group(self):
+        """The group products are reduced over, or None (local)."""
+        return self._group
 
     @property
     def num_parameters(self) -> int:
@@ -508,7 +529,13 @@ class HessianOperator:
                 part = term(closure, theta)
                 total = part * n if total is None else total.add_(part, alpha=n)
                 count += n
-        return total / count
+        return self._mean(total, count)
+
+    def _mean(self, total: Tensor, count: int) -> Tensor:
+        """``total / count``, both summed over the ranks of the process group first."""
+        if self._group is None:
+            return total / count
+        return _dist.weighted_mean(total, count, self._group)
 
     # ------------------------------------------------------------------ products
 
@@ -614,7 +641,7 @@ class HessianOperator:
             else:
                 for row, u in zip(total, v):
                     row.add_(_or_zeros(_derivative(g, th, u, retain_graph=True), u), alpha=n)
-        return total / sum(n for _, _, n in graphs)
+        return self._mean(total, sum(n for _, _, n in graphs))
 
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.matvec(v)
@@ -629,7 +656,7 @@ class HessianOperator:
             graphs = self._first_order_graphs()
             theta = graphs[0][0]
             total = sum(n * _or_zeros(g, theta).detach() for _, g, n in graphs)
-            return total / sum(n for _, _, n in graphs)
+            return self._mean(total, sum(n for _, _, n in graphs))
 
         def grad_term(closure, theta):
             th = theta.detach().requires_grad_(True)
@@ -709,6 +736,8 @@ class HessianOperator:
                 if g is not None and not bool(torch.isfinite(g).all()):
                     where = f"the gradient has NaN/Inf on batch {i}"
                     break
+        if self._group is not None:
+            where += " (of this rank's shard; the reduced product carries every rank's NaN/Inf)"
         raise FloatingPointError(
             f"HessianOperator.matvec: H·v has NaN/Inf entries in parameters {bad_params}; {where}"
         )
@@ -717,5 +746,7 @@ class HessianOperator:
         source = "function" if self._function is not None else type(self._model).__name__
         return (
             f"HessianOperator(n={self._n}, source={source}, method={self._method!r}, "
-            f"dtype={self._dtype}, device={self._device}, mode={self._mode!r})"
+            f"dtype={self._dtype}, device={self._device}, mode={self._mode!r}"
+            + ("" if self._group is None else f", world_size={_dist.world_size(self._group)}")
+            + ")"
         )

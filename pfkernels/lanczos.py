@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
 from . import ops
 from .hvp import HessianOperator
 
@@ -349,6 +350,7 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"argument 'tol': must be a positive finite number, got {tol!r}")
+    seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
     N = op.n
@@ -670,6 +672,7 @@ def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: 
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
     H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    seed = _dist.operator_seed(H, seed)  # the same start vectors on every rank of a distributed H
     named = dict(model.named_parameters())
     blocks = _parameter_blocks(H.param_names, [named[n].numel() for n in H.param_names], by)
     n, dev = H.shape[0], H.device
@@ -778,6 +781,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | T
         raise ValueError(f"argument 'num_steps': must be a positive int, got {num_steps!r}")
     if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"argument 'sigma': must be positive and finite, got {sigma!r}")
+    seed = _dist.operator_seed(A, seed)  # the same probes on every rank of a distributed A
     op = _wrap_operator(A, n, None, num_probes, dtype)
     m = min(num_steps, op.n)
     z = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
@@ -823,6 +827,7 @@ def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: in
         raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"argument 'batch_size': must be a positive int, got {batch_size!r}")
+    seed = _dist.operator_seed(A, seed)  # the same probes on every rank of a distributed A
     z_all = None
     samples = []
     done = 0

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from .. import ops
 from ._closure import finite_difference_hvp, gradients, hessian_vector_products, run_closure
 
@@ -174,6 +175,14 @@ class DAL(torch.optim.Optimizer):
             step (the step's only host sync). With False the step is sync-free and
             CUDA-graph-capturable: a non-finite step is skipped on the device (parameters and
             momentum untouched) and ``last_lr`` reads NaN.
+        process_group: data parallelism (:mod:`pfkernels.distributed`): ``"default"`` (the world
+            group when ``torch.distributed`` is initialised, else none), ``None`` or a
+            ``ProcessGroup``. Each rank's closure returns the mean loss of its own shard; the
+            gradients (with the loss) go through one flat all-reduce and H·g through a second, both
+            averaged over ranks with equal weights as DistributedDataParallel does (shards of equal
+            size give the full-data mean). Rates, steps and returned loss are then the same bits
+            on every rank. The closure may use a DDP-wrapped model: its hooks do not fire, because
+            DAL differentiates with ``torch.autograd.grad``.
 
     Attributes:
         last_lr: 0-d device tensor, the rate used by the last step of the first group
@@ -199,7 +208,9 @@ class DAL(torch.optim.Optimizer):
         *,
         fused: bool = True,
         check_finite: bool = True,
+        process_group="default",
     ) -> None:
+        self._group = _dist.resolve_group(process_group)
         ops._check_arg(hvp in _HVP_METHODS, "hvp", f"must be one of {_HVP_METHODS}, got {hvp!r}")
         ops._check_arg(
             isinstance(fd_eps, (int, float)) and math.isfinite(fd_eps) and fd_eps > 0,
@@ -258,16 +269,19 @@ class DAL(torch.optim.Optimizer):
         exact = need_hvp and self.hvp == "exact"
         grads = gradients(loss, params, create_graph=exact)
         used = [i for i, g in enumerate(grads) if g is not None]
+        u_grads = [grads[i] for i in used]
+        loss, g_used = _dist.reduce_loss_and_grads(loss, u_grads, self._group)
         hvps: dict[int, Tensor] = {}
         if need_hvp:
             u_params = [params[i] for i in used]
-            u_grads = [grads[i] for i in used]
             if exact:
-                hv = hessian_vector_products(u_grads, u_params, u_grads)
+                hv = hessian_vector_products(u_grads, u_params, g_used)
             else:
-                hv = finite_difference_hvp(closure, u_params, u_grads, self.fd_eps, "DAL")
+                hv = finite_difference_hvp(closure, u_params, g_used, self.fd_eps, "DAL")
+            if self._group is not None:  # linear: (mean_r q_r − g)·s = mean_r((q_r − g)·s)
+                hv = _dist.all_reduce_mean(hv, self._group)
             hvps = dict(zip(used, hv))
-        grad_of = {id(params[i]): grads[i].detach() for i in used}
+        grad_of = {id(params[i]): g.detach() for i, g in zip(used, g_used)}
         hvp_of = {id(params[i]): h for i, h in hvps.items()}
 
         dot, rate_fn, update = step_kernels(self.fused)

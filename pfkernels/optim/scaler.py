@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from .. import ops
 from ._closure import gradients, hessian_vector_products, run_closure
 from .dal import _check_window, check_params, in_window, step_kernels
@@ -99,6 +100,9 @@ class DALScaler:
         window: ``None`` or ``(start, stop)``: steps outside it use the groups' own ``lr``.
         check_finite: as for :class:`DAL`: raise FloatingPointError (nothing modified) when the
             loss, gradient or H·u is not finite; one device read per step.
+        process_group: as for :class:`DAL`: one flat all-reduce (mean over ranks) of the
+            gradients and loss, one of H·u; the gradient written to ``.grad`` is the reduced one,
+            so the base optimizer takes the same step on every rank (do not also let DDP reduce).
 
     Attributes:
         last_lr / last_lrs: the rate(s) of the last step (0-d tensors), None where the rule did not
@@ -113,7 +117,9 @@ class DALScaler:
         window: tuple[int, int | None] | None = None,
         *,
         check_finite: bool = True,
+        process_group="default",
     ) -> None:
+        self._group = _dist.resolve_group(process_group)
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "argument 'base_optimizer': must be a torch.optim.Optimizer, got "
@@ -161,7 +167,9 @@ class DALScaler:
         loss = run_closure(closure, params, "DALScaler")
         rule = in_window(self.window, self.step_count) and self.p != 0
         grads = gradients(loss, params, create_graph=rule)
-        grad_of = {id(p): g for p, g in zip(params, grads) if g is not None}
+        local_of = {id(p): g for p, g in zip(params, grads) if g is not None}
+        loss, reduced = _dist.reduce_loss_and_grads(loss, list(local_of.values()), self._group)
+        grad_of = dict(zip(local_of, reduced))
 
         plans: list[Tensor | None] = [None] * len(groups)
         if rule and grad_of:
@@ -175,7 +183,9 @@ class DALScaler:
                         pre[id(p)] = None if precond is None else precond(self.base, group, p, g)
             u = [grad_of[id(p)].detach() / pre[id(p)] if pre[id(p)] is not None
                  else grad_of[id(p)].detach() for p in ps]
-            hu = hessian_vector_products([grad_of[id(p)] for p in ps], ps, u)
+            hu = hessian_vector_products([local_of[id(p)] for p in ps], ps, u)
+            if self._group is not None:
+                hu = _dist.all_reduce_mean(hu, self._group)
             u_of = {id(p): x for p, x in zip(ps, u)}
             w_of = {id(p): h / pre[id(p)] if pre[id(p)] is not None else h for p, h in zip(ps, hu)}
             dot = step_kernels()[0]
