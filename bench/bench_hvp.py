@@ -22,7 +22,11 @@ MSE loss, float32 on the CPU, we time in one run:
 
 Each timing is the median over ``--repeats`` rounds of the mean of 3 consecutive runs (after one
 untimed run), the cases interleaved round by round (the development machine is shared, so load
-falls on all cases alike). Results go to
+falls on all cases alike). The committed results were taken with ``--threads 1``: with two torch
+threads on the oversubscribed 2-core development machine (load average 8-10) the timings were
+chaotic (a gradient took 90 ms instead of 24 ms, and a fresh-point HVP, which needs a forward
+and two backward passes, came out at 0.63 gradients), so they measured the scheduler rather than
+the methods. Results go to
 ``bench/results/hvp_cpu.json``; the goal (issue 2) is the best method <= 2.5x a gradient.
 """
 
