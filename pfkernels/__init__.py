@@ -10,3 +10,5 @@ from .hvp import HessianOperator
 from . import data
 
 __all__ = ["HessianOperator", "__version__", "backend_info", "data"]
+from .lanczos import EigResult  # noqa: E402
+from .lanczos import eigsh  # noqa: E402

@@ -103,17 +103,28 @@ def _check_pair_lists(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, nam
         name_a,
         f"dtype must be float32 or float64, got {dtype}",
     )
+    # The fast path only compares; messages are built once something is wrong (on a list of
+    # hundreds of tensors, formatting them eagerly cost more than the kernels).
     for i, (x, y) in enumerate(zip(a, b)):
         for name, t in ((name_a, x), (name_b, y)):
-            _check_arg(isinstance(t, Tensor), f"{name}[{i}]", "must be a tensor")
-            _check_arg(t.dtype == dtype, f"{name}[{i}]", f"dtype {t.dtype} differs from {dtype}")
-            _check_arg(t.device == device, f"{name}[{i}]", f"device {t.device} differs from {device}")
-            _check_arg(t.layout == torch.strided, f"{name}[{i}]", "sparse tensors are not supported")
-        _check_arg(
-            x.shape == y.shape,
-            f"{name_b}[{i}]",
-            f"shape {tuple(y.shape)} differs from {name_a}[{i}] {tuple(x.shape)}",
-        )
+            if not (
+                isinstance(t, Tensor)
+                and t.dtype == dtype
+                and t.device == device
+                and t.layout == torch.strided
+            ):
+                _check_arg(isinstance(t, Tensor), f"{name}[{i}]", "must be a tensor")
+                _check_arg(t.dtype == dtype, f"{name}[{i}]", f"dtype {t.dtype} differs from {dtype}")
+                _check_arg(
+                    t.device == device, f"{name}[{i}]", f"device {t.device} differs from {device}"
+                )
+                _check_arg(False, f"{name}[{i}]", "sparse tensors are not supported")
+        if x.shape != y.shape:
+            _check_arg(
+                False,
+                f"{name_b}[{i}]",
+                f"shape {tuple(y.shape)} differs from {name_a}[{i}] {tuple(x.shape)}",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,3 +248,563 @@ def multi_tensor_axpy_ref(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tenso
     """Pure-torch twin of :func:`multi_tensor_axpy`."""
     for xi, yi in zip(x, y):
         xi.add_(yi * alpha.reshape(()).to(xi.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# flow family: the principal-flow field from top-k eigenpairs (REFERENCES.md §1), two passes over
+# the eigenvectors: projections U^T g, then the complex recombination.
+# ---------------------------------------------------------------------------------------------
+
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _pf_coefficients_real(x: Tensor) -> Tensor:
+    """r = log(1 - x)/x for real float64 ``x = h·λ`` on the principal branch, as complex128.
+
+    The same case split as ``pfk::principal_flow_coefficient`` (csrc/common/flow.h): x = 0 gives
+    -1, x = 1 gives -inf + 0i, x > 1 gives (log(x - 1) + iπ)/x, and log1p keeps small |x| exact.
+    """
+    below = x < 1
+    re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
+    re = torch.where(x == 0, -1.0, re / torch.where(x == 0, 1.0, x))
+    re = torch.where(x == 1, -math.inf, re)
+    im = torch.where(x > 1, math.pi / x, 0.0)
+    im = torch.where(torch.isnan(x), math.nan, im)
+    return torch.complex(re, im)
+
+
+def _flow_workspace_size(n: int, k: int) -> int:
+    rows = _C.build_info()["flow_rows_per_block"]
+    return max(math.ceil(n / rows) * k + 2 * k, 1)
+
+
+@torch.library.custom_op("pfkernels::flow_field", mutates_args=())
+def _flow_field_op(
+    grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
+) -> tuple[Tensor, Tensor]:
+    device = grad.device
+    if not _has_backend("flow_field", device):
+        _warn_fallback("flow_field", device)
+        return flow_field_ref(grad, eigenvalues, eigenvectors, h)
+    grad = grad.contiguous()
+    eigenvalues = eigenvalues.contiguous()
+    n, k = eigenvectors.shape
+    # Both layouts stream U contiguously: row-major [n, k] and column-major (eigsh's output).
+    column_major = eigenvectors.t().is_contiguous() and not eigenvectors.is_contiguous()
+    if not column_major:
+        eigenvectors = eigenvectors.contiguous()
+    field = torch.empty(n, dtype=_COMPLEX_OF[grad.dtype], device=device)
+    projections = torch.empty(k, dtype=grad.dtype, device=device)
+    args = (
+        grad.data_ptr(),
+        eigenvalues.data_ptr(),
+        eigenvectors.data_ptr(),
+        n,
+        k,
+        column_major,
+        float(h),
+        _DTYPE_CODES[grad.dtype],
+        torch.view_as_real(field).data_ptr(),
+        projections.data_ptr(),
+    )
+    if device.type == "cpu":
+        _C.flow_field_cpu(*args)
+    else:
+        workspace = torch.empty(_flow_workspace_size(n, k), dtype=torch.float64, device=device)
+        _C.flow_field_cuda(*args, workspace.data_ptr(), _stream(device))
+    return field, projections
+
+
+@_flow_field_op.register_fake
+def _(grad, eigenvalues, eigenvectors, h):
+    n, k = eigenvectors.shape
+    return grad.new_empty(n, dtype=_COMPLEX_OF[grad.dtype]), grad.new_empty(k)
+
+
+def flow_field(
+    grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
+) -> tuple[Tensor, Tensor]:
+    """The principal-flow field from k eigenpairs, fused: ``Σᵢ rᵢ (g·uᵢ) uᵢ − (g − Σᵢ (g·uᵢ) uᵢ)``.
+
+    ``rᵢ = log(1 − hλᵢ)/(hλᵢ)`` on the principal branch (Rosca et al. 2023, REFERENCES.md §1; the
+    shared code is ``csrc/common/flow.h``). The eigenvectors are assumed orthonormal; the part of
+    ``g`` outside their span gets the gradient-flow coefficient −1. A direction with ``g·uᵢ = 0``
+    contributes nothing; one with ``hλᵢ = 1`` and ``g·uᵢ ≠ 0`` makes the field infinite there (GD
+    removes that component in one step, the flow in zero time) and the entries come back
+    non-finite: integrate with the propagator instead (``pfkernels.flows``).
+
+    Args:
+        grad: ``[n]`` float32 or float64, CPU or CUDA.
+        eigenvalues: ``[k]`` (``0 <= k <= n``), same dtype and device.
+        eigenvectors: ``[n, k]``, columns ``uᵢ``, same dtype and device; row-major or column-major
+            (as :func:`pfkernels.eigsh` returns them) are read in place, other layouts copied.
+        h: the learning rate, a positive finite number.
+
+    Returns:
+        ``(field, projections)``: ``field`` ``[n]`` complex64/complex128 (matching ``grad``) and
+        ``projections = Uᵀg`` ``[k]`` in ``grad``'s dtype. Products are accumulated in float64 in a
+        fixed order (deterministic); no host synchronisation.
+
+    Equivalent to :func:`flow_field_ref`.
+    """
+    _check_arg(isinstance(grad, Tensor), "grad", "must be a tensor")
+    _check_arg(isinstance(eigenvalues, Tensor), "eigenvalues", "must be a tensor")
+    _check_arg(isinstance(eigenvectors, Tensor), "eigenvectors", "must be a tensor")
+    _check_arg(
+        grad.dtype in (torch.float32, torch.float64),
+        "grad",
+        f"dtype must be float32 or float64, got {grad.dtype}",
+    )
+    _check_arg(grad.dim() == 1, "grad", f"must be 1-D [n], got shape {tuple(grad.shape)}")
+    _check_arg(
+        eigenvectors.dim() == 2 and eigenvectors.shape[0] == grad.shape[0],
+        "eigenvectors",
+        f"must be [n, k] with n = {grad.shape[0]}, got shape {tuple(eigenvectors.shape)}",
+    )
+    k = eigenvectors.shape[1]
+    _check_arg(
+        eigenvalues.dim() == 1 and eigenvalues.shape[0] == k,
+        "eigenvalues",
+        f"must be [k] with k = {k} (the eigenvectors' columns), got shape {tuple(eigenvalues.shape)}",
+    )
+    for name, t in (("eigenvalues", eigenvalues), ("eigenvectors", eigenvectors)):
+        _check_arg(t.dtype == grad.dtype, name, f"dtype {t.dtype} differs from grad's {grad.dtype}")
+        _check_arg(t.device == grad.device, name, f"device {t.device} differs from grad's {grad.device}")
+        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
+    _check_arg(grad.layout == torch.strided, "grad", "sparse tensors are not supported")
+    _check_arg(
+        isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0,
+        "h",
+        f"must be a positive finite number, got {h!r}",
+    )
+    if grad.shape[0] == 0:
+        return (
+            torch.empty(0, dtype=_COMPLEX_OF[grad.dtype], device=grad.device),
+            torch.zeros(k, dtype=grad.dtype, device=grad.device),
+        )
+    return torch.ops.pfkernels.flow_field(grad, eigenvalues, eigenvectors, float(h))
+
+
+def flow_field_ref(
+    grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
+) -> tuple[Tensor, Tensor]:
+    """Pure-torch twin of :func:`flow_field` (float64 arithmetic, result in the input precision)."""
+    g = grad.double()
+    u = eigenvectors.double()
+    p = u.T @ g
+    r = _pf_coefficients_real(float(h) * eigenvalues.double())
+    # Real and imaginary parts in separate real products, as in the kernel: complex products
+    # would turn -inf·p (hλ = 1) into NaN where the kernel keeps -inf and 0.
+    a = torch.where(p == 0, 0.0, r.real * p + p)
+    b = torch.where(p == 0, 0.0, r.imag * p)
+    field = torch.complex(u @ a - g, u @ b)
+    return field.to(_COMPLEX_OF[grad.dtype]), p.to(grad.dtype)
+# tridiag family: batched symmetric tridiagonal eigensolver (the Rayleigh-Ritz step of Lanczos).
+# ---------------------------------------------------------------------------------------------
+
+# Which part of the eigenvector matrix Z is accumulated; shared with csrc/common/tridiag.h.
+_TRIDIAG_VECTORS = {"none": 0, "last_row": 1, "all": 2}
+# Per-problem status codes of the kernels (tridiag::Status).
+_TRIDIAG_OK, _TRIDIAG_NO_CONVERGENCE, _TRIDIAG_NONFINITE_ALPHA, _TRIDIAG_NONFINITE_BETA = 0, 1, 2, 3
+
+
+def _tridiag_check(alpha: Tensor, beta: Tensor, vectors: str) -> None:
+    """The shape/dtype/device checks of :func:`tridiag_eigh` and :func:`tridiag_eigh_ref`."""
+    _check_arg(isinstance(alpha, Tensor), "alpha", f"must be a tensor, got {type(alpha).__name__}")
+    _check_arg(isinstance(beta, Tensor), "beta", f"must be a tensor, got {type(beta).__name__}")
+    _check_arg(
+        isinstance(vectors, str) and vectors in _TRIDIAG_VECTORS,
+        "vectors",
+        f"must be one of {sorted(_TRIDIAG_VECTORS)}, got {vectors!r}",
+    )
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        _check_arg(
+            t.dtype in (torch.float32, torch.float64),
+            name,
+            f"dtype must be float32 or float64, got {t.dtype}",
+        )
+        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
+    _check_arg(
+        alpha.dim() in (1, 2), "alpha", f"must have shape [m] or [B, m], got {tuple(alpha.shape)}"
+    )
+    _check_arg(
+        beta.device == alpha.device,
+        "beta",
+        f"device {beta.device} differs from alpha's device {alpha.device}",
+    )
+    m = alpha.shape[-1]
+    want = (*alpha.shape[:-1], max(m - 1, 0))
+    _check_arg(
+        tuple(beta.shape) == want,
+        "beta",
+        f"must have shape {want} for alpha of shape {tuple(alpha.shape)}, got {tuple(beta.shape)}",
+    )
+
+
+def _tridiag_input_status(alpha: Tensor, beta: Tensor) -> Tensor:
+    """The kernels' input verdict for [B, m] / [B, m-1]: int32 [B], non-finite alpha first."""
+    status = torch.zeros(alpha.shape[0], dtype=torch.int32, device=alpha.device)
+    status[~torch.isfinite(beta).all(-1)] = _TRIDIAG_NONFINITE_BETA
+    status[~torch.isfinite(alpha).all(-1)] = _TRIDIAG_NONFINITE_ALPHA
+    return status
+
+
+def _raise_on_tridiag_status(status: Tensor) -> None:
+    """Raises for the first problem with a non-zero status (one host read of the flags)."""
+    bad = status != _TRIDIAG_OK
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0, 0])
+    code = int(status[first])
+    if code == _TRIDIAG_NONFINITE_ALPHA:
+        raise ValueError(f"argument 'alpha': non-finite entry in problem {first}")
+    if code == _TRIDIAG_NONFINITE_BETA:
+        raise ValueError(f"argument 'beta': non-finite entry in problem {first}")
+    raise RuntimeError(
+        f"pfkernels.tridiag_eigh: the QL iteration did not converge for problem {first} "
+        f"(of {int(bad.sum())} failing) within 30*m sweeps (status {code})"
+    )
+
+
+def _tridiag_vec_shape(batch: int, m: int, vectors: str) -> tuple[int, ...]:
+    return {"none": (batch, 0), "last_row": (batch, m), "all": (batch, m, m)}[vectors]
+
+
+@torch.library.custom_op("pfkernels::tridiag_eigh", mutates_args=())
+def _tridiag_eigh_op(alpha: Tensor, beta: Tensor, vectors: str) -> tuple[Tensor, Tensor, Tensor]:
+    """alpha [B, m], beta [B, m-1] float64 contiguous, B, m >= 1 -> (evals, vecs, status [B]).
+
+    ``vecs`` is [B, 0] for ``"none"``; ``status`` holds tridiag::Status codes.
+    """
+    device = alpha.device
+    if not _has_backend("tridiag_eigh", device):
+        _warn_fallback("tridiag_eigh", device)
+        evals, vecs = tridiag_eigh_ref(alpha, beta, vectors, check=False)
+        if vecs is None:
+            vecs = alpha.new_empty(alpha.shape[0], 0)
+        return evals, vecs, _tridiag_input_status(alpha, beta)
+    batch, m = alpha.shape
+    # Poisoned, so that an element the kernel failed to write shows up as NaN, not as garbage.
+    evals = torch.full((batch, m), math.nan, dtype=torch.float64, device=device)
+    vecs = torch.full(_tridiag_vec_shape(batch, m, vectors), math.nan, dtype=torch.float64,
+                      device=device)
+    status = torch.full((batch,), -1, dtype=torch.int32, device=device)
+    mode = _TRIDIAG_VECTORS[vectors]
+    args = (alpha.data_ptr(), beta.data_ptr(), batch, m, mode, evals.data_ptr(), vecs.data_ptr(),
+            status.data_ptr())
+    if device.type == "cpu":
+        _C.tridiag_eigh_cpu(*args)
+    else:
+        words = _C.tridiag_workspace_words(batch, m, mode)
+        workspace = torch.empty(words, dtype=torch.float64, device=device)
+        _C.tridiag_eigh_cuda(*args, workspace.data_ptr(), _stream(device))
+    return evals, vecs, status
+
+
+@_tridiag_eigh_op.register_fake
+def _(alpha, beta, vectors):
+    batch, m = alpha.shape
+    return (
+        alpha.new_empty(batch, m),
+        alpha.new_empty(_tridiag_vec_shape(batch, m, vectors)),
+        alpha.new_empty(batch, dtype=torch.int32),
+    )
+
+
+def tridiag_eigh(
+    alpha: Tensor, beta: Tensor, vectors: str = "all", *, check: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Eigen-decomposition of a batch of symmetric tridiagonal matrices, ``T = Z diag(λ) Zᵀ``.
+
+    ``T[b]`` has diagonal ``alpha[b]`` and off-diagonal ``beta[b]`` (``T[i, i+1] = T[i+1, i] =
+    beta[i]``): in Lanczos, the projection ``Vᵀ A V`` whose eigenpairs give the Ritz pairs. Solved
+    by implicit QL with Wilkinson shifts in float64 (csrc/common/tridiag.h, one algorithm for CPU
+    and CUDA), accumulating only the rows of ``Z`` that ``vectors`` asks for: ``"last_row"`` costs
+    O(m²) per problem like ``"none"``, ``"all"`` O(m³).
+
+    Args:
+        alpha: diagonal, ``[B, m]`` or ``[m]``, float32 or float64, CPU or CUDA.
+        beta: off-diagonal, ``[B, m-1]`` or ``[m-1]``, same device as ``alpha``.
+        vectors: ``"all"`` (the eigenvector matrix, eigenvectors as columns as in
+            ``torch.linalg.eigh``), ``"last_row"`` (its last row ``Z[m-1, :]``: the Lanczos
+            residual estimate of Ritz pair ``i`` is ``β_m·|Z[m-1, i]|``) or ``"none"``.
+        check: raise for non-finite input or a problem that did not converge. The kernels flag
+            both per problem; reading the flags is one host synchronisation on CUDA, which
+            ``check=False`` avoids (a flagged problem then has NaN eigenvalues and vectors).
+
+    Returns:
+        ``(eigenvalues, eigenvectors)``: eigenvalues ``[B, m]`` ascending, float64, on the
+        input's device; eigenvectors ``[B, m, m]`` (``"all"``), ``[B, m]`` (``"last_row"``) or
+        ``None``, float64. Unbatched inputs give results without the ``B`` dimension. The sign
+        of each eigenvector is fixed so that its last component is ``>= 0``, so ``"last_row"`` is
+        the last row of ``"all"`` (a sign is arbitrary only where that component is ~0). Empty
+        batches and ``m = 0`` give empty results. Problems are independent: batch element ``i``
+        equals the unbatched solve of problem ``i`` exactly.
+
+    Raises:
+        ValueError: naming ``alpha``, ``beta`` or ``vectors`` for a non-tensor, a dtype other
+            than float32/float64, inconsistent shapes or devices, an unknown ``vectors``, or
+            (with ``check``) a non-finite entry, with the index of the problem.
+        RuntimeError: (with ``check``) a problem, named by its batch index, did not converge
+            within 30·m QL sweeps; not expected for finite input.
+
+    Equivalent to :func:`tridiag_eigh_ref` (dense ``torch.linalg.eigh`` in float64).
+    """
+    _tridiag_check(alpha, beta, vectors)
+    unbatched = alpha.dim() == 1
+    a64 = (alpha[None] if unbatched else alpha).to(torch.float64).contiguous()
+    b64 = (beta[None] if unbatched else beta).to(torch.float64).contiguous()
+    batch, m = a64.shape
+    if batch == 0 or m == 0:
+        evals = a64.new_empty(batch, m)
+        vecs = None if vectors == "none" else a64.new_empty(_tridiag_vec_shape(batch, m, vectors))
+    else:
+        evals, vecs, status = torch.ops.pfkernels.tridiag_eigh(a64, b64, vectors)
+        if vectors == "none":
+            vecs = None
+        if check:
+            _raise_on_tridiag_status(status)
+    if unbatched:
+        evals = evals[0]
+        vecs = None if vecs is None else vecs[0]
+    return evals, vecs
+
+
+def tridiag_eigh_ref(
+    alpha: Tensor, beta: Tensor, vectors: str = "all", *, check: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Pure-torch twin of :func:`tridiag_eigh`: ``torch.linalg.eigh`` of the dense float64 ``T``,
+    with the same sign convention (last component of each eigenvector ``>= 0``) and the same
+    handling of non-finite problems."""
+    _tridiag_check(alpha, beta, vectors)
+    unbatched = alpha.dim() == 1
+    a64 = (alpha[None] if unbatched else alpha).to(torch.float64)
+    b64 = (beta[None] if unbatched else beta).to(torch.float64)
+    batch, m = a64.shape
+    status = _tridiag_input_status(a64, b64)
+    if check:
+        _raise_on_tridiag_status(status)
+    bad = (status != _TRIDIAG_OK)[:, None]
+    a64, b64 = a64.masked_fill(bad, 0.0), b64.masked_fill(bad, 0.0)
+    dense = torch.diag_embed(a64)
+    if m > 1:
+        dense = dense + torch.diag_embed(b64, offset=1) + torch.diag_embed(b64, offset=-1)
+    evals, z = torch.linalg.eigh(dense)
+    if m > 0:
+        z = z * torch.where(z[:, -1:, :] < 0, -1.0, 1.0).to(z.dtype)
+    evals = evals.masked_fill(bad, math.nan)
+    z = z.masked_fill(bad[:, :, None], math.nan)
+    vecs = {"none": None, "last_row": z[:, m - 1, :] if m > 0 else evals, "all": z}[vectors]
+    if unbatched:
+        evals = evals[0]
+        vecs = None if vecs is None else vecs[0]
+    return evals, vecs
+def _check_update_lists(
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor]
+) -> None:
+    _check_pair_lists(params, grads, "params", "grads")
+    _check_arg(isinstance(bufs, (list, tuple)), "bufs", "must be a list of tensors (or empty)")
+    if bufs:
+        _check_pair_lists(params, bufs, "params", "bufs")
+    for name, lst in (("params", params), ("bufs", bufs)):
+        for i, t in enumerate(lst):
+            _check_arg(t.is_contiguous(), f"{name}[{i}]", "must be contiguous (it is updated in place)")
+
+
+@torch.library.custom_op(
+    "pfkernels::multi_tensor_momentum_update", mutates_args={"params", "bufs"}
+)
+def _multi_tensor_momentum_update_op(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rate: Tensor, momentum: float
+) -> None:
+    device = params[0].device
+    if not _has_backend("multi_tensor_momentum_update", device):
+        _warn_fallback("multi_tensor_momentum_update", device)
+        multi_tensor_momentum_update_ref(params, grads, bufs, rate, momentum)
+        return
+    grads = [t.contiguous() for t in grads]
+    rate = rate.reshape(()).to(params[0].dtype)
+    pp = [t.data_ptr() for t in params]
+    pg = [t.data_ptr() for t in grads]
+    pb = [t.data_ptr() for t in bufs]
+    sizes = [t.numel() for t in params]
+    code = _DTYPE_CODES[params[0].dtype]
+    if device.type == "cpu":
+        _C.multi_tensor_momentum_update_cpu(pp, pg, pb, sizes, code, rate.data_ptr(), momentum)
+    else:
+        _C.multi_tensor_momentum_update_cuda(
+            pp, pg, pb, sizes, code, rate.data_ptr(), momentum, _stream(device)
+        )
+
+
+@_multi_tensor_momentum_update_op.register_fake
+def _(params, grads, bufs, rate, momentum):
+    return None
+
+
+def multi_tensor_momentum_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    rate: Tensor,
+    momentum: float = 0.0,
+) -> None:
+    """The fused descent step of DAL (and of torch SGD): one launch over all tensors.
+
+    With ``bufs`` empty: ``pᵢ -= rate · gᵢ``. Otherwise the heavy-ball step of
+    ``torch.optim.SGD(momentum=momentum)`` (dampening 0, no Nesterov), buffer and parameter in
+    the same pass: ``bᵢ = momentum · bᵢ + gᵢ; pᵢ -= rate · bᵢ`` (zero-initialised buffers give
+    torch's first step ``b = g``).
+
+    Args:
+        params: contiguous tensors updated in place; one dtype (float32/float64), one device.
+        grads: tensors with the shapes of ``params``, same dtype and device.
+        bufs: ``[]``, or contiguous momentum buffers shaped like ``params`` (updated in place).
+        rate: a one-element floating tensor on the same device, read on the device (no host
+            sync). A non-finite rate (NaN from :func:`dal_rate` when the gradient or H·g was not
+            finite) leaves ``params`` and ``bufs`` untouched: the step is skipped on the device.
+        momentum: the heavy-ball coefficient (ignored when ``bufs`` is empty).
+
+    Equivalent to :func:`multi_tensor_momentum_update_ref`.
+    """
+    _check_update_lists(params, grads, bufs)
+    _check_arg(isinstance(rate, Tensor), "rate", "must be a one-element tensor")
+    _check_arg(rate.numel() == 1, "rate", f"must have one element, got shape {tuple(rate.shape)}")
+    _check_arg(rate.is_floating_point(), "rate", f"must be floating point, got {rate.dtype}")
+    _check_arg(
+        isinstance(momentum, (int, float)) and math.isfinite(momentum),
+        "momentum",
+        f"must be a finite number, got {momentum!r}",
+    )
+    if not params:
+        return
+    _check_arg(
+        rate.device == params[0].device,
+        "rate",
+        f"device {rate.device} differs from the tensors' device {params[0].device}",
+    )
+    torch.ops.pfkernels.multi_tensor_momentum_update(
+        list(params), list(grads), list(bufs), rate, float(momentum)
+    )
+
+
+def multi_tensor_momentum_update_ref(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    rate: Tensor,
+    momentum: float = 0.0,
+) -> None:
+    """Pure-torch twin of :func:`multi_tensor_momentum_update` (no host sync either)."""
+    if not params:
+        return
+    r = rate.reshape(()).to(params[0].dtype)
+    # A non-finite rate skips the step: multiply by 0 would still spread NaN, so select instead.
+    keep = ~torch.isfinite(r)
+    r = torch.where(keep, torch.zeros_like(r), r)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if bufs:
+            b = bufs[i]
+            b.copy_(torch.where(keep, b, momentum * b + g))
+            g = b
+        p.copy_(torch.where(keep, p, p - r * g))
+
+
+# ---------------------------------------------------------------------------------------------
+# dal family: the DAL rate computed on the device from the fused sums (csrc/common/dal.h).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pfkernels::dal_rate", mutates_args=())
+def _dal_rate_op(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool) -> Tensor:
+    device = sums.device
+    if not _has_backend("dal_rate", device):
+        _warn_fallback("dal_rate", device)
+        return dal_rate_ref(sums, p, lr_max, lr, in_window)
+    sums = sums.contiguous()
+    out = torch.empty((), dtype=sums.dtype, device=device)
+    code = _DTYPE_CODES[sums.dtype]
+    if device.type == "cpu":
+        _C.dal_rate_cpu(sums.data_ptr(), code, p, lr_max, lr, in_window, out.data_ptr())
+    else:
+        _C.dal_rate_cuda(
+            sums.data_ptr(), code, p, lr_max, lr, in_window, out.data_ptr(), _stream(device)
+        )
+    return out
+
+
+@_dal_rate_op.register_fake
+def _(sums, p, lr_max, lr, in_window):
+    return sums.new_empty(())
+
+
+def dal_rate(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool = True) -> Tensor:
+    """The DAL learning rate ``h = min(2 / vᵖ, lr_max)``, ``v = ‖Hg‖/‖g‖``, on the device.
+
+    Rosca et al. 2023 (REFERENCES.md §2); the formula lives once in ``csrc/common/dal.h``.
+
+    Args:
+        sums: ``[3]`` float32/float64 tensor ``(g·Hg, ‖g‖², ‖Hg‖²)`` as returned by
+            :func:`multi_tensor_dot` ``(grads, hvps)``; CPU or CUDA.
+        p: the exponent, ``p >= 0``; ``p = 0`` means plain GD at ``lr`` (as in the authors' code).
+        lr_max: the cap ``h_max > 0``.
+        lr: the base rate, used for ``p = 0`` and outside the window.
+        in_window: False outside DAL's iteration window: the rate is then ``lr``.
+
+    Returns:
+        A 0-d tensor in ``sums``' dtype on its device (computed in float64, no host sync):
+        ``lr`` when ``in_window`` is False or ``p == 0``; ``lr_max`` when ``‖g‖ = 0`` or
+        ``‖Hg‖ = 0`` (the limit v → 0; with g = 0 the step is a no-op anyway); NaN when any sum
+        is not finite, which :func:`multi_tensor_momentum_update` treats as "skip the step".
+
+    Equivalent to :func:`dal_rate_ref`.
+    """
+    _check_arg(isinstance(sums, Tensor), "sums", "must be a tensor")
+    _check_arg(sums.shape == (3,), "sums", f"must have shape [3], got {tuple(sums.shape)}")
+    _check_arg(
+        sums.dtype in (torch.float32, torch.float64),
+        "sums",
+        f"dtype must be float32 or float64, got {sums.dtype}",
+    )
+    _check_dal_hyperparameters(p, lr_max)
+    _check_arg(
+        isinstance(lr, (int, float)) and math.isfinite(lr), "lr", f"must be a finite number, got {lr!r}"
+    )
+    return torch.ops.pfkernels.dal_rate(sums, float(p), float(lr_max), float(lr), bool(in_window))
+
+
+def _check_dal_hyperparameters(p: float, lr_max: float) -> None:
+    _check_arg(
+        isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
+        "p",
+        f"must be a finite number >= 0, got {p!r}",
+    )
+    _check_arg(
+        isinstance(lr_max, (int, float)) and math.isfinite(lr_max) and lr_max > 0,
+        "lr_max",
+        f"must be a finite number > 0, got {lr_max!r}",
+    )
+
+
+def dal_rule(grad_sqnorm: Tensor, hvp_sqnorm: Tensor, p: float, lr_max: float) -> Tensor:
+    """``min(2 (‖g‖²/‖Hg‖²)^(p/2), lr_max)`` elementwise in float64, ``lr_max`` where either norm
+    is 0, NaN where either input is not finite. The rule of ``csrc/common/dal.h`` for ``p > 0``
+    inside the window, in torch."""
+    g2, h2 = grad_sqnorm.double(), hvp_sqnorm.double()
+    h = 2.0 * (g2 / h2) ** (0.5 * p)
+    h = torch.where((g2 == 0) | (h2 == 0), torch.full_like(h, lr_max), torch.clamp(h, max=lr_max))
+    finite = torch.isfinite(g2) & torch.isfinite(h2)
+    return torch.where(finite, h, torch.full_like(h, math.nan))
+
+
+def dal_rate_ref(
+    sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool = True
+) -> Tensor:
+    """Pure-torch twin of :func:`dal_rate` (float64 inside, no host sync)."""
+    s = sums.double()
+    if in_window and p != 0:
+        rate = dal_rule(s[1], s[2], p, lr_max)
+    else:
+        rate = torch.full((), float(lr), dtype=torch.float64, device=sums.device)
+    rate = torch.where(torch.isfinite(s).all(), rate, torch.full_like(rate, math.nan))
+    return rate.to(sums.dtype)

@@ -204,3 +204,138 @@ def test_cuda_no_host_sync(seed):
         ops.multi_tensor_axpy(a, b, alpha)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- momentum update (the fused step of DAL) ----------------------------------------------------
+
+
+def _update_case(sizes, dtype, momentum, device="cpu"):
+    params, grads = _lists(sizes, dtype, device)
+    bufs = [torch.randn(n, dtype=dtype, device=device) for n in sizes] if momentum is not None else []
+    return params, grads, bufs
+
+
+@pytest.mark.parametrize("momentum", [None, 0.0, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SIZE_CASES)
+def test_momentum_update_matches_ref(case, dtype, momentum, seed):
+    params, grads, bufs = _update_case(SIZE_CASES[case], dtype, momentum)
+    params_ref = [t.clone() for t in params]
+    bufs_ref = [t.clone() for t in bufs]
+    rate = torch.rand((), dtype=dtype)
+    ops.multi_tensor_momentum_update(params, grads, bufs, rate, momentum or 0.0)
+    ops.multi_tensor_momentum_update_ref(params_ref, grads, bufs_ref, rate, momentum or 0.0)
+    for got, want in zip(params + bufs, params_ref + bufs_ref):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("nesterov_free_momentum", [0.0, 0.5])
+def test_momentum_update_is_torch_sgd(nesterov_free_momentum, seed):
+    # Zero-initialised buffers reproduce torch.optim.SGD(momentum=m) step after step.
+    sizes = [70_001, 3, 128]
+    params = [torch.randn(n, dtype=torch.float64) for n in sizes]
+    torch_params = [torch.nn.Parameter(t.clone()) for t in params]
+    sgd = torch.optim.SGD(torch_params, lr=0.3, momentum=nesterov_free_momentum)
+    bufs = [torch.zeros_like(t) for t in params] if nesterov_free_momentum else []
+    for _ in range(3):
+        grads = [torch.randn_like(t) for t in params]
+        for tp, g in zip(torch_params, grads):
+            tp.grad = g.clone()
+        sgd.step()
+        ops.multi_tensor_momentum_update(params, grads, bufs, torch.tensor(0.3, dtype=torch.float64),
+                                         nesterov_free_momentum)
+    for got, want in zip(params, torch_params):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fn", [ops.multi_tensor_momentum_update, ops.multi_tensor_momentum_update_ref])
+def test_momentum_update_nonfinite_rate_skips(fn, bad, seed):
+    params, grads, bufs = _update_case([70_000, 5], torch.float32, 0.9)
+    before = [t.clone() for t in params + bufs]
+    fn(params, grads, bufs, torch.tensor(bad), 0.9)
+    for got, want in zip(params + bufs, before):
+        assert torch.equal(got, want)
+
+
+def test_momentum_update_writes_every_element(seed):
+    params, grads, bufs = _update_case([70_000, 3], torch.float32, 0.5)
+    want_b = [0.5 * b + g for b, g in zip(bufs, grads)]
+    want_p = [p - 2.0 * b for p, b in zip(params, want_b)]
+    ops.multi_tensor_momentum_update(params, grads, bufs, torch.tensor(2.0), 0.5)
+    for got, want in zip(params + bufs, want_p + want_b):
+        torch.testing.assert_close(got, want)
+
+
+def test_momentum_update_bad_input_leaves_state_untouched():
+    params, grads, bufs = _update_case([5, 4], torch.float32, 0.9)
+    before = [t.clone() for t in params + bufs]
+    with pytest.raises(ValueError, match="argument 'bufs'"):
+        ops.multi_tensor_momentum_update(params, grads, bufs[:1], torch.tensor(1.0), 0.9)
+    with pytest.raises(ValueError, match=r"argument 'bufs\[1\]'.*shape"):
+        ops.multi_tensor_momentum_update(params, grads, [bufs[0], torch.zeros(3)], torch.tensor(1.0), 0.9)
+    with pytest.raises(ValueError, match="argument 'grads'"):
+        ops.multi_tensor_momentum_update(params, grads[:1], bufs, torch.tensor(1.0), 0.9)
+    with pytest.raises(ValueError, match="argument 'rate'"):
+        ops.multi_tensor_momentum_update(params, grads, bufs, 1.0, 0.9)
+    with pytest.raises(ValueError, match="argument 'rate'"):
+        ops.multi_tensor_momentum_update(params, grads, bufs, torch.ones(2), 0.9)
+    with pytest.raises(ValueError, match="argument 'momentum'"):
+        ops.multi_tensor_momentum_update(params, grads, bufs, torch.tensor(1.0), float("nan"))
+    with pytest.raises(ValueError, match=r"argument 'params\[0\]'.*contiguous"):
+        ops.multi_tensor_momentum_update([torch.randn(4, 6).t()], [torch.randn(6, 4)], [], torch.tensor(1.0))
+    for got, want in zip(params + bufs, before):
+        assert torch.equal(got, want)
+
+
+def test_momentum_update_opcheck_and_compile(seed):
+    params, grads, bufs = _update_case([5, 0, 9], torch.float32, 0.9)
+    torch.library.opcheck(
+        torch.ops.pfkernels.multi_tensor_momentum_update.default,
+        (params, grads, bufs, torch.tensor(0.3), 0.9),
+    )
+    torch.library.opcheck(
+        torch.ops.pfkernels.multi_tensor_momentum_update.default,
+        (params, grads, [], torch.tensor(0.3), 0.0),
+    )
+    params_ref = [t.clone() for t in params]
+    bufs_ref = [t.clone() for t in bufs]
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def step(params, grads, bufs):
+        ops.multi_tensor_momentum_update(params, grads, bufs, torch.tensor(0.25), 0.9)
+
+    step(params, grads, bufs)
+    ops.multi_tensor_momentum_update_ref(params_ref, grads, bufs_ref, torch.tensor(0.25), 0.9)
+    for got, want in zip(params + bufs, params_ref + bufs_ref):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SIZE_CASES)
+def test_cuda_momentum_update_matches_ref(case, dtype, momentum, seed):
+    params, grads, bufs = _update_case(SIZE_CASES[case], dtype, momentum, "cuda")
+    params_ref = [t.clone() for t in params]
+    bufs_ref = [t.clone() for t in bufs]
+    rate = torch.rand((), dtype=dtype, device="cuda")
+    ops.multi_tensor_momentum_update(params, grads, bufs, rate, momentum or 0.0)
+    ops.multi_tensor_momentum_update_ref(params_ref, grads, bufs_ref, rate, momentum or 0.0)
+    for got, want in zip(params + bufs, params_ref + bufs_ref):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.cuda
+def test_cuda_momentum_update_no_host_sync_and_nan_skip(seed):
+    params, grads, bufs = _update_case([1 << 20, 3, 70_000] * 20, torch.float32, 0.9, "cuda")
+    rate = torch.tensor(0.1, device="cuda")
+    ops.multi_tensor_momentum_update(params, grads, bufs, rate, 0.9)  # warm-up
+    before = [t.clone() for t in params + bufs]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.multi_tensor_momentum_update(params, grads, bufs, torch.full_like(rate, float("nan")), 0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(params + bufs, before):
+        assert torch.equal(got, want)

@@ -14,6 +14,30 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha);
 
+// flow: principal-flow field from k eigenpairs (eigenvectors [n, k], columns u_i, row-major or
+// with column_major, column i at eigenvectors + i * n):
+// projections[i] = u_i . g (float64 accumulation, deterministic) and field (interleaved complex
+// [n]) = sum_i r_i p_i u_i - (g - sum_i p_i u_i) with r_i from common/flow.h.
+void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
+                int64_t k, bool column_major, double h, int dtype, void* field, void* projections);
+// tridiag: eigenvalues (ascending) of B symmetric tridiagonal matrices alpha [B, n] (diagonal),
+// beta [B, n-1] (off-diagonal), all float64 contiguous; mode is a tridiag::Vectors code choosing
+// vecs: [B, n, n] eigenvectors as columns, [B, n] their last row, or nothing. status [B] gets a
+// tridiag::Status per problem.
+void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
+                  double* evals, double* vecs, int32_t* status);
+// multi_tensor: the fused DAL/SGD update. With bufs == nullptr: params_i -= rate * grads_i; else
+// bufs_i = momentum * bufs_i + grads_i, then params_i -= rate * bufs_i (torch SGD's heavy ball).
+// rate is one element of the same dtype; a non-finite rate leaves everything untouched.
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum);
+
+// dal: out[0] = the DAL rate (common/dal.h) from sums[0..2] = (g.Hg, |g|^2, |Hg|^2); sums and out
+// share the dtype.
+void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
+              void* out);
+
 int max_threads();
 
 }  // namespace pfk::cpu

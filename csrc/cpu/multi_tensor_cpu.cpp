@@ -1,4 +1,5 @@
-// multi_tensor family, CPU: fused dot/norms over two tensor lists and a fused axpy.
+// multi_tensor family, CPU: fused dot/norms over two tensor lists, a fused axpy and the fused
+// (momentum) update of DAL.
 //
 // Work is cut into fixed chunks of the flattened lists; each chunk's partial sums use a fixed
 // number of lanes and are added in chunk order afterwards, so results do not depend on the
@@ -10,6 +11,7 @@
 #include <omp.h>
 #endif
 
+#include "common/dal.h"
 #include "common/macros.h"
 #include "cpu/cpu_kernels.h"
 
@@ -74,6 +76,20 @@ PFK_VECTOR_CLONES void axpy_range(T* x, const T* y, int64_t n, T alpha) {
 }
 
 template <typename T>
+PFK_VECTOR_CLONES void descent_range(T* x, const T* g, int64_t n, T rate) {
+  for (int64_t i = 0; i < n; ++i) x[i] -= rate * g[i];
+}
+
+template <typename T>
+PFK_VECTOR_CLONES void momentum_range(T* x, const T* g, T* buf, int64_t n, T rate, T momentum) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T b = momentum * buf[i] + g[i];
+    buf[i] = b;
+    x[i] -= rate * b;
+  }
+}
+
+template <typename T>
 void dot_impl(const void* const* a, const void* const* b, const int64_t* sizes, int64_t count,
               void* out) {
   const std::vector<Chunk> chunks = make_chunks(sizes, count);
@@ -106,6 +122,26 @@ void axpy_impl(void* const* x, const void* const* y, const int64_t* sizes, int64
   }
 }
 
+template <typename T>
+void momentum_update_impl(void* const* params, const void* const* grads, void* const* bufs,
+                          const int64_t* sizes, int64_t count, const void* rate, double momentum) {
+  const T r = *static_cast<const T*>(rate);
+  if (!is_finite(static_cast<double>(r))) return;  // a non-finite rate means: skip this step
+  const T m = static_cast<T>(momentum);
+  const std::vector<Chunk> chunks = make_chunks(sizes, count);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk& k = chunks[c];
+    T* x = static_cast<T*>(params[k.tensor]) + k.begin;
+    const T* g = static_cast<const T*>(grads[k.tensor]) + k.begin;
+    if (bufs == nullptr)
+      descent_range(x, g, k.end - k.begin, r);
+    else
+      momentum_range(x, g, static_cast<T*>(bufs[k.tensor]) + k.begin, k.end - k.begin, r, m);
+  }
+}
+
 }  // namespace
 
 void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
@@ -123,6 +159,18 @@ void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* size
     case kFloat32: return axpy_impl<float>(x, y, sizes, count, alpha);
     case kFloat64: return axpy_impl<double>(x, y, sizes, count, alpha);
     default: PFK_CHECK_ARG(false, "x", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum) {
+  switch (dtype) {
+    case kFloat32:
+      return momentum_update_impl<float>(params, grads, bufs, sizes, count, rate, momentum);
+    case kFloat64:
+      return momentum_update_impl<double>(params, grads, bufs, sizes, count, rate, momentum);
+    default: PFK_CHECK_ARG(false, "params", std::string("unsupported dtype ") + dtype_name(dtype));
   }
 }
 

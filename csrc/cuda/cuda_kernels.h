@@ -16,6 +16,25 @@ void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t*
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha, void* stream);
 
+// flow: as pfk::cpu::flow_field. Rows of U handled by one block of the projection pass; the
+// float64 workspace holds k * ceil(n / kFlowRowsPerBlock) partials plus 2 * k weights.
+constexpr int64_t kFlowRowsPerBlock = 1024;
+void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
+                int64_t k, bool column_major, double h, int dtype, void* field, void* projections, double* workspace,
+                void* stream);
+// tridiag: as pfk::cpu::tridiag_eigh, with a float64 workspace of
+// tridiag_workspace_words(batch, n, mode) elements.
+int64_t tridiag_workspace_words(int64_t batch, int64_t n, int mode);
+void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
+                  double* evals, double* vecs, int32_t* status, double* workspace, void* stream);
+// See cpu_kernels.h; bufs == nullptr for plain descent. rate stays on the device.
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum, void* stream);
+// One-thread kernel writing the DAL rate to out (device memory), see cpu_kernels.h.
+void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
+              void* out, void* stream);
+
 int device_count();
 
 }  // namespace pfk::cuda

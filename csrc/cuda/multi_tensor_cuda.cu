@@ -4,6 +4,7 @@
 // deterministic: blocks write float64 partials to a workspace, and one block adds them in order.
 #include <cstdint>
 
+#include "common/dal.h"
 #include "common/macros.h"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_kernels.h"
@@ -18,6 +19,7 @@ constexpr int kThreads = 512;
 struct Meta {
   const void* a[kMaxTensors];
   const void* b[kMaxTensors];
+  const void* c[kMaxTensors];  // third list (momentum buffers), or all null
   int64_t sizes[kMaxTensors];
   int block_tensor[kMaxBlocks];
   int block_chunk[kMaxBlocks];
@@ -130,10 +132,60 @@ __global__ void axpy_kernel(Meta meta, const T* __restrict__ alpha_ptr) {
   for (int64_t i = tail + threadIdx.x; i < n; i += blockDim.x) x[i] += alpha * y[i];
 }
 
+// a = params (updated), b = grads, c = momentum buffers (updated) or null for plain descent.
+template <typename T>
+__global__ void momentum_update_kernel(Meta meta, const T* __restrict__ rate_ptr, T momentum) {
+  const T rate = *rate_ptr;
+  if (!is_finite(static_cast<double>(rate))) return;  // a non-finite rate means: skip this step
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kMultiTensorChunk;
+  const int64_t n = min(kMultiTensorChunk, meta.sizes[t] - begin);
+  T* x = static_cast<T*>(const_cast<void*>(meta.a[t])) + begin;
+  const T* g = static_cast<const T*>(meta.b[t]) + begin;
+  T* buf = meta.c[t] == nullptr ? nullptr : static_cast<T*>(const_cast<void*>(meta.c[t])) + begin;
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(g) |
+                         reinterpret_cast<uintptr_t>(buf)) % sizeof(V)) == 0;
+  int64_t tail = 0;
+  if (aligned) {
+    const int64_t nv = n / W;
+    V* xv = reinterpret_cast<V*>(x);
+    const V* gv = reinterpret_cast<const V*>(g);
+    V* bv = reinterpret_cast<V*>(buf);
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      V xi = xv[i];
+      V di = gv[i];
+      T* xs = reinterpret_cast<T*>(&xi);
+      T* ds = reinterpret_cast<T*>(&di);
+      if (buf != nullptr) {
+        const V bi = bv[i];
+        const T* bs = reinterpret_cast<const T*>(&bi);
+#pragma unroll
+        for (int l = 0; l < W; ++l) ds[l] += momentum * bs[l];
+        bv[i] = di;
+      }
+#pragma unroll
+      for (int l = 0; l < W; ++l) xs[l] -= rate * ds[l];
+      xv[i] = xi;
+    }
+    tail = nv * W;
+  }
+  for (int64_t i = tail + threadIdx.x; i < n; i += blockDim.x) {
+    T d = g[i];
+    if (buf != nullptr) {
+      d = momentum * buf[i] + d;
+      buf[i] = d;
+    }
+    x[i] -= rate * d;
+  }
+}
+
 // Walks the lists chunk by chunk and calls launch(meta, num_blocks) whenever the metadata is full.
+// third may be null (no third list).
 template <typename Launch>
-void for_each_launch(const void* const* a, const void* const* b, const int64_t* sizes, int64_t count,
-                     Launch&& launch) {
+void for_each_launch(const void* const* a, const void* const* b, const void* const* third,
+                     const int64_t* sizes, int64_t count, Launch&& launch) {
   Meta meta;
   meta.partial_offset = 0;
   int nt = 0, nb = 0;
@@ -141,6 +193,7 @@ void for_each_launch(const void* const* a, const void* const* b, const int64_t* 
     if (sizes[t] == 0) continue;
     meta.a[nt] = a[t];
     meta.b[nt] = b[t];
+    meta.c[nt] = third == nullptr ? nullptr : third[t];
     meta.sizes[nt] = sizes[t];
     const int64_t chunks = (sizes[t] + kMultiTensorChunk - 1) / kMultiTensorChunk;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -155,6 +208,7 @@ void for_each_launch(const void* const* a, const void* const* b, const int64_t* 
         if (!last_chunk) {  // the tensor continues in the next launch, in slot 0
           meta.a[0] = meta.a[nt];
           meta.b[0] = meta.b[nt];
+          meta.c[0] = meta.c[nt];
           meta.sizes[0] = meta.sizes[nt];
           nt = 0;
         } else {
@@ -171,7 +225,7 @@ template <typename T>
 void dot_impl(const void* const* a, const void* const* b, const int64_t* sizes, int64_t count,
               void* out, double* workspace, cudaStream_t stream) {
   int64_t num_partials = 0;
-  for_each_launch(a, b, sizes, count, [&](const Meta& meta, int nb) {
+  for_each_launch(a, b, nullptr, sizes, count, [&](const Meta& meta, int nb) {
     dot_kernel<T><<<nb, kThreads, 0, stream>>>(meta, workspace);
     PFK_CUDA_CHECK(cudaGetLastError());
     num_partials = meta.partial_offset + nb;
@@ -183,10 +237,23 @@ void dot_impl(const void* const* a, const void* const* b, const int64_t* sizes, 
 template <typename T>
 void axpy_impl(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                const void* alpha, cudaStream_t stream) {
-  for_each_launch(const_cast<const void* const*>(x), y, sizes, count, [&](const Meta& meta, int nb) {
+  for_each_launch(const_cast<const void* const*>(x), y, nullptr, sizes, count, [&](const Meta& meta, int nb) {
     axpy_kernel<T><<<nb, kThreads, 0, stream>>>(meta, static_cast<const T*>(alpha));
     PFK_CUDA_CHECK(cudaGetLastError());
   });
+}
+
+template <typename T>
+void momentum_update_impl(void* const* params, const void* const* grads, void* const* bufs,
+                          const int64_t* sizes, int64_t count, const void* rate, double momentum,
+                          cudaStream_t stream) {
+  for_each_launch(const_cast<const void* const*>(params), grads,
+                  const_cast<const void* const*>(bufs), sizes, count,
+                  [&](const Meta& meta, int nb) {
+                    momentum_update_kernel<T><<<nb, kThreads, 0, stream>>>(
+                        meta, static_cast<const T*>(rate), static_cast<T>(momentum));
+                    PFK_CUDA_CHECK(cudaGetLastError());
+                  });
 }
 
 }  // namespace
@@ -208,6 +275,19 @@ void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* size
     case kFloat32: return axpy_impl<float>(x, y, sizes, count, alpha, s);
     case kFloat64: return axpy_impl<double>(x, y, sizes, count, alpha, s);
     default: PFK_CHECK_ARG(false, "x", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
+                                  const int64_t* sizes, int64_t count, int dtype, const void* rate,
+                                  double momentum, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return momentum_update_impl<float>(params, grads, bufs, sizes, count, rate, momentum, s);
+    case kFloat64:
+      return momentum_update_impl<double>(params, grads, bufs, sizes, count, rate, momentum, s);
+    default: PFK_CHECK_ARG(false, "params", std::string("unsupported dtype ") + dtype_name(dtype));
   }
 }
 

@@ -1,0 +1,94 @@
+"""Calls every CUDA op of pfkernels once on small awkward inputs, for compute-sanitizer.
+
+Run by bench/gpu_check.sh under memcheck and racecheck. Exits non-zero if an op disagrees with
+its ref, so the sanitizer run also checks results.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from pfkernels import ops
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    ok = torch.allclose(got, want, rtol=tol, atol=tol)
+    print(f"{name:<40} {'ok' if ok else 'MISMATCH'}")
+    return ok
+
+
+def multi_tensor(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        sizes = [0, 1, 3, 65_537, 130_000] + [7] * 40
+        a = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+        b = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+        ok &= check(f"multi_tensor_dot {dtype}", ops.multi_tensor_dot(a, b), ops.multi_tensor_dot_ref(a, b), tol)
+        x, x_ref = [t.clone() for t in a], [t.clone() for t in a]
+        alpha = torch.tensor(0.3, dtype=dtype, device=device)
+        ops.multi_tensor_axpy(x, b, alpha)
+        ops.multi_tensor_axpy_ref(x_ref, b, alpha)
+        ok &= check(f"multi_tensor_axpy {dtype}", torch.cat(x), torch.cat(x_ref), tol)
+    return ok
+
+
+def tridiag(device) -> bool:
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    for batch, m in ((1, 1), (37, 2), (33, 17), (5, 64)):
+        alpha = torch.randn(batch, m, generator=g, dtype=torch.float64)
+        beta = torch.randn(batch, m - 1, generator=g, dtype=torch.float64)
+        beta[:, ::4] = 0.0  # split matrices
+        want, _ = ops.tridiag_eigh_ref(alpha, beta, "none")
+        for vectors in ("none", "last_row", "all"):
+            got, _ = ops.tridiag_eigh(alpha.to(device), beta.to(device), vectors)
+            ok &= check(f"tridiag_eigh {vectors} B={batch} m={m}", got.cpu(), want, 1e-12)
+    return ok
+
+
+def dal(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        sizes = [0, 1, 3, 65_537, 130_000] + [7] * 40
+        g = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+        h = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+        sums = ops.multi_tensor_dot(g, h)
+        for p, in_window in ((1.0, True), (0.5, True), (2.0, False), (0.0, True)):
+            ok &= check(f"dal_rate p={p} window={in_window} {dtype}",
+                        ops.dal_rate(sums, p, 5.0, 0.1, in_window),
+                        ops.dal_rate_ref(sums, p, 5.0, 0.1, in_window), tol)
+        zero = torch.zeros(3, dtype=dtype, device=device)
+        ok &= check(f"dal_rate zero gradient {dtype}", ops.dal_rate(zero, 1.0, 5.0, 0.1), ops.dal_rate_ref(zero, 1.0, 5.0, 0.1), 0)
+        for bufs_on in (False, True):
+            x, x_ref = [t.clone() for t in h], [t.clone() for t in h]
+            b = [torch.randn_like(t) for t in g] if bufs_on else []
+            b_ref = [t.clone() for t in b]
+            rate = torch.tensor(0.3, dtype=dtype, device=device)
+            ops.multi_tensor_momentum_update(x, g, b, rate, 0.9)
+            ops.multi_tensor_momentum_update_ref(x_ref, g, b_ref, rate, 0.9)
+            ok &= check(f"multi_tensor_momentum_update bufs={bufs_on} {dtype}",
+                        torch.cat(x + b), torch.cat(x_ref + b_ref), tol)
+            before = torch.cat(x + b)
+            ops.multi_tensor_momentum_update(x, g, b, torch.full_like(rate, float("nan")), 0.9)
+            ok &= check(f"multi_tensor_momentum_update NaN rate skips {dtype}", torch.cat(x + b), before, 0)
+    return ok
+
+
+FAMILIES = [multi_tensor, tridiag, dal]
+
+
+def main() -> int:
+    if not (torch.cuda.is_available() and ops.backend_info()["cuda_available"]):
+        print("no CUDA device or no CUDA build of pfkernels")
+        return 2
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    ok = all([family(device) for family in FAMILIES])
+    torch.cuda.synchronize()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
