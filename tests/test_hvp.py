@@ -542,3 +542,11 @@ def test_shared_modules_and_integer_targets(seed):
     dense = dense_hessian(copy.deepcopy(model).double(), cross_entropy_loss, [(x.double(), labels)])
     v = torch.randn(op.shape[0], dtype=torch.float64)
     assert rel(op @ v, dense @ v) < 1e-10
+
+
+def test_large_finite_products_pass_the_check(seed):
+    # Entries near float32's maximum overflow a sum but are finite: no error.
+    x0 = torch.zeros(4)
+    op = HessianOperator.from_function(lambda t: 1e38 * (t * t).sum(), x0)
+    out = op @ torch.ones(4)
+    assert torch.isfinite(out).all() and not torch.isfinite(out.sum())
