@@ -22,30 +22,32 @@ MSE loss, float32 on the CPU, we time in one run:
 
 Each timing is the median over ``--repeats`` rounds of the mean of 3 consecutive runs (after one
 untimed run), the cases interleaved round by round (the development machine is shared, so load
-falls on all cases alike). Results go to
-``bench/results/hvp_cpu.json``; the goal (issue 2) is the best method <= 2.5x a gradient.
+falls on all cases alike). The committed results were taken with ``--threads 1``: with two torch
+threads on the oversubscribed 2-core development machine (load average 8-10) the timings were
+chaotic (a gradient took 90 ms instead of 24 ms, and a fresh-point HVP, which needs a forward
+and two backward passes, came out at 0.63 gradients), so they measured the scheduler rather than
+the methods. Results go to
+``bench/results/hvp_<device>.json``; the goal (issue 2) is the best method <= 2.5x a gradient.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from _common import sync, write_json
 from torch import nn
 
 from pfkernels import HessianOperator
 from pfkernels.data import cnn, digits, mlp, mse_loss
 
 
-def interleaved_medians(cases: dict, warmup: int, repeats: int, inner: int = 3) -> dict:
+def interleaved_medians(cases: dict, warmup: int, repeats: int, device, inner: int = 3) -> dict:
     """Median seconds per case over ``repeats`` rounds. Each round runs every case once untimed
     (so no case pays for the previous one's allocations and cache state), then times ``inner``
     consecutive runs and keeps their mean. Rounds interleave the cases, so load from other
@@ -57,9 +59,11 @@ def interleaved_medians(cases: dict, warmup: int, repeats: int, inner: int = 3) 
     for _ in range(repeats):
         for name, fn in cases.items():
             fn()
+            sync(device)
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
+            sync(device)
             times[name].append((time.perf_counter() - start) / inner)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -85,8 +89,8 @@ def bench_model(name: str, model: nn.Module, x, y, args) -> dict:
     params = [p for _, p in named]
     n = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(args.seed)
-    v = torch.randn(n, generator=gen)
-    block = torch.randn(args.block, n, generator=gen)
+    v = torch.randn(n, generator=gen).to(x.device)
+    block = torch.randn(args.block, n, generator=gen).to(x.device)
     b = args.block
 
     cold = HessianOperator(model, mse_loss, (x, y), method="double-backward", cache_graph=False)
@@ -106,10 +110,11 @@ def bench_model(name: str, model: nn.Module, x, y, args) -> dict:
 
     vs = [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in params]), params)]
     was_training = model.training
-    comp = pyhessian_hessian(model, HalfSumMSE(), data=(x, y), cuda=False)
+    on_cuda = x.device.type == "cuda"
+    comp = pyhessian_hessian(model, HalfSumMSE(), data=(x, y), cuda=on_cuda)
 
     def pyhessian_fresh():
-        c = pyhessian_hessian(model, HalfSumMSE(), data=(x, y), cuda=False)
+        c = pyhessian_hessian(model, HalfSumMSE(), data=(x, y), cuda=on_cuda)
         hessian_vector_product(c.gradsH, c.params, vs)
         for p in params:
             p.grad = None  # PyHessian leaves create_graph gradients in .grad
@@ -131,7 +136,7 @@ def bench_model(name: str, model: nn.Module, x, y, args) -> dict:
         "curvlinops": lambda: curv @ v,
         f"curvlinops_block{b}": lambda: curv @ block.T,
     }
-    medians = interleaved_medians(cases, args.warmup, args.repeats)
+    medians = interleaved_medians(cases, args.warmup, args.repeats, x.device)
     grad_s = medians["gradient"]
     row: dict = {"model": name, "num_parameters": n, "examples": x.shape[0]}
     row["seconds"] = medians
@@ -162,14 +167,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default="mlp,mlp85k,cnn")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "hvp_cpu.json"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     # PyHessian calls loss.backward(create_graph=True); torch warns about the .grad cycle it makes.
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ds = digits(n_train=args.n_train, n_test=0)
-    x, y = ds.train
+    device = torch.device(args.device)
+    x, y = (t.to(device) for t in digits(n_train=args.n_train, n_test=0).train)
     builders = {
         "mlp": ("digits MLP 2x200 tanh", lambda: mlp(seed=args.seed)),
         "mlp85k": ("digits MLP 2x256 tanh", lambda: mlp(width=256, seed=args.seed)),
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
     rows = []
     for key in args.models.split(","):
         label, build = builders[key]
-        row = bench_model(label, build(), x, y, args)
+        row = bench_model(label, build().to(device), x, y, args)
         rows.append(row)
         pg = row["per_gradient"]
         print(
@@ -198,21 +204,13 @@ def main(argv=None) -> int:
             f"{pg[f'curvlinops_block{args.block}']:.1f}",
             flush=True,
         )
-    result = {
+    payload = {
         "benchmark": "bench_hvp",
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "load_average_at_end": os.getloadavg(),
         "args": vars(args),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(f"hvp_{device.type}.json", payload, args.out)
     return 0
 
 

@@ -516,3 +516,37 @@ def test_info_hvp_check():
     info = _hvp_check()
     assert info["hvp_vs_finite_diff"] < 1e-6
     assert info["hvp_float32_vs_64"] < 1e-4
+
+
+class TiedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(4, 3)
+        self.decode = nn.Linear(3, 4)
+        self.decode.weight = nn.Parameter(self.encode.weight.T.contiguous())
+        self.head = nn.Linear(4, 2)
+        self.head_again = self.head  # the same module twice: one set of parameters
+
+    def forward(self, x):
+        return self.head_again(torch.tanh(self.decode(torch.tanh(self.encode(x)))))
+
+
+def test_shared_modules_and_integer_targets(seed):
+    from pfkernels.data import cross_entropy_loss
+
+    model = TiedNet()
+    x, labels = torch.randn(9, 4), torch.randint(0, 2, (9,))
+    op = HessianOperator(model, cross_entropy_loss, (x, labels), dtype=torch.float64)
+    assert op.param_names == [n for n, _ in model.named_parameters()]
+    assert "head_again.weight" not in op.param_names
+    dense = dense_hessian(copy.deepcopy(model).double(), cross_entropy_loss, [(x.double(), labels)])
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    assert rel(op @ v, dense @ v) < 1e-10
+
+
+def test_large_finite_products_pass_the_check(seed):
+    # Entries near float32's maximum overflow a sum but are finite: no error.
+    x0 = torch.zeros(4)
+    op = HessianOperator.from_function(lambda t: 1e38 * (t * t).sum(), x0)
+    out = op @ torch.ones(4)
+    assert torch.isfinite(out).all() and not torch.isfinite(out.sum())
