@@ -16,6 +16,7 @@ found the same for adaptive methods in preconditioned units: λ_max(P⁻¹H) set
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -349,6 +350,12 @@ class PreconditionedOperator:
     def __init__(self, hessian, inv_sqrt_diagonal: torch.Tensor):
         self.hessian = hessian
         self.inv_sqrt_diagonal = inv_sqrt_diagonal.to(dtype=hessian.dtype, device=hessian.device)
+
+    def reuse_graph(self):
+        """The wrapped Hessian's :meth:`~pfkernels.HessianOperator.reuse_graph` block (eigsh
+        enters it for a solve: P is fixed, so products share one first-order graph)."""
+        reuse = getattr(self.hessian, "reuse_graph", None)
+        return reuse() if callable(reuse) else contextlib.nullcontext()
 
     @property
     def shape(self) -> tuple[int, int]:

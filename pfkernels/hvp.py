@@ -9,9 +9,10 @@ Two ways to take a product (``method``):
 
 - ``"double-backward"``: g = ∇E by reverse mode with ``create_graph``, then ∇(g·v) by a second
   reverse pass (Pearlmutter's trick, what PyHessian does). For a block of B vectors the forward
-  pass and the first backward are shared and only the second backward runs B times; with
-  ``cache_graph`` (default for one in-memory batch) the first-order graph is also kept between
-  calls while the parameters are unchanged, so a Lanczos solve pays one backward per product.
+  pass and the first backward are shared and only the second backward runs B times. Inside
+  :meth:`HessianOperator.reuse_graph` (which :func:`pfkernels.eigsh` enters for the length of a
+  solve) the first-order graph is kept between calls, so a Lanczos solve pays one backward per
+  product.
 - ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(E), (θ,), (v,))``; blocks of vectors
   go through ``torch.func.vmap``.
 
@@ -150,12 +151,15 @@ class HessianOperator:
         check_finite: after each product, one sum over the result tested for NaN/Inf (on CUDA
             a host sync; about 5 µs for 55k floats on the CPU); a NaN/Inf raises ``FloatingPointError`` saying which batch and which
             parameters. Pass ``False`` to skip it on hot GPU paths.
-        cache_graph: double-backward only. Keep the first-order graph (∇E built with
-            ``create_graph``) between products while the parameters and buffers are unchanged
-            (same storage, same ``_version``, i.e. no in-place update such as an optimizer step),
-            so each further product costs one backward pass instead of a forward and two
-            backwards. It holds the activations of every batch in memory. ``None`` (default):
-            on when ``data`` is one batch; ``True`` also caches a list of batches.
+        cache_graph: double-backward only. ``True`` keeps the first-order graph (∇E built with
+            ``create_graph``) across all later calls while the parameters and buffers look
+            unchanged (same storage, same ``_version``), so each further product costs one
+            backward pass instead of a forward and two backwards; it holds the activations of
+            every batch in memory. Writes through ``param.data`` (``p.data.add_(...)``,
+            ``p.data.copy_(...)``) do not bump ``_version`` and are NOT detected: the products
+            would silently belong to the old point. ``False``/``None`` (default) keeps the graph
+            only inside :meth:`reuse_graph` blocks, which is safe whatever the caller does
+            between them.
         process_group: data parallelism (see :mod:`pfkernels.distributed`): ``"default"`` (the
             world group when ``torch.distributed`` is initialised, else none), ``None`` (local
             only) or a ``ProcessGroup``. Each rank passes its own shard as ``data``; every
@@ -256,8 +260,7 @@ class HessianOperator:
                 "is a one-shot iterator; pass a re-iterable (a list of batches or a DataLoader)",
             )
         self._data_checked = self._cached is not None
-        if cache_graph is None:
-            cache_graph = _is_one_batch(data)
+        cache_graph = bool(cache_graph)
         _check_arg(
             not cache_graph or self._cached is not None,
             "cache_graph",
@@ -636,6 +639,28 @@ class HessianOperator:
     def clear_cache(self) -> None:
         """Drop the cached first-order graph (see ``cache_graph``), freeing its memory."""
         self._graph = None
+
+    @contextlib.contextmanager
+    def reuse_graph(self):
+        """A block inside which products at one point share their first-order graph.
+
+        The graph is built by the first product (or :meth:`gradient`) in the block and freed on
+        exit, so each further product costs one backward pass. The parameters must not change
+        inside the block; changes through ``.data`` are not detected (see ``cache_graph``).
+        :func:`pfkernels.eigsh` enters it for the length of a solve. A no-op for
+        forward-over-reverse and for streaming data (nothing in memory to keep a graph of);
+        blocks nest.
+        """
+        if self._cache_graph or self._method != "double-backward" or self._cached is None:
+            yield self
+            return
+        self._cache_graph = True
+        self._graph = None
+        try:
+            yield self
+        finally:
+            self._cache_graph = False
+            self._graph = None
 
     def _cached_products(self, v: Tensor) -> Tensor:
         graphs = self._first_order_graphs()

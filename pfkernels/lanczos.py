@@ -23,6 +23,7 @@ from a fresh random vector orthogonalised against the basis, with ``beta_j = 0``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -377,8 +378,13 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         conv = res <= tol * scale + 1e-300
         return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
-    vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, ncv,
-                                                        x0, seed, storage, work, check_residuals)
+    # The parameters cannot move during a solve, so a Hessian operator may keep its first-order
+    # graph from one product to the next (one backward per product instead of three passes).
+    reuse = getattr(A, "reuse_graph", None)
+    with reuse() if callable(reuse) else contextlib.nullcontext():
+        vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs,
+                                                            ncv, x0, seed, storage, work,
+                                                            check_residuals)
     _warn_unconverged(conv, tol, max_matvecs)
     return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 

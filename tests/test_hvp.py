@@ -481,8 +481,8 @@ def test_cached_graph(seed):
     model, x, y = tiny_problem(seed)
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
-    cached = HessianOperator(model, mse_loss, (x, y))
-    fresh = HessianOperator(model, mse_loss, (x, y), cache_graph=False)
+    cached = HessianOperator(model, mse_loss, (x, y), cache_graph=True)
+    fresh = HessianOperator(model, mse_loss, (x, y))
     listed = HessianOperator(model, mse_loss, [(x[:4], y[:4]), (x[4:], y[4:])], cache_graph=True)
     v = torch.randn(3, cached.shape[0], dtype=torch.float64)
     expected, expected_grad = fresh @ v, fresh.gradient()
@@ -507,6 +507,40 @@ def test_cached_graph(seed):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     with pytest.raises(ValueError, match="'cache_graph'"):
         HessianOperator(model, mse_loss, loader, cache_graph=True)
+
+
+def test_default_operator_follows_writes_through_data(seed):
+    # p.data.add_ does not bump the version counter, so only an operator that keeps no graph
+    # between calls (the default) is guaranteed to see it.
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model, mse_loss, (x, y))
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    before = op @ v
+    model[0].weight.data.mul_(1.5)
+    after = op @ v
+    assert not torch.equal(before, after)
+    assert rel(after, HessianOperator(model, mse_loss, (x, y)) @ v) < 1e-13
+
+
+def test_reuse_graph_block(seed):
+    model, x, y = tiny_problem(seed)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    op = HessianOperator(model, mse_loss, (x, y))
+    v = torch.randn(3, op.shape[0], dtype=torch.float64)
+    expected = op @ v
+    calls.clear()
+    with op.reuse_graph():
+        with op.reuse_graph():  # nests
+            got = [op @ row for row in v]
+        grad = op.gradient()
+    assert len(calls) == 1  # one forward for the three products and the gradient
+    assert rel(torch.stack(got), expected) < 1e-13
+    assert rel(grad, HessianOperator(model, mse_loss, (x, y)).gradient()) < 1e-13
+    calls.clear()
+    op @ v[0]
+    op @ v[0]
+    assert len(calls) == 2  # outside the block nothing is kept
 
 
 @pytest.mark.slow
