@@ -4,24 +4,49 @@ Hessian-vector products, batched Lanczos eigensolves, edge-of-stability tracking
 flow, central flows and the DAL learning rate. See README.md and docs/.
 """
 
+from . import data, distributed, flows, optim
 from ._version import __version__
-from .ops import backend_info
+from .eos import (
+    SharpnessTracker,
+    StabilityThreshold,
+    detect_eos,
+    preconditioned_operator,
+    stability_threshold,
+    stability_thresholds,
+)
 from .hvp import HessianOperator
-from . import data
+from .lanczos import (
+    EigResult,
+    SpectralDensity,
+    TraceEstimate,
+    eigsh,
+    hutchinson_trace,
+    layer_sharpness,
+    sharpness,
+    spectral_density,
+)
+from .ops import backend_info
 
-__all__ = ["HessianOperator", "__version__", "backend_info", "data"]
-from .lanczos import EigResult  # noqa: E402
-from .lanczos import eigsh  # noqa: E402
-from .lanczos import SpectralDensity  # noqa: E402
-from .lanczos import TraceEstimate  # noqa: E402
-from .lanczos import hutchinson_trace  # noqa: E402
-from .lanczos import layer_sharpness  # noqa: E402
-from .lanczos import sharpness  # noqa: E402
-from .lanczos import spectral_density  # noqa: E402
-from .eos import SharpnessTracker  # noqa: E402
-from .eos import StabilityThreshold  # noqa: E402
-from .eos import detect_eos  # noqa: E402
-from .eos import preconditioned_operator  # noqa: E402
-from .eos import stability_threshold  # noqa: E402
-from .eos import stability_thresholds  # noqa: E402
-from . import distributed  # noqa: E402
+__all__ = [
+    "EigResult",
+    "HessianOperator",
+    "SharpnessTracker",
+    "SpectralDensity",
+    "StabilityThreshold",
+    "TraceEstimate",
+    "__version__",
+    "backend_info",
+    "data",
+    "detect_eos",
+    "distributed",
+    "eigsh",
+    "flows",
+    "hutchinson_trace",
+    "layer_sharpness",
+    "optim",
+    "preconditioned_operator",
+    "sharpness",
+    "spectral_density",
+    "stability_threshold",
+    "stability_thresholds",
+]

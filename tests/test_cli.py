@@ -8,14 +8,8 @@ import torch
 
 from pfkernels import cli, report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra intra-op threads only contend (badly so on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["--steps", "7", "--every", "3", "--n-train", "48", "--width", "12", "--quiet"]
 ROW_KEYS = {"step", "loss", "accuracy", "lr"}

@@ -8,14 +8,6 @@ import torch
 from pfkernels import eos
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra intra-op threads only contend (badly so on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # (name, factory, expected threshold, units); expected values from REFERENCES.md §3, §4 and the
 # dampening derivation in stability_thresholds' docstring.
 THRESHOLD_CASES = [
@@ -258,6 +250,9 @@ from pfkernels import data  # noqa: E402
 from pfkernels.hvp import HessianOperator  # noqa: E402
 from pfkernels.lanczos import eigsh  # noqa: E402
 from pfkernels.optim import DAL, NormalizedGD  # noqa: E402
+
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_problem(seed, n=64, width=6, dtype=torch.float64):

@@ -7,6 +7,9 @@ import torch
 
 from pfkernels import data
 from pfkernels.flows.central import (
+
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
     CentralFlow,
     StableFlow,
     compare_central_flow,
@@ -16,17 +19,6 @@ from pfkernels.flows.central import (
 
 F64 = torch.float64
 LR = 0.1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These problems are tiny: on a shared 2-core machine a second intra-op thread only adds
-    barrier waits (measured: an HVP of the 3k-parameter digits MLP, 1.5 ms on one thread,
-    ~900 ms on two under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def toy(w):

@@ -10,6 +10,9 @@ from torch.func import vjp
 from pfkernels import flows
 from pfkernels.flows import principal as P
 
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # REFERENCES.md §1: E(θ) = θᵀ diag(1, 0.01) θ, H = diag(2, 0.02), θ₀ = (−0.35, −0.2).
 DIAG = torch.tensor([1.0, 0.01], dtype=torch.float64)
 LAMBDAS = 2 * DIAG
@@ -23,16 +26,6 @@ TABLE = [
 # RK4 substeps per step at which the table holds to 1e-8 (error ∝ substeps⁻⁴; measured errors at
 # 64 substeps: 3.8e-10, 8.9e-8, 4.3e-7).
 RK4_SUBSTEPS = {0.4: 64, 0.9: 128, 1.05: 192}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Every problem here is tiny (n <= 235): with several threads on a shared machine, OpenMP
-    # synchronisation costs 100x the arithmetic. Restored for the modules that run after this one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_loss(theta):

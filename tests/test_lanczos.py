@@ -11,17 +11,10 @@ import torch
 import pfkernels
 from pfkernels import eigsh
 
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are small: one thread avoids waking thread teams (very slow on the
-    shared, oversubscribed machines the suite runs on)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _with_spectrum(evals, gen):

@@ -14,17 +14,10 @@ import pfkernels.data
 from pfkernels.optim import DAL, DALScaler, NormalizedGD, dal_learning_rate, sqrt_loss
 from pfkernels.optim._closure import finite_difference_hvp, gradients, hessian_vector_products
 
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DTYPES = [torch.float32, torch.float64]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # These tests run many tiny ops; on a loaded 2-core machine two intra-op threads waiting on
-    # each other made single steps ~100x slower. Restored for the modules that follow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 A_DIAG = (1.0, 0.01)

@@ -1,26 +1,68 @@
-"""Continuous flows that model optimizer dynamics: the principal flow (and its comparison flows)."""
+"""Continuous flows that model optimizer dynamics: the principal flow with its comparison flows
+(Rosca et al. 2023) and central flows (Cohen, Damian et al. 2025)."""
 
-from .principal import FLOWS, STABILITY_CLASSES
-from .principal import FlowComparison, FlowTrajectory, StabilityCoefficients
-from .principal import compare_flows
-from .principal import gd_trajectory
-from .principal import holomorphic_grad, holomorphic_hessian, holomorphic_hvp
-from .principal import integrate_modified_flow
-from .principal import integrate_principal_flow
-from .principal import modified_flow_field
-from .principal import principal_flow_coefficients
-from .principal import principal_flow_field
-from .principal import principal_flow_propagator
-from .principal import stability_coefficients
-from .principal import third_derivative
-from .principal import StabilityReport
-from .principal import model_loss
-from .principal import stability_report
-from .principal import principal_flow_step
-from .central import CentralFlow
-from .central import CentralFlowComparison
-from .central import CentralFlowTrajectory
-from .central import SDCPResult
-from .central import StableFlow
-from .central import compare_central_flow
-from .central import solve_sdcp
+from .central import (
+    CentralFlow,
+    CentralFlowComparison,
+    CentralFlowTrajectory,
+    SDCPResult,
+    StableFlow,
+    compare_central_flow,
+    solve_sdcp,
+)
+from .principal import (
+    FLOWS,
+    STABILITY_CLASSES,
+    FlowComparison,
+    FlowTrajectory,
+    StabilityCoefficients,
+    StabilityReport,
+    compare_flows,
+    gd_trajectory,
+    holomorphic_grad,
+    holomorphic_hessian,
+    holomorphic_hvp,
+    integrate_modified_flow,
+    integrate_principal_flow,
+    model_loss,
+    modified_flow_field,
+    principal_flow_coefficients,
+    principal_flow_field,
+    principal_flow_propagator,
+    principal_flow_step,
+    stability_coefficients,
+    stability_report,
+    third_derivative,
+)
+
+__all__ = [
+    "FLOWS",
+    "STABILITY_CLASSES",
+    "CentralFlow",
+    "CentralFlowComparison",
+    "CentralFlowTrajectory",
+    "FlowComparison",
+    "FlowTrajectory",
+    "SDCPResult",
+    "StabilityCoefficients",
+    "StabilityReport",
+    "StableFlow",
+    "compare_central_flow",
+    "compare_flows",
+    "gd_trajectory",
+    "holomorphic_grad",
+    "holomorphic_hessian",
+    "holomorphic_hvp",
+    "integrate_modified_flow",
+    "integrate_principal_flow",
+    "model_loss",
+    "modified_flow_field",
+    "principal_flow_coefficients",
+    "principal_flow_field",
+    "principal_flow_propagator",
+    "principal_flow_step",
+    "solve_sdcp",
+    "stability_coefficients",
+    "stability_report",
+    "third_derivative",
+]
