@@ -7,15 +7,15 @@ import torch
 
 from pfkernels import data
 from pfkernels.flows.central import (
-
-# Tiny problems: one intra-op thread (see tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("one_thread")
     CentralFlow,
     StableFlow,
     compare_central_flow,
     sdcp_operator_matrix,
     solve_sdcp,
 )
+
+# Tiny problems: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 LR = 0.1
