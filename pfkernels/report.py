@@ -20,6 +20,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+
+def _save_figure(fig, path: str | Path, title: str = "") -> Path:
+    """The common tail of every figure: title, tight layout, PNG at 110 dpi, figure closed."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # =============================================================================================
 # principal flow figures (pfkernels pf)
 # =============================================================================================
@@ -80,10 +93,7 @@ def plot_flow_comparison(comparison, path, *, directions=None, direction_labels=
         ax.plot(traj.times, traj.loss.real, **_PF_STYLES[name])
     ax.set_title("Re E(θ(t))")
     ax.set_xlabel("t")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 # =============================================================================================
@@ -243,14 +253,7 @@ def plot_eos_report(
         ax_lr.grid(alpha=0.3)
         ax_lr.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("step")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)
 
 
 # =============================================================================================
@@ -350,11 +353,4 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     for ax in axes.flat:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, title)
