@@ -42,6 +42,8 @@ __all__ = [
     "operator_seed",
     "init_from_env",
     "shard_batch",
+    "shard_range",
+    "all_gather_shards",
     "all_reduce_grads",
     "example_mean",
     "leave_launched",
@@ -316,6 +318,42 @@ def shard_batch(batch: Sequence[Tensor], process_group: Any = DEFAULT
         raise ValueError(f"argument 'batch': {n} examples cannot be split over {world} ranks")
     shard = tuple(t.tensor_split(world)[me] for t in batch)
     return shard, world * shard[0].shape[0] / n
+
+
+def shard_range(n: int, process_group: Any = DEFAULT) -> tuple[int, int]:
+    """This rank's contiguous slice ``[lo, hi)`` of ``n`` elements split evenly over the group:
+    the split of ``torch.tensor_split(range(n), R)`` (the first ``n % R`` ranks hold one more).
+    Without a group, ``(0, n)``. A rank's slice is empty when ``n < R``."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"argument 'n': must be a non-negative int, got {n!r}")
+    world, me = world_size(process_group), rank(process_group)
+    size, extra = divmod(n, world)
+    lo = me * size + min(me, extra)
+    return lo, lo + size + (1 if me < extra else 0)
+
+
+def all_gather_shards(local: Tensor, n: int, process_group: Any = DEFAULT) -> Tensor:
+    """The full ``[..., n]`` tensor from every rank's slice ``[..., hi - lo]`` of its last
+    dimension (slices as :func:`shard_range`), the same bits on every rank; one all_gather of
+    ``ceil(n / R)`` elements per leading row and rank (slices are zero-padded to one size, which
+    every backend accepts). Without a group, a copy of ``local``."""
+    if not isinstance(local, Tensor):
+        raise TypeError(f"argument 'local': must be a tensor, got {type(local).__name__}")
+    group = resolve_group(process_group)
+    lo, hi = shard_range(n, group)
+    if local.shape[-1] != hi - lo:
+        raise ValueError(f"argument 'local': last dimension {local.shape[-1]} is not this rank's "
+                         f"slice length {hi - lo} of n={n}")
+    if group is None:
+        return local.detach().clone()
+    world = torch.distributed.get_world_size(group)
+    width = -(-n // world)
+    padded = torch.nn.functional.pad(local.detach(), (0, width - (hi - lo))).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded, group=group)
+    size, extra = divmod(n, world)
+    return torch.cat([part[..., : size + (1 if r < extra else 0)]
+                      for r, part in enumerate(parts)], dim=-1)
 
 
 def all_reduce_grads(params: Sequence[Tensor], process_group: Any = DEFAULT) -> None:

@@ -198,12 +198,19 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
     return torch.tensor(order, dtype=torch.long)
 
 
-def _orthonormalise_against(V: Tensor, x: Tensor, work) -> tuple[Tensor, Tensor]:
-    """Classical Gram-Schmidt twice of ``x`` [B, n] against the rows of ``V`` [B, j, n]."""
+def _orthonormalise_against(V: Tensor, x: Tensor, work,
+                            reduce: Callable[[Tensor], Tensor] | None = None
+                            ) -> tuple[Tensor, Tensor]:
+    """Classical Gram-Schmidt twice of ``x`` [B, n] against the rows of ``V`` [B, j, n]; returns
+    ``(x, h)`` with ``h`` [B, j] the coefficients of both passes summed. ``reduce`` turns the
+    coefficients of column slices into those of the full vectors (a sharded basis: one
+    all-reduce per pass)."""
     Vw = V.to(work)
     h = torch.zeros(x.shape[0], V.shape[1], dtype=work, device=x.device)
     for _ in range(2):
         c = torch.bmm(Vw, x.unsqueeze(-1)).squeeze(-1)
+        if reduce is not None:
+            c = reduce(c)
         x = x - torch.bmm(c.unsqueeze(1), Vw).squeeze(1)
         h = h + c
     return x, h
@@ -282,7 +289,7 @@ def _dense_solve(op: _Operator, B: int, k: int, which: str, work) -> tuple:
 def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int | None = None,
           ncv: int | None = None, v0: Tensor | None = None, seed: int | None = None,
           dtype: torch.dtype | None = None, *, batch: int | None = None, n: int | None = None,
-          check_residuals: bool = False) -> EigResult:
+          check_residuals: bool = False, shard_basis: bool = False) -> EigResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Args:
@@ -316,6 +323,13 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
             Ritz vectors (counted in ``num_matvecs``) and report those; by default the residuals
             come from the Lanczos relation, which full reorthogonalisation keeps exact to
             rounding.
+        shard_basis: for an unbatched solve on a distributed operator (``A.process_group`` not
+            None, e.g. a :class:`HessianOperator` under data parallelism): each rank stores only
+            its contiguous slice of every basis vector (:func:`pfkernels.distributed.shard_range`,
+            ``1/R`` of the basis), with the dot products all-reduced. Per step: one all_gather
+            of ``n`` elements and 3 all-reduces of at most ``ncv + 1`` scalars on top of the
+            operator's own product. Eigenvalues and eigenvectors (returned full, [n, k], the same
+            on every rank) agree with the replicated solve to rounding.
 
     Returns:
         :class:`EigResult`; eigenvalues descending. Tensors live on A's device.
@@ -351,6 +365,14 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"argument 'tol': must be a positive finite number, got {tol!r}")
+    if not isinstance(shard_basis, bool):
+        raise TypeError(f"argument 'shard_basis': must be a bool, got {type(shard_basis).__name__}")
+    group = getattr(A, "process_group", None) if shard_basis else None
+    if shard_basis and (batch is not None or (isinstance(A, Tensor) and A.dim() == 3)):
+        raise ValueError("argument 'shard_basis': only unbatched solves can shard the basis")
+    if shard_basis and group is None:
+        raise ValueError("argument 'shard_basis': needs a distributed operator (A.process_group "
+                         "is None or missing: there are no ranks to shard the basis over)")
     seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
@@ -384,7 +406,7 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     with reuse() if callable(reuse) else contextlib.nullcontext():
         vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs,
                                                             ncv, x0, seed, storage, work,
-                                                            check_residuals)
+                                                            check_residuals, group=group)
     _warn_unconverged(conv, tol, max_matvecs)
     return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
@@ -461,6 +483,9 @@ class _Lanczos:
         W = W.clone(memory_format=torch.contiguous_format) if not self.op.fresh else W.contiguous()
         self.matvecs += self.active
         ops.lanczos_step(W, self.V, j, self.alpha, self.beta, self.wnorm)
+        self._end_step(j)
+
+    def _end_step(self, j: int) -> None:
         if self.device.type == "cpu":  # reading beta costs nothing on the CPU: handle it now
             broke = (self.beta[:, j] <= self.breakdown_rel * self.wnorm[:, j]) & self.active
             if bool(broke.any()):
@@ -475,15 +500,24 @@ class _Lanczos:
     def _replace_broken(self, j: int, broke: Tensor) -> None:
         """Breakdown at step j: v_{j+1} becomes a random unit vector orthogonal to V[0..j] and
         beta_j = 0 in T (T is block diagonal there: an exact invariant subspace)."""
-        B, n = self.B, self.op.n
-        r = torch.randn(B, n, dtype=torch.float64, generator=self.gen).to(self.device, self.work)
+        r = self._draw()
         if self.mask is not None:
             r = r * self.mask
-        r, _ = _orthonormalise_against(self.V[:, : j + 1], r, self.work)
-        r = r / torch.linalg.vector_norm(r, dim=1, keepdim=True)
+        r, _ = _orthonormalise_against(self.V[:, : j + 1], r, self.work, self._reduce)
+        r = r / self._norms(r)
         mask = broke.to(self.device)
         self.V[:, j + 1] = torch.where(mask[:, None], r.to(self.storage), self.V[:, j + 1])
         self.beta[:, j] = torch.where(mask, torch.zeros_like(self.beta[:, j]), self.beta[:, j])
+
+    def _draw(self) -> Tensor:
+        """Breakdown restart vectors [B, n] from the solve's generator."""
+        r = torch.randn(self.B, self.op.n, dtype=torch.float64, generator=self.gen)
+        return r.to(self.device, self.work)
+
+    _reduce = None  # see _orthonormalise_against; _ShardedLanczos sums over the ranks
+
+    def _norms(self, X: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(X, dim=1, keepdim=True)
 
     def _projected(self) -> tuple[Tensor, Tensor, Tensor]:
         """Host copies of T's eigen-decomposition: (theta [B, j] ascending, S [B, j, j], last
@@ -603,6 +637,63 @@ class _Lanczos:
         self.matvecs += self.k
 
 
+class _ShardedLanczos(_Lanczos):
+    """One thick-restart Lanczos process whose basis is split by columns over the ranks of a
+    process group: this rank stores ``V[:, lo:hi]`` (:func:`pfkernels.distributed.shard_range`),
+    ``(ncv + 1) x n / R`` elements instead of ``(ncv + 1) x n``.
+
+    The operator is the full distributed one (its products are already all-reduced), so a step
+    gathers ``v_j`` (one all_gather of ``n`` elements), applies it and keeps its own slice of
+    ``A v_j``; CGS2 runs on the slices with each pass's coefficients all-reduced, and ``beta``
+    from an all-reduced squared norm (3 small all-reduces). The fused ``lanczos_step`` kernel
+    computes its dot products internally, so the step is plain torch here. Everything else is
+    :class:`_Lanczos` unchanged: ``T`` is built from reduced scalars and so is the same on every
+    rank, and Ritz vectors ``S^T V`` and the thick restart act column by column, hence locally.
+    """
+
+    def __init__(self, op: _Operator, k: int, which: str, tol: float, max_matvecs: int, m: int,
+                 x0: Tensor, seed, storage, work, group):
+        lo, hi = _dist.shard_range(op.n, group)
+        local = _Operator(op.apply, hi - lo, op.dtype, op.device, None, fresh=op.fresh)
+        super().__init__(local, 1, k, which, tol, max_matvecs, m, x0[:, lo:hi], seed, storage,
+                         work)
+        self.full_op, self.group, self.lo, self.hi = op, group, lo, hi
+
+    def _reduce(self, c: Tensor) -> Tensor:
+        return _dist.all_reduce_sum(c, self.group)
+
+    def _norms(self, X: Tensor) -> Tensor:
+        return self._reduce((X * X).sum(1, keepdim=True)).sqrt()
+
+    def _draw(self) -> Tensor:
+        # slices of the full vector the replicated solve would draw, so both take the same path
+        r = torch.randn(1, self.full_op.n, dtype=torch.float64, generator=self.gen)
+        return r[:, self.lo: self.hi].to(self.device, self.work)
+
+    def step(self) -> None:
+        j, n = self.j, self.full_op.n
+        self.iteration_of[j] = self.iteration
+        X = _dist.all_gather_shards(self.V[:, j].to(self.work), n, self.group)
+        W = self.full_op.apply(X)
+        if tuple(W.shape) != (1, n):
+            raise ValueError(f"argument 'A': the operator returned shape {tuple(W.shape)} for an "
+                             f"input of shape {(n,)}")
+        self.matvecs += self.active
+        self.wnorm[:, j] = torch.linalg.vector_norm(W, dim=1).to(torch.float64)
+        w, h = _orthonormalise_against(self.V[:, : j + 1], W[:, self.lo: self.hi], self.work,
+                                       self._reduce)
+        b = self._norms(w)[:, 0]
+        self.alpha[:, j] = h[:, j].to(torch.float64)
+        self.beta[:, j] = b.to(torch.float64)
+        self.V[:, j + 1] = (w / torch.where(b > 0, b, torch.ones_like(b))[:, None]).to(self.storage)
+        self._end_step(j)
+
+    def gather_vectors(self) -> None:
+        """Full Ritz vectors (one all_gather) and the full operator, e.g. for true_residuals."""
+        self.vecs = _dist.all_gather_shards(self.vecs, self.full_op.n, self.group)
+        self.op = self.full_op
+
+
 def _ritz(S: Tensor, V: Tensor) -> Tensor:
     """U [B, k, n] = S^T V. On the CPU, BLAS gemm beats the lanczos_ritz kernel for float32 and
     float64 bases (bench/bench_eigsh.py --kernels), so it is used there; the kernel serves
@@ -613,9 +704,14 @@ def _ritz(S: Tensor, V: Tensor) -> Tensor:
 
 
 def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                           check_residuals, mask=None):
-    lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask)
-    lz.run()
+                           check_residuals, mask=None, group=None):
+    if group is None:
+        lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask)
+        lz.run()
+    else:
+        lz = _ShardedLanczos(op, k, which, tol, max_matvecs, m, x0, seed, storage, work, group)
+        lz.run()
+        lz.gather_vectors()
     if check_residuals:
         lz.true_residuals()
     dev = op.device

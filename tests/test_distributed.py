@@ -8,6 +8,7 @@ collective fails the test instead of hanging it.
 
 import copy
 import datetime
+import importlib
 import json
 import subprocess
 import sys
@@ -110,6 +111,60 @@ def _helpers_with_group(rank):
             "rank": pfd.rank(), "zero": pfd.is_rank_zero(), "world": pfd.world_size()}
 
 
+class _LowRank:
+    """A replicated rank-4 operator that names the group (so eigsh may shard the basis)."""
+
+    def __init__(self, n, group):
+        gen = torch.Generator().manual_seed(2)
+        self.q = torch.linalg.qr(torch.randn(n, 4, generator=gen, dtype=torch.float64))[0]
+        self.d = torch.tensor([5.0, 3.0, 2.0, -1.0], dtype=torch.float64)
+        self.shape, self.dtype, self.device = (n, n), torch.float64, torch.device("cpu")
+        self.process_group = group
+
+    def matvec(self, v):
+        return self.q @ (self.d * (self.q.T @ v))
+
+
+def _sharded_solves(xs, ys):
+    """Sharded against replicated basis, on an odd n (967) so the slices differ in length."""
+    lanczos = importlib.import_module("pfkernels.lanczos")
+    widths, breakdowns = [], []
+    real_run, real_broken = lanczos._ShardedLanczos.run, lanczos._Lanczos._replace_broken
+
+    def run(self):
+        widths.append(self.V.shape[-1])
+        breakdowns.append(0)
+        real_run(self)
+
+    def replace_broken(self, j, broke):
+        breakdowns[-1] += 1
+        real_broken(self, j, broke)
+
+    model = mlp(width=11, depth=2, seed=3).double()
+    op = pfkernels.HessianOperator(model, mse_loss, (xs, ys))
+    lanczos._ShardedLanczos.run = run
+    lanczos._ShardedLanczos._replace_broken = replace_broken
+    try:
+        sharded = pfkernels.eigsh(op, k=3, tol=1e-10, seed=5, shard_basis=True)
+        checked = pfkernels.eigsh(op, k=2, tol=1e-8, seed=6, shard_basis=True,
+                                  check_residuals=True)
+        low = _LowRank(41, op.process_group)
+        # v0 in a 2-dimensional invariant subspace: breakdown at the second step
+        v0 = low.q[:, :2].sum(1)
+        low_sharded = pfkernels.eigsh(low, k=3, tol=1e-10, seed=1, v0=v0, shard_basis=True)
+    finally:
+        lanczos._ShardedLanczos.run = real_run
+        del lanczos._ShardedLanczos._replace_broken
+    replicated = pfkernels.eigsh(op, k=3, tol=1e-10, seed=5)
+    U = sharded.eigenvectors
+    return {"n": op.shape[0], "widths": widths, "range": pfd.shard_range(op.shape[0]),
+            "vals": sharded.eigenvalues, "vecs": U, "ref_vals": replicated.eigenvalues,
+            "ref_vecs": replicated.eigenvectors,
+            "residual": (op @ U.T).T - U * sharded.eigenvalues, "checked": checked.residuals,
+            "low": low_sharded.eigenvalues, "breakdowns": breakdowns,
+            "low_ref": pfkernels.eigsh(low, k=3, tol=1e-10, seed=1, v0=v0).eigenvalues}
+
+
 def _agreement_worker(rank, init_file, out_dir):
     _init(rank, init_file)
     x, y, model = _problem()
@@ -170,6 +225,7 @@ def _agreement_worker(rank, init_file, out_dir):
     tracker.step(0)
     out["tracker"] = {"history": tracker.history[0]["eigenvalues"], "logged": len(logged)}
     out["counts"] = _collective_counts(model, xs, ys, block)
+    out["shard"] = _sharded_solves(xs, ys)
     out["helpers"] = _helpers_with_group(rank)
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.barrier()  # no rank tears its connections down while a peer still uses them
@@ -239,6 +295,44 @@ def test_eigsh_matches_single_process_and_is_identical_across_ranks(results):
         torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-7)
         assert torch.equal(got["vals"], results[0]["eigsh"]["vals"])
         assert torch.equal(got["vecs"], results[0]["eigsh"]["vecs"])
+
+
+def test_sharded_basis_matches_the_replicated_solve(results):
+    for rank in range(WORLD):
+        got = results[rank]["shard"]
+        n = got["n"]
+        assert n % 2 == 1
+        lo, hi = got["range"]
+        # this rank stored only its slice of the basis: about half of n, the two slices tiling it
+        assert got["widths"] == [hi - lo, hi - lo, 21 - rank] and hi - lo in (n // 2, n // 2 + 1)
+        assert (lo, hi) == ((0, n // 2 + 1) if rank == 0 else (n // 2 + 1, n))
+        torch.testing.assert_close(got["vals"], got["ref_vals"], rtol=1e-10, atol=0)
+        overlap = (got["vecs"].T @ got["ref_vecs"]).abs()
+        torch.testing.assert_close(overlap, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-7)
+        scale = float(got["vals"].abs().max())
+        assert float(got["residual"].norm(dim=1).max()) <= 1e-9 * scale
+        assert float(got["checked"].max()) <= 1e-7 * scale  # true residuals of full vectors
+        # the rank-4 operator breaks down (beta = 0 in T): the random restart vector's slices
+        # must be orthonormalised against the basis with reduced dots and norm
+        assert got["breakdowns"][:2] == [0, 0] and got["breakdowns"][2] >= 1
+        torch.testing.assert_close(got["low"], got["low_ref"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["low"], torch.tensor([5.0, 3.0, 2.0], dtype=torch.float64),
+                                   rtol=1e-10, atol=0)
+        for key in ("vals", "vecs", "low"):
+            assert torch.equal(got[key], results[0]["shard"][key])
+
+
+def test_shard_basis_needs_an_unbatched_distributed_operator():
+    x, y, model = _problem()
+    local = pfkernels.HessianOperator(model, mse_loss, (x, y), process_group=None)
+    with pytest.raises(ValueError, match="shard_basis"):
+        pfkernels.eigsh(local, k=2, shard_basis=True)
+    with pytest.raises(ValueError, match="shard_basis"):
+        pfkernels.eigsh(torch.eye(30, dtype=torch.float64).expand(2, 30, 30), shard_basis=True)
+    with pytest.raises(ValueError, match="shard_basis"):
+        pfkernels.eigsh(local, k=2, batch=2, shard_basis=True)
+    with pytest.raises(TypeError, match="shard_basis"):
+        pfkernels.eigsh(local, k=2, shard_basis="yes")
 
 
 def test_stochastic_estimators_draw_the_same_probes_on_every_rank(results):
