@@ -108,7 +108,10 @@ def _helpers_with_group(rank):
     return {"sum32": s32, "sum64": s64, "mean": pfd.all_reduce_mean(t64),
             "seed": pfd.broadcast_seed(None), "seed_given": pfd.broadcast_seed(100 + rank),
             "bcast": pfd.broadcast_tensor(torch.tensor([rank + 5.0])),
-            "rank": pfd.rank(), "zero": pfd.is_rank_zero(), "world": pfd.world_size()}
+            "rank": pfd.rank(), "zero": pfd.is_rank_zero(), "world": pfd.world_size(),
+            "ranges": [pfd.shard_range(n) for n in (0, 1, 6, 7)],
+            "gathered": pfd.all_gather_shards(torch.arange(7.0).reshape(1, 7)[:, slice(
+                *pfd.shard_range(7))], 7)}
 
 
 class _LowRank:
@@ -373,6 +376,9 @@ def test_helpers_with_a_group(results):
         assert h["seed"] == results[0]["helpers"]["seed"]
         assert h["seed_given"] == 100
         assert torch.equal(h["bcast"], torch.tensor([5.0]))
+        want = [(0, 0), (0, 1), (0, 3), (0, 4)] if rank == 0 else [(0, 0), (1, 1), (3, 6), (4, 7)]
+        assert h["ranges"] == want
+        assert torch.equal(h["gathered"], torch.arange(7.0).reshape(1, 7))
 
 
 def test_tracker_measures_on_every_rank_and_logs_on_rank_zero(results):
@@ -427,6 +433,12 @@ def test_helpers_without_a_group():
     assert pfd.broadcast_seed(7) == 7
     assert torch.equal(pfd.weighted_mean(t * 3, 3), t)
     assert pfd.operator_seed(object(), None) is None
+    assert pfd.shard_range(5) == (0, 5)
+    assert torch.equal(pfd.all_gather_shards(t, 4), t)
+    with pytest.raises(ValueError, match="local"):
+        pfd.all_gather_shards(t, 5)
+    with pytest.raises(ValueError, match="'n'"):
+        pfd.shard_range(-1)
 
 
 @pytest.mark.parametrize("bad, exc", [("world", ValueError), (3, TypeError)])
