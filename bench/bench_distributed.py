@@ -10,7 +10,9 @@ split evenly over R ranks (gloo on the CPU, one intra-op thread per rank; NCCL w
   example count rides along as one extra element);
 - ``hvp_cached_shard_only`` (R > 1): rank 0's shard product without any collective, to separate
   the compute from the waiting for the other rank;
-- ``eigsh``: the top eigenvalue, ``k=1, tol=1e-4, seed=0``, with its matvec count.
+- ``eigsh``: the top eigenvalue, ``k=1, tol=1e-4, seed=0``, with its matvec count;
+- ``eigsh_sharded`` (R > 1): the same solve with ``shard_basis=True`` (each rank keeps 1/R of
+  the Lanczos basis; one all_gather and 2 small all-reduces more per step).
 
 The world sizes alternate for ``--rounds`` rounds (1, 2, 1, 2, ...) and each timing is the median
 over rounds of the per-round medians, so a change in the machine's load falls on both alike.
@@ -99,6 +101,13 @@ def _worker(rank: int, world: int, init_file: str, result_file: str, opts: dict)
         out["eigsh_top"] = float(res.eigenvalues[0])
 
     out["eigsh"] = timed(solve, opts["eigsh_repeats"])
+    if group is not None:
+        def solve_sharded():
+            res = pfkernels.eigsh(cached, k=1, tol=1e-4, seed=0, shard_basis=True)
+            out["eigsh_sharded_matvecs"] = int(res.num_matvecs)
+            out["eigsh_sharded_top"] = float(res.eigenvalues[0])
+
+        out["eigsh_sharded"] = timed(solve_sharded, opts["eigsh_repeats"])
     if rank == 0:
         torch.save(out, result_file)
     if group is not None:
@@ -148,13 +157,14 @@ def main(argv=None) -> int:
     runs = {}
     for r in ranks:
         runs[r] = dict(rounds[r][0])
-        for key in ("hvp_cached", "hvp_fresh", "allreduce", "hvp_cached_shard_only", "eigsh"):
+        for key in ("hvp_cached", "hvp_fresh", "allreduce", "hvp_cached_shard_only", "eigsh",
+                    "eigsh_sharded"):
             if key in runs[r]:
                 per_round = [x[key]["median_s"] for x in rounds[r]]
                 runs[r][key] = {"median_s": statistics.median(per_round),
                                 "per_round_median_s": per_round}
         parts = [f"{key} {runs[r][key]['median_s'] * 1e3:.3f} ms"
-                 for key in ("hvp_cached", "hvp_fresh", "eigsh", "allreduce",
+                 for key in ("hvp_cached", "hvp_fresh", "eigsh", "eigsh_sharded", "allreduce",
                              "hvp_cached_shard_only") if key in runs[r]]
         print(f"R={r}: " + ", ".join(parts) + f" (eigsh: {runs[r]['eigsh_matvecs']} matvecs)")
     n = runs[ranks[0]]["n"]

@@ -327,7 +327,7 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
             None, e.g. a :class:`HessianOperator` under data parallelism): each rank stores only
             its contiguous slice of every basis vector (:func:`pfkernels.distributed.shard_range`,
             ``1/R`` of the basis), with the dot products all-reduced. Per step: one all_gather
-            of ``n`` elements and 3 all-reduces of at most ``ncv + 1`` scalars on top of the
+            of ``n`` elements and 2 all-reduces of at most ``ncv`` scalars on top of the
             operator's own product. Eigenvalues and eigenvectors (returned full, [n, k], the same
             on every rank) agree with the replicated solve to rounding.
 
@@ -643,12 +643,15 @@ class _ShardedLanczos(_Lanczos):
     ``(ncv + 1) x n / R`` elements instead of ``(ncv + 1) x n``.
 
     The operator is the full distributed one (its products are already all-reduced), so a step
-    gathers ``v_j`` (one all_gather of ``n`` elements), applies it and keeps its own slice of
-    ``A v_j``; CGS2 runs on the slices with each pass's coefficients all-reduced, and ``beta``
-    from an all-reduced squared norm (3 small all-reduces). The fused ``lanczos_step`` kernel
-    computes its dot products internally, so the step is plain torch here. Everything else is
-    :class:`_Lanczos` unchanged: ``T`` is built from reduced scalars and so is the same on every
-    rank, and Ritz vectors ``S^T V`` and the thick restart act column by column, hence locally.
+    applies it to the full ``v_j`` and keeps its own slice of ``A v_j``; CGS2 runs on the slices
+    with each pass's coefficients all-reduced (2 small all-reduces), then one all_gather of the
+    orthogonalised slices gives the full ``w``, whose norm is ``beta_j`` (the same bits on every
+    rank, no third reduction) and which, normalised, is the full ``v_{j+1}`` of the next step.
+    Only that O(n) vector is kept full; a breakdown restart or a thick restart that moves the
+    next vector gathers it again. The fused ``lanczos_step`` kernel computes its dot products
+    internally, so the step is plain torch here. Everything else is :class:`_Lanczos` unchanged:
+    ``T`` is built from reduced scalars and so is the same on every rank, and Ritz vectors
+    ``S^T V`` and the thick restart act column by column, hence locally.
     """
 
     def __init__(self, op: _Operator, k: int, which: str, tol: float, max_matvecs: int, m: int,
@@ -658,6 +661,7 @@ class _ShardedLanczos(_Lanczos):
         super().__init__(local, 1, k, which, tol, max_matvecs, m, x0[:, lo:hi], seed, storage,
                          work)
         self.full_op, self.group, self.lo, self.hi = op, group, lo, hi
+        self.current = None  # (slot, full row [1, n]) of the basis vector the next step applies
 
     def _reduce(self, c: Tensor) -> Tensor:
         return _dist.all_reduce_sum(c, self.group)
@@ -670,10 +674,23 @@ class _ShardedLanczos(_Lanczos):
         r = torch.randn(1, self.full_op.n, dtype=torch.float64, generator=self.gen)
         return r[:, self.lo: self.hi].to(self.device, self.work)
 
+    def _replace_broken(self, j: int, broke: Tensor) -> None:
+        super()._replace_broken(j, broke)
+        self.current = None
+
+    def restart(self) -> None:
+        slot, full = self.current if self.current is not None else (None, None)
+        super().restart()
+        # the residual vector V[m] moved to slot l
+        self.current = (self.l, full) if slot == self.m else None
+
     def step(self) -> None:
         j, n = self.j, self.full_op.n
         self.iteration_of[j] = self.iteration
-        X = _dist.all_gather_shards(self.V[:, j].to(self.work), n, self.group)
+        if self.current is not None and self.current[0] == j:
+            X = self.current[1]
+        else:
+            X = _dist.all_gather_shards(self.V[:, j].to(self.work), n, self.group)
         W = self.full_op.apply(X)
         if tuple(W.shape) != (1, n):
             raise ValueError(f"argument 'A': the operator returned shape {tuple(W.shape)} for an "
@@ -682,10 +699,13 @@ class _ShardedLanczos(_Lanczos):
         self.wnorm[:, j] = torch.linalg.vector_norm(W, dim=1).to(torch.float64)
         w, h = _orthonormalise_against(self.V[:, : j + 1], W[:, self.lo: self.hi], self.work,
                                        self._reduce)
-        b = self._norms(w)[:, 0]
+        w_full = _dist.all_gather_shards(w, n, self.group)
+        b = torch.linalg.vector_norm(w_full, dim=1)
         self.alpha[:, j] = h[:, j].to(torch.float64)
         self.beta[:, j] = b.to(torch.float64)
-        self.V[:, j + 1] = (w / torch.where(b > 0, b, torch.ones_like(b))[:, None]).to(self.storage)
+        v_next = (w_full / torch.where(b > 0, b, torch.ones_like(b))[:, None]).to(self.storage)
+        self.V[:, j + 1] = v_next[:, self.lo: self.hi]
+        self.current = (j + 1, v_next.to(self.work))
         self._end_step(j)
 
     def gather_vectors(self) -> None:

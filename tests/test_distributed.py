@@ -132,7 +132,7 @@ def _sharded_solves(xs, ys):
     """Sharded against replicated basis, on an odd n (967) so the slices differ in length."""
     lanczos = importlib.import_module("pfkernels.lanczos")
     widths, breakdowns = [], []
-    real_run, real_broken = lanczos._ShardedLanczos.run, lanczos._Lanczos._replace_broken
+    real_run, real_broken = lanczos._ShardedLanczos.run, lanczos._ShardedLanczos._replace_broken
 
     def run(self):
         widths.append(self.V.shape[-1])
@@ -157,11 +157,11 @@ def _sharded_solves(xs, ys):
         low_sharded = pfkernels.eigsh(low, k=3, tol=1e-10, seed=1, v0=v0, shard_basis=True)
     finally:
         lanczos._ShardedLanczos.run = real_run
-        del lanczos._ShardedLanczos._replace_broken
+        lanczos._ShardedLanczos._replace_broken = real_broken
     replicated = pfkernels.eigsh(op, k=3, tol=1e-10, seed=5)
     U = sharded.eigenvectors
     return {"n": op.shape[0], "widths": widths, "range": pfd.shard_range(op.shape[0]),
-            "vals": sharded.eigenvalues, "vecs": U, "ref_vals": replicated.eigenvalues,
+            "vals": sharded.eigenvalues, "vecs": U, "matvecs": sharded.num_matvecs, "ref_vals": replicated.eigenvalues,
             "ref_vecs": replicated.eigenvectors,
             "residual": (op @ U.T).T - U * sharded.eigenvalues, "checked": checked.residuals,
             "low": low_sharded.eigenvalues, "breakdowns": breakdowns,
@@ -309,6 +309,7 @@ def test_sharded_basis_matches_the_replicated_solve(results):
         # this rank stored only its slice of the basis: about half of n, the two slices tiling it
         assert got["widths"] == [hi - lo, hi - lo, 21 - rank] and hi - lo in (n // 2, n // 2 + 1)
         assert (lo, hi) == ((0, n // 2 + 1) if rank == 0 else (n // 2 + 1, n))
+        assert got["matvecs"] > 20  # the basis (ncv = 20) was restarted at least once
         torch.testing.assert_close(got["vals"], got["ref_vals"], rtol=1e-10, atol=0)
         overlap = (got["vecs"].T @ got["ref_vecs"]).abs()
         torch.testing.assert_close(overlap, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-7)
