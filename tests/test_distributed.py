@@ -161,8 +161,8 @@ def _sharded_solves(xs, ys):
     replicated = pfkernels.eigsh(op, k=3, tol=1e-10, seed=5)
     U = sharded.eigenvectors
     return {"n": op.shape[0], "widths": widths, "range": pfd.shard_range(op.shape[0]),
-            "vals": sharded.eigenvalues, "vecs": U, "matvecs": sharded.num_matvecs, "ref_vals": replicated.eigenvalues,
-            "ref_vecs": replicated.eigenvectors,
+            "vals": sharded.eigenvalues, "vecs": U, "matvecs": sharded.num_matvecs,
+            "ref_vals": replicated.eigenvalues, "ref_vecs": replicated.eigenvectors,
             "residual": (op @ U.T).T - U * sharded.eigenvalues, "checked": checked.residuals,
             "low": low_sharded.eigenvalues, "breakdowns": breakdowns,
             "low_ref": pfkernels.eigsh(low, k=3, tol=1e-10, seed=1, v0=v0).eigenvalues}
