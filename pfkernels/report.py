@@ -17,8 +17,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 
 def _save_figure(fig, path: str | Path, title: str = "") -> Path:

@@ -130,6 +130,7 @@ def test_sharpness_command(tmp_path, monkeypatch, capsys):
     assert cli.main(["sharpness", "--model", "my_problem:problem", "--k", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     import my_problem
+
     from pfkernels import HessianOperator
 
     model, loss_fn, batch = my_problem.problem()
