@@ -124,7 +124,7 @@ def scaling_cases(device, seed=0):
     }
     out = {}
     for name, sizes in cases.items():
-        make = lambda sizes=sizes: [torch.randn(n, generator=g).to(device) for n in sizes]  # noqa: E731
+        make = lambda sizes=sizes: [torch.randn(n, generator=g).to(device) for n in sizes]
         out[name] = (make(), make(), make(), sizes)
     return out
 

@@ -48,10 +48,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import time_call, write_json  # noqa: E402
+from _common import time_call, write_json
 
-import pfkernels  # noqa: E402
-from pfkernels.data import digits, mlp, mse_loss  # noqa: E402
+import pfkernels
+from pfkernels.data import digits, mlp, mse_loss
 
 
 def _worker(rank: int, world: int, init_file: str, result_file: str, opts: dict) -> None:

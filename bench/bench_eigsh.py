@@ -45,14 +45,14 @@ if "--threads" in sys.argv:
 else:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import time_call, write_json  # noqa: E402
+from _common import time_call, write_json
 
-from pfkernels import HessianOperator, eigsh, ops  # noqa: E402
-from pfkernels.data import cnn, digits, mlp, mse_loss  # noqa: E402
+from pfkernels import HessianOperator, eigsh, ops
+from pfkernels.data import cnn, digits, mlp, mse_loss
 
 TARGET = 1e-4
 

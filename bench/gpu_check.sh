@@ -40,10 +40,22 @@ for tool in memcheck racecheck; do
 done
 
 step "benchmarks"
+# Every benchmark that takes --device runs on the GPU (each within BENCH_TIMEOUT seconds);
+# bench_distributed needs one GPU per rank, so it runs only where there are two.
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 for bench in bench/bench_*.py; do
   name=$(basename "$bench" .py)
+  if ! grep -q -- '"--device"' "$bench"; then
+    echo "--- $name: CPU-only benchmark, skipped" | tee -a "$log"
+    continue
+  fi
+  if [ "$name" = bench_distributed ] && [ "$gpus" -lt 2 ]; then
+    echo "--- $name: needs 2 GPUs, skipped" | tee -a "$log"
+    continue
+  fi
   echo "--- $name" | tee -a "$log"
-  $PY "$bench" --device cuda --out "$work" >>"$log" 2>&1 || { echo "$name failed" | tee -a "$log"; status=1; }
+  timeout "${BENCH_TIMEOUT:-240}" $PY "$bench" --device cuda --out "$work" >>"$log" 2>&1 \
+    || { echo "$name failed or timed out" | tee -a "$log"; status=1; }
 done
 
 $PY - "$work" "$OUT/gpu_check_$tag.json" "$OUT/gpu_check_$tag.md" "$tag" <<'PY' 2>&1 | tee -a "$log"

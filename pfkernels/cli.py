@@ -404,6 +404,13 @@ def _add_sharpness(sub) -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--density", action="store_true",
+                   help="also estimate the whole spectrum's density by stochastic Lanczos "
+                   "quadrature (Ghorbani et al. 2019)")
+    p.add_argument("--probes", type=int, default=8, help="SLQ probes (with --density)")
+    p.add_argument("--steps", type=int, default=60, help="Lanczos steps per probe (with --density)")
+    p.add_argument("--out", default=None,
+                   help="folder for sharpness.json and, with --density, density.png")
     p.set_defaults(func=_run_sharpness)
 
 
@@ -451,6 +458,34 @@ def _run_sharpness(args) -> int:
         "num_matvecs": int(result.num_matvecs),
         "time": elapsed,
     }
+    if args.density:
+        from .lanczos import spectral_density
+
+        if min(args.probes, args.steps) < 1:
+            raise SystemExit("pfkernels sharpness: --probes and --steps must be positive")
+        start = time.perf_counter()
+        density = spectral_density(op, num_probes=args.probes, num_steps=args.steps,
+                                   seed=args.seed, grid=400)
+        out["density"] = {
+            "grid": density.grid.tolist(),
+            "density": density.density.tolist(),
+            "num_probes": args.probes,
+            "num_steps": args.steps,
+            "num_matvecs": int(density.num_matvecs) * args.probes,
+            "time": time.perf_counter() - start,
+            "support": [float(density.nodes.min()), float(density.nodes.max())],
+        }
+    if args.out:
+        from pathlib import Path
+
+        from . import report
+
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sharpness.json").write_text(json.dumps(out, indent=2))
+        if args.density:
+            report.plot_spectral_density(density, folder / "density.png",
+                                         top=result.eigenvalues, title=args.model)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -458,6 +493,11 @@ def _run_sharpness(args) -> int:
               f"{elapsed:.2f} s")
         for i, (value, res) in enumerate(zip(out["eigenvalues"], out["residuals"]), start=1):
             print(f"  λ{i:<3d} {value: .6g}   residual {res:.2g}")
+        if args.density:
+            d = out["density"]
+            print(f"  density: support [{d['support'][0]:.4g}, {d['support'][1]:.4g}] from "
+                  f"{d['num_probes']} probes x {d['num_steps']} steps ({d['num_matvecs']} HVPs, "
+                  f"{d['time']:.2f} s)")
     return 0
 
 

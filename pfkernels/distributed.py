@@ -21,32 +21,33 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "resolve_group",
-    "is_distributed",
-    "world_size",
-    "rank",
-    "is_rank_zero",
-    "all_reduce_sum",
-    "all_reduce_mean",
-    "broadcast_tensor",
-    "broadcast_seed",
-    "weighted_mean",
-    "unwrap_model",
-    "reduce_loss_and_grads",
-    "operator_seed",
-    "init_from_env",
-    "shard_batch",
-    "shard_range",
     "all_gather_shards",
     "all_reduce_grads",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "broadcast_seed",
+    "broadcast_tensor",
     "example_mean",
+    "init_from_env",
+    "is_distributed",
+    "is_rank_zero",
     "leave_launched",
+    "operator_seed",
+    "rank",
+    "reduce_loss_and_grads",
+    "resolve_group",
+    "shard_batch",
+    "shard_range",
+    "unwrap_model",
+    "weighted_mean",
+    "world_size",
 ]
 
 DEFAULT = "default"

@@ -114,11 +114,11 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
         Aw = A.to(work)
         if A.dim() == 2:
-            apply = lambda X: X @ Aw  # noqa: E731  (A symmetric: X A == (A X^T)^T)
+            apply = lambda X: X @ Aw
             return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True)
         # one gemv per problem: torch.bmm with a single right-hand side is ~4x slower on the CPU
-        rows = lambda X, r: torch.stack([Aw[i] @ X[i] for i in r.tolist()])  # noqa: E731
-        apply = lambda X: rows(X, torch.arange(X.shape[0]))  # noqa: E731
+        rows = lambda X, r: torch.stack([Aw[i] @ X[i] for i in r.tolist()])
+        apply = lambda X: rows(X, torch.arange(X.shape[0]))
         return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True, apply_rows=rows)
 
     if _is_scipy_operator(A):
@@ -133,7 +133,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
                     for x in X.detach().to("cpu", torch.float64).numpy()]
             return torch.from_numpy(np.stack(rows)).to(device)
 
-        rows = lambda X, r: apply(X[r.to(X.device)])  # noqa: E731  (one operator for all rows)
+        rows = lambda X, r: apply(X[r.to(X.device)])
         return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True,
                          apply_rows=rows)
 
@@ -168,9 +168,9 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         op_device = v0_t.device if v0_t is not None else torch.device("cpu")
     work = torch.float64 if op_dtype == torch.float64 else torch.float32
     if batch is None:
-        apply = lambda X: mv(X[0].to(op_dtype)).reshape(1, -1).to(work)  # noqa: E731
+        apply = lambda X: mv(X[0].to(op_dtype)).reshape(1, -1).to(work)
     else:
-        apply = lambda X: mv(X.to(op_dtype)).reshape(X.shape).to(work)  # noqa: E731
+        apply = lambda X: mv(X.to(op_dtype)).reshape(X.shape).to(work)
     # a HessianOperator applies one H to every row: finished problems can leave the product
     rows = (lambda X, r: apply(X[r.to(X.device)])) if fresh and batch is not None else None
     return _Operator(apply, n, work, torch.device(op_device), batch, fresh=fresh,
@@ -799,7 +799,7 @@ def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: 
     blocks = _parameter_blocks(H.param_names, [named[n].numel() for n in H.param_names], by)
     n, dev = H.shape[0], H.device
     work = torch.float64 if H.dtype == torch.float64 else torch.float32
-    ncv_of = lambda size: min(max(2 * k + 1, 20) if ncv is None else ncv, size)  # noqa: E731
+    ncv_of = lambda size: min(max(2 * k + 1, 20) if ncv is None else ncv, size)
     idx = {label: torch.cat([torch.arange(a, b) for a, b in ranges]) for label, ranges in blocks}
     small = [label for label, _ in blocks if idx[label].numel() <= ncv_of(idx[label].numel()) or
              idx[label].numel() <= k]

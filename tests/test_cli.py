@@ -130,6 +130,7 @@ def test_sharpness_command(tmp_path, monkeypatch, capsys):
     assert cli.main(["sharpness", "--model", "my_problem:problem", "--k", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     import my_problem
+
     from pfkernels import HessianOperator
 
     model, loss_fn, batch = my_problem.problem()
@@ -141,6 +142,21 @@ def test_sharpness_command(tmp_path, monkeypatch, capsys):
     assert all(out["converged"])
     assert cli.main(["sharpness", "--model", "my_problem:problem", "--k", "2"]) == 0
     assert "λ1" in capsys.readouterr().out
+
+    # --density: the SLQ density over the whole spectrum, saved with a figure.
+    args = ["sharpness", "--model", "my_problem:problem", "--k", "1", "--density", "--probes",
+            "4", "--steps", "30", "--out", str(tmp_path / "spec")]
+    assert cli.main(args) == 0
+    saved = json.loads((tmp_path / "spec" / "sharpness.json").read_text())
+    assert (tmp_path / "spec" / "density.png").stat().st_size > 0
+    grid, density = torch.tensor(saved["density"]["grid"]), torch.tensor(saved["density"]["density"])
+    assert float(torch.trapezoid(density, grid)) == pytest.approx(1.0, abs=1e-2)
+    all_eigs = torch.linalg.eigvalsh(dense.double())
+    lo, hi = saved["density"]["support"]
+    # 30 Lanczos steps on a 50-dimensional operator reach both ends of its spectrum.
+    assert lo == pytest.approx(float(all_eigs[0]), abs=1e-4)
+    assert hi == pytest.approx(float(all_eigs[-1]), rel=1e-4)
+    assert saved["density"]["num_matvecs"] == 4 * 30
 
 
 @pytest.mark.parametrize("spec", ["no_colon", "missing_module_xyz:f", "my_problem2:nothing",

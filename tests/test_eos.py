@@ -7,7 +7,6 @@ import torch
 
 from pfkernels import eos
 
-
 # (name, factory, expected threshold, units); expected values from REFERENCES.md §3, §4 and the
 # dampening derivation in stability_thresholds' docstring.
 THRESHOLD_CASES = [
@@ -246,10 +245,10 @@ def test_detect_eos_empty():
 
 # ---------------------------------------------------------------- tracker and preconditioning
 
-from pfkernels import data  # noqa: E402
-from pfkernels.hvp import HessianOperator  # noqa: E402
-from pfkernels.lanczos import eigsh  # noqa: E402
-from pfkernels.optim import DAL, NormalizedGD  # noqa: E402
+from pfkernels import data
+from pfkernels.hvp import HessianOperator
+from pfkernels.lanczos import eigsh
+from pfkernels.optim import DAL, NormalizedGD
 
 # Tiny problems: one intra-op thread (see tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -490,4 +489,4 @@ def test_lightning_callback_absent(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if "lightning" in name else real(name, *a))
     with pytest.raises(AttributeError, match="needs lightning"):
-        eos.SharpnessCallback  # noqa: B018
+        eos.SharpnessCallback

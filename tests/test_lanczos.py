@@ -1,7 +1,6 @@
 """eigsh against float64 dense eigh on matrices with designed spectra, plus the invariants and
 the error paths (module pfkernels/lanczos.py)."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -307,7 +306,7 @@ def test_spectral_density_and_trace(gen, seed):
     assert abs(float(sd.density.sum()) * dx - 1) < 1e-3
     assert torch.allclose(sd.weights.sum(1), torch.ones(8, dtype=F64))
     # mass near each eigenvalue: 3/4 at -1 and 1/4 at 2 (up to probe noise ~ 1/sqrt(8 * 200))
-    near = lambda c: float(sd.density[(sd.grid - c).abs() < 0.5].sum()) * dx  # noqa: E731
+    near = lambda c: float(sd.density[(sd.grid - c).abs() < 0.5].sum()) * dx
     assert abs(near(-1.0) - 0.75) < 0.08 and abs(near(2.0) - 0.25) < 0.08
     te = pfkernels.hutchinson_trace(A, num_probes=64, seed=seed, batch_size=16)
     assert abs(te.trace - float(torch.trace(A))) <= 5 * te.std_error + 1e-9

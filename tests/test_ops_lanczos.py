@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import DEVICES
+
 from pfkernels import ops
 
 F64 = torch.float64

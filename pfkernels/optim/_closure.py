@@ -9,7 +9,8 @@ that did is detected (the ``.grad`` of some parameter changed) and rejected with
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor

@@ -8,7 +8,8 @@ of minimisers their slow drift reduces the sharpness λ₁.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor

@@ -14,7 +14,8 @@ applies the step (and the momentum buffer) to every parameter.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor
