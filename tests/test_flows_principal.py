@@ -501,7 +501,7 @@ def test_lanczos_top_k_matches_dense_on_the_mlp(gen):
         graph = P._GradGraph(flat, theta.to(torch.complex128))
         dense = P._dense_spectrum(graph.hessian(), k)
         lanczos = P._lanczos_spectrum(graph, k, 2 * k + 20, seed=0)
-        assert lanczos.num_hvps == 2 * k + 20
+        assert lanczos.num_hvps >= 2 * k + 20  # more where spurious Ritz values were rejected
         scale = dense.values[0].abs()
         assert ((lanczos.values - dense.values).abs() <= 1e-8 * scale).all()
         # Ritz vectors are less accurate than Ritz values (error ~ residual / gap): compare norms.

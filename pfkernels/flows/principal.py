@@ -389,43 +389,65 @@ def _dense_spectrum(hess: Tensor, k: int | None) -> _Spectrum:
     return _Spectrum(lam, v, v.T, False, n)
 
 
+# Ritz pairs of the complex-symmetric Lanczos process count once their residual is this small
+# relative to the largest Ritz value (spurious values at complex points have far larger ones).
+_RITZ_RTOL = 1e-9
+
+
 def _lanczos_spectrum(graph: _GradGraph, k: int, steps: int, seed: int) -> _Spectrum:
     """Top-k eigenpairs of the holomorphic Hessian by Lanczos with full reorthogonalisation.
 
     Uses the bilinear form uᵀv (no conjugation), the Lanczos process for complex-symmetric
     matrices, which is the ordinary symmetric Lanczos at a real θ. ``pfkernels.eigsh`` targets
     Hermitian operators and cannot serve the complex-symmetric Hessians of the complex PF
-    trajectory, hence this small solver. ``steps`` HVPs per call.
+    trajectory, hence this small solver.
+
+    At least ``steps`` HVPs per call. At a complex θ the process can produce spurious Ritz values
+    (the bilinear form is not an inner product), so a Ritz pair counts only when its residual
+    ``‖Hy − θy‖ = ‖w‖·|s_m|/‖y‖`` (from the Lanczos relation ``HV = VT + w e_mᵀ``) is below
+    ``_RITZ_RTOL`` times the largest |θ|; while fewer than k pairs qualify the process continues
+    by another ``steps`` HVPs, up to n.
     """
     theta = graph.theta
     n = theta.shape[0]
-    steps = min(steps, n)
+    chunk = max(1, min(steps, n))
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(n, generator=gen, dtype=torch.float64).to(theta.device, torch.complex128)
     q = q / torch.sqrt(q @ q)
     basis = [q]
     alpha, beta = [], []
-    for j in range(steps):
-        w = graph.hvp(basis[j])
-        alpha.append(basis[j] @ w)
-        stacked = torch.stack(basis, 1)
-        for _ in range(2):
-            w = w - stacked @ (stacked.T @ w)
-        if j == steps - 1:
+    target, exhausted = chunk, False
+    while True:
+        for j in range(len(alpha), target):
+            w = graph.hvp(basis[j])
+            alpha.append(basis[j] @ w)
+            stacked = torch.stack(basis, 1)
+            for _ in range(2):
+                w = w - stacked @ (stacked.T @ w)
+            b = torch.sqrt(w @ w)
+            if b.abs() <= 1e-12 * max(1.0, max(abs(a) for a in alpha)):
+                exhausted = True  # an invariant subspace: the Ritz pairs are exact
+                break
+            if j < n - 1:
+                beta.append(b)
+                basis.append(w / b)
+        m = len(alpha)
+        tri = torch.diag(torch.stack(alpha))
+        if m > 1:
+            off = torch.stack(beta[: m - 1])
+            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+        ritz, s = torch.linalg.eig(tri)
+        vectors = torch.stack(basis[:m], 1) @ s
+        residuals = (torch.linalg.vector_norm(w) * s[m - 1].abs()
+                     / torch.linalg.vector_norm(vectors, dim=0))
+        good = exhausted or m >= n
+        trusted = residuals <= _RITZ_RTOL * ritz.abs().max() if not good else residuals >= 0
+        order = torch.argsort(ritz.real, descending=True)
+        order = order[trusted[order]][: min(k, m)]
+        if good or order.numel() >= min(k, m):
             break
-        b = torch.sqrt(w @ w)
-        if b.abs() <= 1e-12 * max(1.0, max(abs(a) for a in alpha)):
-            break
-        beta.append(b)
-        basis.append(w / b)
-    m = len(alpha)
-    tri = torch.diag(torch.stack(alpha))
-    if m > 1:
-        off = torch.stack(beta[: m - 1])
-        tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
-    ritz, s = torch.linalg.eig(tri)
-    order = torch.argsort(ritz.real, descending=True)[: min(k, m)]
-    vectors = _bilinear_normalise(torch.stack(basis, 1) @ s[:, order])
+        target = min(n, m + chunk)
+    vectors = _bilinear_normalise(vectors[:, order])
     return _Spectrum(ritz[order], vectors, vectors.T, False, m)
 
 
