@@ -115,7 +115,10 @@ def test_float32_operator(gen, seed):
 
 def test_bfloat16_storage(gen, seed):
     A = _with_spectrum(SPECTRA["separated"](200, gen), gen).float()
-    res = eigsh(A, k=2, tol=1e-2, seed=seed, dtype=torch.bfloat16)
+    # tol 1e-3 to match the accuracy asserted below. At tol 1e-2 a cold start can stop after 7
+    # steps with 4.5 in place of 6.0 (seed 306): a loose tolerance can miss an eigenvalue whose
+    # direction the Krylov space has not reached yet, whatever the storage dtype.
+    res = eigsh(A, k=2, tol=1e-3, seed=seed, dtype=torch.bfloat16)
     ref = _reference(A, 2, "LA")
     assert (res.eigenvalues - ref).abs().max() <= 1e-3 * ref.abs().max()
     assert res.eigenvectors.dtype == torch.float32
