@@ -27,6 +27,8 @@ except ImportError as exc:  # a source checkout without a build, or a broken ins
     _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = None
+# What the extension was built with, read once (op wrappers need launch constants from it).
+_BUILD: dict = dict(_C.build_info()) if _C is not None else {}
 
 # Shared with csrc/common/macros.h (pfk::DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
@@ -54,7 +56,7 @@ def backend_info() -> dict:
     if _C is None:
         info["import_error"] = _IMPORT_ERROR
         return info
-    built = dict(_C.build_info())
+    built = _BUILD
     info.update({k: built[k] for k in ("cuda_built", "cuda_archs", "openmp", "cpu_threads")})
     if info["cuda_built"]:
         info["cuda_available"] = bool(torch.cuda.is_available() and _C.cuda_device_count() > 0)
@@ -149,7 +151,7 @@ def _multi_tensor_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
     if device.type == "cpu":
         _C.multi_tensor_dot_cpu(pa, pb, sizes, code, out.data_ptr())
     else:
-        chunk = _C.build_info()["multi_tensor_chunk"]
+        chunk = _BUILD["multi_tensor_chunk"]
         nchunks = sum(math.ceil(n / chunk) for n in sizes)
         workspace = torch.empty(max(3 * nchunks, 1), dtype=torch.float64, device=device)
         _C.multi_tensor_dot_cuda(
@@ -274,7 +276,7 @@ def _pf_coefficients_real(x: Tensor) -> Tensor:
 
 
 def _flow_workspace_size(n: int, k: int) -> int:
-    rows = _C.build_info()["flow_rows_per_block"]
+    rows = _BUILD["flow_rows_per_block"]
     return max(math.ceil(n / rows) * k + 2 * k, 1)
 
 
