@@ -214,7 +214,11 @@ def test_fused_equals_ref_path(dtype, momentum, seed):
     ref = DAL(twin.parameters(), p=1.0, lr_max=2.0, momentum=momentum, fused=False)
     frozen = model["blocks"][5].weight.detach().clone()
     unused = model["unused"].weight.detach().clone()
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    # float64 pins the math (identical to 1e-12). In float32 the fused path accumulates its norms
+    # in float64 and the ref in float32, so the rates differ in the 7th digit and three momentum
+    # steps compound it where updates nearly cancel (measured: 2.3e-5 relative on 1 of 49
+    # elements, PFK_SEED=260883363).
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     for _ in range(3):
         fused.step(closure)
         ref.step(twin_closure)
