@@ -64,7 +64,10 @@ def test_step_matches_ref(device, dtype, B, n, m, j, gen):
     if n > j + 1:
         assert torch.allclose(torch.linalg.vector_norm(new, dim=1), torch.ones(B, dtype=F64,
                               device=device), atol=ortho)
-        assert (torch.bmm(basis, new.unsqueeze(-1)).abs().max() <= ortho)
+        # Gram-Schmidt's error grows with the cancellation ||w|| / beta, which is large when
+        # the basis nearly spans the space (n = j + 2) and w lies almost inside it.
+        cond = (torch.linalg.vector_norm(w.double(), dim=1) / b_k[:, j]).clamp_min(1.0)
+        assert (torch.bmm(basis, new.unsqueeze(-1)).abs().amax((1, 2)) <= ortho * cond).all()
     # alpha_j = v_j^T w_in in exact arithmetic; a bfloat16 basis is orthonormal only to ~1e-2
     alpha = (V[:, j].double() * w.double()).sum(1)
     atol = (1e-2 if dtype == torch.bfloat16 else 10 * tol) * scale
