@@ -389,12 +389,21 @@ def test_tracker_measures_on_every_rank_and_logs_on_rank_zero(results):
         assert got["logged"] == (1 if rank == 0 else 0)
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _eos_cli(out, ranks):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     cmd = [sys.executable, "-P", *(launcher if ranks > 1 else []), "-m", "pfkernels", "eos",
            "--steps", "12", "--every", "5", "--n-train", "101", "--width", "16",
            "--dtype", "float64", "--quiet", "--out", str(out)]
     done = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=DEADLINE_S)
+    if done.returncode != 0 and ranks > 1 and TEARDOWN_ABORT in done.stderr:
+        # Known, rare (about 1 run in 15 under load, none in 12 quiet runs): a rank aborts in
+        # gloo's teardown after the barrier and destroy_process_group, when every file has
+        # been written; documented in docs/distributed.md. One more run, which must pass.
+        done = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True,
+                              timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, json.loads((out / "summary.json").read_text())
