@@ -354,8 +354,15 @@ class PreconditionedOperator:
     def reuse_graph(self):
         """The wrapped Hessian's :meth:`~pfkernels.HessianOperator.reuse_graph` block (eigsh
         enters it for a solve: P is fixed, so products share one first-order graph)."""
-        reuse = getattr(self.hessian, "reuse_graph", None)
-        return reuse() if callable(reuse) else contextlib.nullcontext()
+        return self._hessian_scope("reuse_graph")
+
+    def deferred_checks(self):
+        """The wrapped Hessian's :meth:`~pfkernels.HessianOperator.deferred_checks` block."""
+        return self._hessian_scope("deferred_checks")
+
+    def _hessian_scope(self, name: str):
+        scope = getattr(self.hessian, name, None)
+        return scope() if callable(scope) else contextlib.nullcontext()
 
     @property
     def shape(self) -> tuple[int, int]:

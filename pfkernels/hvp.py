@@ -662,6 +662,22 @@ class HessianOperator:
             self._cache_graph = False
             self._graph = None
 
+    @contextlib.contextmanager
+    def deferred_checks(self):
+        """A block in which products skip the NaN/Inf check when it would cost a host sync.
+
+        On a GPU, ``check_finite`` reads one value back per product; a caller that checks the
+        results itself at its own pace (:func:`pfkernels.eigsh` tests every Lanczos coefficient
+        at its convergence checks and names the iteration) enters this block to keep its loop
+        free of syncs. On the CPU the check costs no sync and stays on. Blocks nest.
+        """
+        previous = self._check_finite
+        self._check_finite = previous and self._device.type == "cpu"
+        try:
+            yield self
+        finally:
+            self._check_finite = previous
+
     def _cached_products(self, v: Tensor) -> Tensor:
         graphs = self._first_order_graphs()
         total = torch.zeros_like(v)

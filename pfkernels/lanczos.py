@@ -286,6 +286,20 @@ def _dense_solve(op: _Operator, B: int, k: int, which: str, work) -> tuple:
     return vals, vecs, res, torch.full((B,), n + k, dtype=torch.int64)
 
 
+@contextlib.contextmanager
+def _solve_scope(A):
+    """What an operator may relax for the length of one solve: the parameters cannot move, so a
+    Hessian operator keeps its first-order graph between products (one backward each instead of
+    three passes); and the solve tests every Lanczos coefficient for NaN/Inf itself, so the
+    operator's per-product check, a host sync on a GPU, is deferred."""
+    with contextlib.ExitStack() as stack:
+        for name in ("reuse_graph", "deferred_checks"):
+            scope = getattr(A, name, None)
+            if callable(scope):
+                stack.enter_context(scope())
+        yield
+
+
 def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int | None = None,
           ncv: int | None = None, v0: Tensor | None = None, seed: int | None = None,
           dtype: torch.dtype | None = None, *, batch: int | None = None, n: int | None = None,
@@ -405,10 +419,7 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         conv = res <= tol * scale + 1e-300
         return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
-    # The parameters cannot move during a solve, so a Hessian operator may keep its first-order
-    # graph from one product to the next (one backward per product instead of three passes).
-    reuse = getattr(A, "reuse_graph", None)
-    with reuse() if callable(reuse) else contextlib.nullcontext():
+    with _solve_scope(A):
         vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs,
                                                             ncv, x0, seed, storage, work,
                                                             check_residuals, group=group)

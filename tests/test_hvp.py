@@ -475,6 +475,26 @@ def test_nan_in_the_product_is_reported(seed, method):
         op @ torch.ones(op.shape[0], dtype=torch.float64)
     quiet = HessianOperator(model, mse_loss, (x, y), method=method, check_finite=False)
     assert not torch.isfinite(quiet @ torch.ones(op.shape[0], dtype=torch.float64)).all()
+    # On the CPU the check costs no host sync, so deferred_checks (eigsh's scope) keeps it on.
+    with op.deferred_checks(), pytest.raises(FloatingPointError, match=r"0\.weight"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
+@pytest.mark.cuda
+def test_deferred_checks_make_products_sync_free_on_cuda(seed):
+    model, x, y = tiny_problem(seed)
+    op = HessianOperator(model.cuda(), mse_loss, (x.cuda(), y.cuda()))
+    v = torch.randn(op.shape[0], dtype=torch.float64, device="cuda")
+    want = op @ v  # warm-up, checked
+    torch.cuda.synchronize()
+    with op.deferred_checks():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = op @ v
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert op._check_finite
+    torch.testing.assert_close(got, want)
 
 
 def test_cached_graph(seed):
