@@ -129,6 +129,18 @@ def _check_pair_lists(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, nam
             )
 
 
+def _list_launch(*lists: list[Tensor], written: tuple[int, ...] = ()
+                 ) -> tuple[list[list[int]], list[int], int, list]:
+    """The launch arguments every multi_tensor op passes: for each list the data pointers of its
+    tensors, the sizes and the dtype code of the first list. Lists read only are made contiguous
+    (the copies are returned for the caller to keep alive until the launch); lists at the
+    ``written`` positions are updated in place, so they are used as they are (their contiguity is
+    checked by the public wrappers)."""
+    kept = [lst if i in written else [t.contiguous() for t in lst] for i, lst in enumerate(lists)]
+    pointers = [[t.data_ptr() for t in lst] for lst in kept]
+    return pointers, [t.numel() for t in kept[0]], _DTYPE_CODES[kept[0][0].dtype], kept
+
+
 # ---------------------------------------------------------------------------------------------
 # multi_tensor family: fused reductions and updates over tensor lists (the engine of DAL and of
 # the Lanczos driver's vector arithmetic).
@@ -141,13 +153,8 @@ def _multi_tensor_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
     if not _has_backend("multi_tensor_dot", device):
         _warn_fallback("multi_tensor_dot", device)
         return multi_tensor_dot_ref(a, b)
-    a = [t.contiguous() for t in a]
-    b = [t.contiguous() for t in b]
+    (pa, pb), sizes, code, _kept = _list_launch(a, b)
     out = torch.empty(3, dtype=a[0].dtype, device=device)
-    pa = [t.data_ptr() for t in a]
-    pb = [t.data_ptr() for t in b]
-    sizes = [t.numel() for t in a]
-    code = _DTYPE_CODES[a[0].dtype]
     if device.type == "cpu":
         _C.multi_tensor_dot_cpu(pa, pb, sizes, code, out.data_ptr())
     else:
@@ -203,12 +210,8 @@ def _multi_tensor_axpy_op(x: list[Tensor], y: list[Tensor], alpha: Tensor) -> No
         _warn_fallback("multi_tensor_axpy", device)
         multi_tensor_axpy_ref(x, y, alpha)
         return
-    y = [t.contiguous() for t in y]
+    (px, py), sizes, code, _kept = _list_launch(x, y, written=(0,))
     alpha = alpha.reshape(()).to(x[0].dtype)
-    px = [t.data_ptr() for t in x]
-    py = [t.data_ptr() for t in y]
-    sizes = [t.numel() for t in x]
-    code = _DTYPE_CODES[x[0].dtype]
     if device.type == "cpu":
         _C.multi_tensor_axpy_cpu(px, py, sizes, code, alpha.data_ptr())
     else:
@@ -624,13 +627,8 @@ def _multi_tensor_momentum_update_op(
         _warn_fallback("multi_tensor_momentum_update", device)
         multi_tensor_momentum_update_ref(params, grads, bufs, rate, momentum)
         return
-    grads = [t.contiguous() for t in grads]
+    (pp, pg, pb), sizes, code, _kept = _list_launch(params, grads, bufs, written=(0, 2))
     rate = rate.reshape(()).to(params[0].dtype)
-    pp = [t.data_ptr() for t in params]
-    pg = [t.data_ptr() for t in grads]
-    pb = [t.data_ptr() for t in bufs]
-    sizes = [t.numel() for t in params]
-    code = _DTYPE_CODES[params[0].dtype]
     if device.type == "cpu":
         _C.multi_tensor_momentum_update_cpu(pp, pg, pb, sizes, code, rate.data_ptr(), momentum)
     else:
@@ -685,6 +683,10 @@ def multi_tensor_momentum_update(
         "rate",
         f"device {rate.device} differs from the tensors' device {params[0].device}",
     )
+    for name, lst in (("params", params), ("bufs", bufs)):
+        for i, t in enumerate(lst):
+            if not t.is_contiguous():
+                _check_arg(False, f"{name}[{i}]", "must be contiguous (it is updated in place)")
     torch.ops.pfkernels.multi_tensor_momentum_update(
         list(params), list(grads), list(bufs), rate, float(momentum)
     )

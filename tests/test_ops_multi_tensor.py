@@ -339,3 +339,15 @@ def test_cuda_momentum_update_no_host_sync_and_nan_skip(seed):
         torch.cuda.set_sync_debug_mode("default")
     for got, want in zip(params + bufs, before):
         assert torch.equal(got, want)
+
+
+def test_momentum_update_rejects_noncontiguous_targets():
+    params = [torch.randn(4, 6).t()]
+    grads = [torch.randn(6, 4)]
+    before = params[0].clone()
+    with pytest.raises(ValueError, match=r"argument 'params\[0\]'.*contiguous"):
+        ops.multi_tensor_momentum_update(params, grads, [], torch.tensor(0.1))
+    bufs = [torch.zeros(4, 6).t()]
+    with pytest.raises(ValueError, match=r"argument 'bufs\[0\]'.*contiguous"):
+        ops.multi_tensor_momentum_update([torch.randn(6, 4)], grads, bufs, torch.tensor(0.1))
+    assert torch.equal(params[0], before)
