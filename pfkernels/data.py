@@ -10,6 +10,9 @@ initial weights on every run and machine (CPU), so tests, demos and benchmarks s
 - :func:`synthetic_regression`: a teacher-network regression set of any size and dimension.
 - :func:`mlp` and :func:`cnn`: the fully connected and convolutional nets of Cohen et al. (2021)
   adapted to 8x8 inputs; both take ``[N, 64]`` inputs.
+- :func:`resnet` (and :func:`resnet18`): residual networks with BatchNorm built from torch layers
+  (no torchvision, no downloaded weights): a small one for the digits, ResNet-18 at CIFAR scale
+  (11,173,962 parameters) for curvature at real-model size.
 - :func:`mse_loss` (``mean_n 0.5 * ||f_n - y_n||^2``, ARCHITECTURE.md "Conventions of the science")
   and :func:`cross_entropy_loss` (one-hot or integer targets).
 
@@ -37,6 +40,8 @@ __all__ = [
     "digits",
     "mlp",
     "mse_loss",
+    "resnet",
+    "resnet18",
     "synthetic_regression",
 ]
 
@@ -284,6 +289,100 @@ def cnn(
             c_in, side = c, side // 2
         layers += [nn.Flatten(), nn.Linear(c_in * side * side, out_features)]
     return _seeded_init(nn.Sequential(*layers), seed)
+
+
+class _BasicBlock(nn.Module):
+    """He et al.'s basic residual block: two 3x3 conv + BatchNorm, identity or 1x1 projection."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = _activation(activation)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = _activation(activation)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
+
+
+class _Images(nn.Module):
+    """Flat ``[N, C*S*S]`` -> ``[N, C, S, S]``; image-shaped inputs pass through."""
+
+    def __init__(self, channels: int, side: int):
+        super().__init__()
+        self.channels, self.side = channels, side
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return x.reshape(x.shape[0], self.channels, self.side, self.side)
+        return x
+
+
+def resnet(
+    blocks: tuple[int, ...] = (1, 1, 1),
+    width: int = 16,
+    in_channels: int = 1,
+    image_size: int = 8,
+    out_features: int = DIGITS_CLASSES,
+    activation: str = "relu",
+    seed: int = 0,
+) -> nn.Sequential:
+    """A residual network with BatchNorm (He et al. 2016, the CIFAR-style stem).
+
+    A 3x3 conv stem with ``width`` channels (+ BatchNorm, activation), then one stage per entry of
+    ``blocks`` with that many basic blocks; stage i has ``width * 2**i`` channels and halves the
+    spatial size from the second stage on; global average pooling and a linear read-out. Takes
+    flat ``[N, in_channels * image_size**2]`` (the digits' ``[N, 64]`` with the defaults) or
+    ``[N, in_channels, image_size, image_size]`` inputs; returns ``[N, out_features]``.
+
+    The default is a small digits ResNet (3 stages of 1 block, 16-32-64 channels: 77,754
+    parameters). BatchNorm needs train mode (batch statistics) for the training loss's curvature.
+    Deterministic in ``seed``; float32 on the CPU.
+    """
+    _check_arg(
+        isinstance(blocks, (tuple, list)) and len(blocks) >= 1
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks),
+        "blocks",
+        f"must be a non-empty tuple of positive block counts, got {blocks!r}",
+    )
+    for name, value in (("width", width), ("in_channels", in_channels),
+                        ("image_size", image_size), ("out_features", out_features)):
+        _check_arg(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                   f"must be a positive int, got {value!r}")
+    _activation(activation)
+    with torch.random.fork_rng(devices=[]):
+        layers: list[nn.Module] = [
+            _Images(in_channels, image_size),
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            _activation(activation),
+        ]
+        c_in = width
+        for stage, count in enumerate(blocks):
+            c_out = width * 2**stage
+            for b in range(count):
+                layers.append(_BasicBlock(c_in, c_out, 2 if stage > 0 and b == 0 else 1,
+                                          activation))
+                c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, out_features)]
+    return _seeded_init(nn.Sequential(*layers), seed)
+
+
+def resnet18(out_features: int = 10, in_channels: int = 3, image_size: int = 32,
+             seed: int = 0) -> nn.Sequential:
+    """ResNet-18 at CIFAR scale: :func:`resnet` with blocks (2, 2, 2, 2) and width 64.
+
+    11,173,962 parameters with 3 input channels and 10 outputs (torchvision's ``resnet18`` with
+    a 3x3 stem and no max pooling). Random initialisation from ``seed``; nothing is downloaded.
+    """
+    return resnet((2, 2, 2, 2), 64, in_channels, image_size, out_features, "relu", seed)
 
 
 def mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -93,12 +93,15 @@ def test_standard_model_sizes():
     assert sum(p.numel() for p in data.mlp(width=256).parameters()) == 85_002
     assert sum(p.numel() for p in data.cnn().parameters()) == 6_090
     assert len(list(data.mlp(depth=0).parameters())) == 2
+    assert sum(p.numel() for p in data.resnet().parameters()) == 77_754
+    assert sum(p.numel() for p in data.resnet18().parameters()) == 11_173_962
 
 
 def test_models_leave_global_rng_alone():
     state = torch.get_rng_state()
     data.mlp(seed=3)
     data.cnn(seed=3)
+    data.resnet(seed=3)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -109,6 +112,22 @@ def test_cnn(seed, channels):
     assert model(x).shape == (6, 10)
     same = data.cnn(channels=channels, activation="relu", seed=seed)
     assert torch.equal(model(x), same(x))
+
+
+@pytest.mark.parametrize("blocks", [(1,), (2, 1), (1, 1, 1)])
+def test_resnet(seed, blocks):
+    model = data.resnet(blocks=blocks, width=4, seed=seed)
+    x = torch.randn(6, 64)
+    assert model(x).shape == (6, 10)
+    assert model(x.reshape(6, 1, 8, 8)).shape == (6, 10)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    same = data.resnet(blocks=blocks, width=4, seed=seed)
+    model.eval()
+    same.eval()
+    assert torch.equal(model(x), same(x))
+    # Train mode normalises with batch statistics: outputs depend on the rest of the batch.
+    model.train()
+    assert not torch.allclose(model(x)[:3], model(x[:3]))
 
 
 def test_model_bad_arguments():
@@ -122,6 +141,10 @@ def test_model_bad_arguments():
         data.cnn(channels=(4, 4, 4, 4))
     with pytest.raises(ValueError, match="'channels'"):
         data.cnn(channels=(4, 0))
+    with pytest.raises(ValueError, match="'blocks'"):
+        data.resnet(blocks=())
+    with pytest.raises(ValueError, match="'width'"):
+        data.resnet(width=0)
 
 
 def test_losses(seed):
