@@ -116,15 +116,13 @@ def test_cnn(seed, channels):
 
 @pytest.mark.parametrize("blocks", [(1,), (2, 1), (1, 1, 1)])
 def test_resnet(seed, blocks):
-    model = data.resnet(blocks=blocks, width=4, seed=seed)
+    model = data.resnet(blocks=blocks, width=4, seed=seed).eval()
+    same = data.resnet(blocks=blocks, width=4, seed=seed).eval()
     x = torch.randn(6, 64)
-    assert model(x).shape == (6, 10)
-    assert model(x.reshape(6, 1, 8, 8)).shape == (6, 10)
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    same = data.resnet(blocks=blocks, width=4, seed=seed)
-    model.eval()
-    same.eval()
     assert torch.equal(model(x), same(x))
+    assert model(x).shape == (6, 10)
+    assert torch.equal(model(x.reshape(6, 1, 8, 8)), model(x))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     # Train mode normalises with batch statistics: outputs depend on the rest of the batch.
     model.train()
     assert not torch.allclose(model(x)[:3], model(x[:3]))
