@@ -12,6 +12,7 @@ Kernel families live in ``csrc/<cpu|cuda>/<family>_*.{cpp,cu}`` and ``tests/test
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 
@@ -41,7 +42,8 @@ def backend_info() -> dict:
     Returns a dict with ``version``, ``extension_loaded``, ``cuda_built`` (the CUDA kernels were
     compiled in), ``cuda_archs`` (their targets, comma separated), ``cuda_available`` (a GPU is
     usable by them now), ``openmp`` and ``cpu_threads`` (the CPU kernels' OpenMP threads),
-    ``torch_version`` and, when the extension failed to load, ``import_error``.
+    ``torch_version``, ``sanitizers`` (the ``-fsanitize=`` list of a sanitizer build, else
+    empty) and, when the extension failed to load, ``import_error``.
     """
     info = {
         "version": __version__,
@@ -52,12 +54,14 @@ def backend_info() -> dict:
         "openmp": False,
         "cpu_threads": 1,
         "torch_version": torch.__version__,
+        "sanitizers": "",
     }
     if _C is None:
         info["import_error"] = _IMPORT_ERROR
         return info
     built = _BUILD
-    info.update({k: built[k] for k in ("cuda_built", "cuda_archs", "openmp", "cpu_threads")})
+    info.update({k: built[k] for k in ("cuda_built", "cuda_archs", "openmp", "cpu_threads",
+                                       "sanitizers")})
     if info["cuda_built"]:
         info["cuda_available"] = bool(torch.cuda.is_available() and _C.cuda_device_count() > 0)
     return info
@@ -90,55 +94,119 @@ def _check_arg(cond: bool, name: str, message: str) -> None:
         raise ValueError(f"argument '{name}': {message}")
 
 
-def _check_pair_lists(a: Sequence[Tensor], b: Sequence[Tensor], name_a: str, name_b: str) -> None:
-    """The checks both multi_tensor ops share; messages name the offending argument."""
-    _check_arg(isinstance(a, (list, tuple)), name_a, "must be a list of tensors")
-    _check_arg(isinstance(b, (list, tuple)), name_b, "must be a list of tensors")
-    _check_arg(
-        len(a) == len(b), name_b, f"has {len(b)} tensors but '{name_a}' has {len(a)}"
-    )
-    if not a:
-        return
-    dtype, device = a[0].dtype, a[0].device
-    _check_arg(
-        dtype in (torch.float32, torch.float64),
-        name_a,
-        f"dtype must be float32 or float64, got {dtype}",
-    )
-    # The fast path only compares; messages are built once something is wrong (on a list of
-    # hundreds of tensors, formatting them eagerly cost more than the kernels).
-    for i, (x, y) in enumerate(zip(a, b)):
-        for name, t in ((name_a, x), (name_b, y)):
-            if not (
-                isinstance(t, Tensor)
-                and t.dtype == dtype
-                and t.device == device
-                and t.layout == torch.strided
-            ):
-                _check_arg(isinstance(t, Tensor), f"{name}[{i}]", "must be a tensor")
-                _check_arg(t.dtype == dtype, f"{name}[{i}]", f"dtype {t.dtype} differs from {dtype}")
-                _check_arg(
-                    t.device == device, f"{name}[{i}]", f"device {t.device} differs from {device}"
-                )
-                _check_arg(False, f"{name}[{i}]", "sparse tensors are not supported")
-        if x.shape != y.shape:
-            _check_arg(
-                False,
-                f"{name_b}[{i}]",
-                f"shape {tuple(y.shape)} differs from {name_a}[{i}] {tuple(x.shape)}",
-            )
+# ---------------------------------------------------------------------------------------------
+# Launch checks. Every op runs them inside its torch.library body, right before it hands
+# pointers to _C, so that the public wrappers and direct torch.ops.pfkernels.* calls (public
+# too) get the same checks: element counts against the launch's sizes, dtype, device, layout,
+# contiguity and, for what the kernel writes, aliasing. csrc/bindings.cpp checks the element
+# counts it receives once more.
+# ---------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def _list_launch(*lists: list[Tensor], written: tuple[int, ...] = ()
-                 ) -> tuple[list[list[int]], list[int], int, list]:
-    """The launch arguments every multi_tensor op passes: for each list the data pointers of its
-    tensors, the sizes and the dtype code of the first list. Lists read only are made contiguous
-    (the copies are returned for the caller to keep alive until the launch); lists at the
-    ``written`` positions are updated in place, so they are used as they are (their contiguity is
-    checked by the public wrappers)."""
-    kept = [lst if i in written else [t.contiguous() for t in lst] for i, lst in enumerate(lists)]
-    pointers = [[t.data_ptr() for t in lst] for lst in kept]
-    return pointers, [t.numel() for t in kept[0]], _DTYPE_CODES[kept[0][0].dtype], kept
+def _check_is_list(value, name: str) -> None:
+    """The public wrappers take any list or tuple; the ops' schemas need lists of tensors."""
+    _check_arg(isinstance(value, (list, tuple)), name,
+               f"must be a list of tensors, got {type(value).__name__}")
+    for i, t in enumerate(value):
+        _check_arg(isinstance(t, Tensor), f"{name}[{i}]",
+                   f"must be a tensor, got {type(t).__name__}")
+
+
+def _check_tensor(t: Tensor, name: str, device: torch.device, dtypes=_FLOAT_DTYPES) -> None:
+    """Strided, one of ``dtypes``, on ``device``. (Negative-bit views never get here: the
+    dispatcher materialises them before an op's body runs.)"""
+    _check_arg(t.layout == torch.strided, name, f"layout {t.layout} is not supported (dense only)")
+    _check_arg(t.dtype in dtypes, name,
+               f"dtype must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
+               f"got {t.dtype}")
+    _check_arg(t.device == device, name, f"device {t.device} differs from {device}")
+
+
+def _span(t: Tensor) -> int:
+    """Elements from ``t``'s first element to its last (its reach in memory), 0 when empty."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + _span(t) * t.element_size()
+
+
+def _buf(t: Tensor) -> tuple[int, int]:
+    """What _C receives for a buffer: its data pointer and the elements the kernel may touch."""
+    return t.data_ptr(), _span(t)
+
+
+def _check_disjoint(named: Sequence[tuple[str, Tensor]]) -> None:
+    """The memory each tensor reaches is shared with none of the others (for tensors a kernel
+    writes while it reads or writes the others)."""
+    ranges = [(*_byte_range(t), name) for name, t in named if t.numel()]
+    ranges.sort()
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        _check_arg(start >= end, second, f"shares memory with '{first}'; the kernel writes "
+                   "one of them, so they must not overlap")
+
+
+_DTYPE_OF, _DEVICE_OF = operator.attrgetter("dtype"), operator.attrgetter("device")
+_LAYOUT_OF, _SHAPE_OF = operator.attrgetter("layout"), operator.attrgetter("shape")
+
+
+def _check_lists(lists: Sequence[tuple[str, Sequence[Tensor]]], written: tuple[int, ...] = (),
+                 *, real: bool = True) -> tuple[list[tuple[list[int], list[int]]], list]:
+    """The launch checks of the multi_tensor ops, and the launch's lists.
+
+    ``lists`` is ``((name, tensors), ...)``; the first list fixes the count, the shapes, the
+    dtype (float32/float64) and the device. The lists at positions ``written`` are updated in
+    place: they must be contiguous. Read lists are made contiguous (copies where needed).
+
+    Returns ``([(data pointers, element counts) per list], kept)`` as _C takes them; ``kept``
+    holds the copies alive until the launch. _C checks the counts against each other and that
+    no written tensor shares memory with another (a list read at index i may hold the very
+    tensor written at index i: element-wise in place), on the pointers the kernel gets.
+    ``real=False`` (fake tensors, under torch.compile) stops before anything needs pointers.
+
+    The fast path maps over all tensors at once (DAL calls this on hundreds of tensors every
+    step); messages are built only once something fails.
+    """
+    name0, first = lists[0]
+    count = len(first)
+    for name, tensors in lists[1:]:
+        _check_arg(len(tensors) == count, name,
+                   f"has {len(tensors)} tensors but '{name0}' has {count}")
+    _check_arg(count > 0, name0,
+               "is empty (the pfkernels.ops function of this op accepts empty lists)")
+    t0 = first[0]
+    dtype, device = t0.dtype, t0.device
+    _check_tensor(t0, name0, device)
+    every = [t for _, tensors in lists for t in tensors]
+    shapes = list(map(_SHAPE_OF, every))
+    if any(shapes[pos * count:(pos + 1) * count] != shapes[:count] for pos in range(1, len(lists))):
+        for name, tensors in lists[1:]:
+            for i, (t, shape) in enumerate(zip(tensors, shapes)):
+                _check_arg(t.shape == shape, f"{name}[{i}]",
+                           f"shape {tuple(t.shape)} differs from {name0}[{i}]'s {tuple(shape)}")
+    if (set(map(_DTYPE_OF, every)) != {dtype} or set(map(_DEVICE_OF, every)) != {device}
+            or set(map(_LAYOUT_OF, every)) != {torch.strided}):
+        for name, tensors in lists:
+            for i, t in enumerate(tensors):
+                _check_tensor(t, f"{name}[{i}]", device, (dtype,))
+    for pos in written:
+        name, tensors = lists[pos]
+        if not all(map(Tensor.is_contiguous, tensors)):
+            for i, t in enumerate(tensors):
+                _check_arg(t.is_contiguous(), f"{name}[{i}]",
+                           "must be contiguous (it is updated in place)")
+    if not real:
+        return [], []
+    kept = [tensors if pos in written else list(map(Tensor.contiguous, tensors))
+            for pos, (_, tensors) in enumerate(lists)]
+    launch = [(list(map(Tensor.data_ptr, tensors)), list(map(Tensor.numel, tensors)))
+              for tensors in kept]
+    return launch, kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,28 +215,37 @@ def _list_launch(*lists: list[Tensor], written: tuple[int, ...] = ()
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_scalar(t: Tensor, name: str, device: torch.device) -> None:
+    """A one-element real floating tensor on ``device`` (a rate read on the device)."""
+    _check_arg(t.numel() == 1, name, f"must have one element, got shape {tuple(t.shape)}")
+    _check_arg(t.is_floating_point(), name, f"must be floating point, got {t.dtype}")
+    _check_arg(t.device == device, name, f"device {t.device} differs from the tensors' {device}")
+    _check_arg(t.layout == torch.strided, name, f"layout {t.layout} is not supported")
+
+
 @torch.library.custom_op("pfkernels::multi_tensor_dot", mutates_args=())
 def _multi_tensor_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    ((pa, na), (pb, nb)), _kept = _check_lists((("a", a), ("b", b)))
     device = a[0].device
     if not _has_backend("multi_tensor_dot", device):
         _warn_fallback("multi_tensor_dot", device)
         return multi_tensor_dot_ref(a, b)
-    (pa, pb), sizes, code, _kept = _list_launch(a, b)
     out = torch.empty(3, dtype=a[0].dtype, device=device)
+    code = _DTYPE_CODES[a[0].dtype]
     if device.type == "cpu":
-        _C.multi_tensor_dot_cpu(pa, pb, sizes, code, out.data_ptr())
+        _C.multi_tensor_dot_cpu(pa, na, pb, nb, code, _buf(out))
     else:
         chunk = _BUILD["multi_tensor_chunk"]
-        nchunks = sum(math.ceil(n / chunk) for n in sizes)
+        nchunks = sum(math.ceil(n / chunk) for n in na)
         workspace = torch.empty(max(3 * nchunks, 1), dtype=torch.float64, device=device)
-        _C.multi_tensor_dot_cuda(
-            pa, pb, sizes, code, out.data_ptr(), workspace.data_ptr(), _stream(device)
-        )
+        _C.multi_tensor_dot_cuda(pa, na, pb, nb, code, _buf(out), _buf(workspace),
+                                 _stream(device))
     return out
 
 
 @_multi_tensor_dot_op.register_fake
 def _(a, b):
+    _check_lists((("a", a), ("b", b)), real=False)
     return a[0].new_empty(3)
 
 
@@ -184,10 +261,15 @@ def multi_tensor_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         empty lists). Sums are accumulated in float64 on both backends and the order of
         accumulation is fixed, so the result is deterministic. No host synchronisation.
 
+    Raises:
+        ValueError naming the argument (and index) for lists of other lengths, shapes, dtypes or
+        devices; ``torch.ops.pfkernels.multi_tensor_dot`` runs the same checks.
+
     Equivalent to :func:`multi_tensor_dot_ref`.
     """
-    _check_pair_lists(a, b, "a", "b")
-    if not a:
+    _check_is_list(a, "a")
+    _check_is_list(b, "b")
+    if not a and not b:
         return torch.zeros(3)
     return torch.ops.pfkernels.multi_tensor_dot(list(a), list(b))
 
@@ -205,21 +287,24 @@ def multi_tensor_dot_ref(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 @torch.library.custom_op("pfkernels::multi_tensor_axpy", mutates_args={"x"})
 def _multi_tensor_axpy_op(x: list[Tensor], y: list[Tensor], alpha: Tensor) -> None:
-    device = x[0].device
+    device = x[0].device if x else alpha.device
+    _check_scalar(alpha, "alpha", device)
+    scalar = alpha.reshape(()).to(x[0].dtype) if x else alpha  # what the kernel reads
+    ((px, nx), (py, ny)), _kept = _check_lists((("x", x), ("y", y)), written=(0,))
     if not _has_backend("multi_tensor_axpy", device):
         _warn_fallback("multi_tensor_axpy", device)
         multi_tensor_axpy_ref(x, y, alpha)
         return
-    (px, py), sizes, code, _kept = _list_launch(x, y, written=(0,))
-    alpha = alpha.reshape(()).to(x[0].dtype)
+    code = _DTYPE_CODES[x[0].dtype]
     if device.type == "cpu":
-        _C.multi_tensor_axpy_cpu(px, py, sizes, code, alpha.data_ptr())
+        _C.multi_tensor_axpy_cpu(px, nx, py, ny, code, _buf(scalar))
     else:
-        _C.multi_tensor_axpy_cuda(px, py, sizes, code, alpha.data_ptr(), _stream(device))
+        _C.multi_tensor_axpy_cuda(px, nx, py, ny, code, _buf(scalar), _stream(device))
 
 
 @_multi_tensor_axpy_op.register_fake
 def _(x, y, alpha):
+    _check_lists((("x", x), ("y", y)), written=(0,), real=False)
     return None
 
 
@@ -229,23 +314,22 @@ def multi_tensor_axpy(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tensor) -
     Args:
         x: list of contiguous tensors, updated in place.
         y: list of tensors with the shapes of ``x``; same dtype (float32/float64) and device.
+            ``y[i]`` may be ``x[i]`` itself; no other tensor may share memory with an ``x[i]``.
         alpha: a one-element tensor on the same device (read on the device: no host sync).
+
+    Raises:
+        ValueError naming the argument (and index), before anything is written;
+        ``torch.ops.pfkernels.multi_tensor_axpy`` runs the same checks.
 
     Equivalent to :func:`multi_tensor_axpy_ref`.
     """
-    _check_pair_lists(x, y, "x", "y")
+    _check_is_list(x, "x")
+    _check_is_list(y, "y")
     _check_arg(isinstance(alpha, Tensor), "alpha", "must be a one-element tensor")
-    _check_arg(alpha.numel() == 1, "alpha", f"must have one element, got shape {tuple(alpha.shape)}")
-    if not x:
+    if not x and not y:
+        _check_arg(alpha.numel() == 1, "alpha",
+                   f"must have one element, got shape {tuple(alpha.shape)}")
         return
-    _check_arg(
-        alpha.device == x[0].device,
-        "alpha",
-        f"device {alpha.device} differs from the tensors' device {x[0].device}",
-    )
-    _check_arg(alpha.is_floating_point(), "alpha", f"must be floating point, got {alpha.dtype}")
-    for i, t in enumerate(x):
-        _check_arg(t.is_contiguous(), f"x[{i}]", "must be contiguous (it is updated in place)")
     torch.ops.pfkernels.multi_tensor_axpy(list(x), list(y), alpha)
 
 
@@ -283,47 +367,66 @@ def _flow_workspace_size(n: int, k: int) -> int:
     return max(math.ceil(n / rows) * k + 2 * k, 1)
 
 
+def _check_flow(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float) -> int:
+    """The launch checks of ``flow_field``; returns k."""
+    _check_tensor(grad, "grad", grad.device)
+    _check_arg(grad.dim() == 1, "grad", f"must be 1-D [n], got shape {tuple(grad.shape)}")
+    _check_arg(
+        eigenvectors.dim() == 2 and eigenvectors.shape[0] == grad.shape[0],
+        "eigenvectors",
+        f"must be [n, k] with n = {grad.shape[0]}, got shape {tuple(eigenvectors.shape)}",
+    )
+    k = eigenvectors.shape[1]
+    _check_arg(
+        eigenvalues.dim() == 1 and eigenvalues.shape[0] == k,
+        "eigenvalues",
+        f"must be [k] with k = {k} (the eigenvectors' columns), got shape {tuple(eigenvalues.shape)}",
+    )
+    for name, t in (("eigenvalues", eigenvalues), ("eigenvectors", eigenvectors)):
+        _check_tensor(t, name, grad.device, (grad.dtype,))
+    _check_arg(
+        isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0,
+        "h",
+        f"must be a positive finite number, got {h!r}",
+    )
+    return k
+
+
 @torch.library.custom_op("pfkernels::flow_field", mutates_args=())
 def _flow_field_op(
     grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float
 ) -> tuple[Tensor, Tensor]:
+    k = _check_flow(grad, eigenvalues, eigenvectors, h)
     device = grad.device
+    n = grad.shape[0]
+    if n == 0:
+        return (torch.empty(0, dtype=_COMPLEX_OF[grad.dtype], device=device),
+                torch.zeros(k, dtype=grad.dtype, device=device))
     if not _has_backend("flow_field", device):
         _warn_fallback("flow_field", device)
         return flow_field_ref(grad, eigenvalues, eigenvectors, h)
     grad = grad.contiguous()
     eigenvalues = eigenvalues.contiguous()
-    n, k = eigenvectors.shape
     # Both layouts stream U contiguously: row-major [n, k] and column-major (eigsh's output).
     column_major = eigenvectors.t().is_contiguous() and not eigenvectors.is_contiguous()
     if not column_major:
         eigenvectors = eigenvectors.contiguous()
     field = torch.empty(n, dtype=_COMPLEX_OF[grad.dtype], device=device)
     projections = torch.empty(k, dtype=grad.dtype, device=device)
-    args = (
-        grad.data_ptr(),
-        eigenvalues.data_ptr(),
-        eigenvectors.data_ptr(),
-        n,
-        k,
-        column_major,
-        float(h),
-        _DTYPE_CODES[grad.dtype],
-        torch.view_as_real(field).data_ptr(),
-        projections.data_ptr(),
-    )
+    args = (_buf(grad), _buf(eigenvalues), _buf(eigenvectors), n, k, column_major, float(h),
+            _DTYPE_CODES[grad.dtype], _buf(torch.view_as_real(field)), _buf(projections))
     if device.type == "cpu":
         _C.flow_field_cpu(*args)
     else:
         workspace = torch.empty(_flow_workspace_size(n, k), dtype=torch.float64, device=device)
-        _C.flow_field_cuda(*args, workspace.data_ptr(), _stream(device))
+        _C.flow_field_cuda(*args, _buf(workspace), _stream(device))
     return field, projections
 
 
 @_flow_field_op.register_fake
 def _(grad, eigenvalues, eigenvectors, h):
-    n, k = eigenvectors.shape
-    return grad.new_empty(n, dtype=_COMPLEX_OF[grad.dtype]), grad.new_empty(k)
+    k = _check_flow(grad, eigenvalues, eigenvectors, h)
+    return grad.new_empty(grad.shape[0], dtype=_COMPLEX_OF[grad.dtype]), grad.new_empty(k)
 
 
 def flow_field(
@@ -350,43 +453,19 @@ def flow_field(
         ``projections = Uᵀg`` ``[k]`` in ``grad``'s dtype. Products are accumulated in float64 in a
         fixed order (deterministic); no host synchronisation.
 
+    Raises:
+        ValueError naming the argument for a shape, dtype, device or layout other than these, or
+        a bad ``h``; ``torch.ops.pfkernels.flow_field`` runs the same checks.
+
     Equivalent to :func:`flow_field_ref`.
     """
-    _check_arg(isinstance(grad, Tensor), "grad", "must be a tensor")
-    _check_arg(isinstance(eigenvalues, Tensor), "eigenvalues", "must be a tensor")
-    _check_arg(isinstance(eigenvectors, Tensor), "eigenvectors", "must be a tensor")
-    _check_arg(
-        grad.dtype in (torch.float32, torch.float64),
-        "grad",
-        f"dtype must be float32 or float64, got {grad.dtype}",
-    )
-    _check_arg(grad.dim() == 1, "grad", f"must be 1-D [n], got shape {tuple(grad.shape)}")
-    _check_arg(
-        eigenvectors.dim() == 2 and eigenvectors.shape[0] == grad.shape[0],
-        "eigenvectors",
-        f"must be [n, k] with n = {grad.shape[0]}, got shape {tuple(eigenvectors.shape)}",
-    )
-    k = eigenvectors.shape[1]
-    _check_arg(
-        eigenvalues.dim() == 1 and eigenvalues.shape[0] == k,
-        "eigenvalues",
-        f"must be [k] with k = {k} (the eigenvectors' columns), got shape {tuple(eigenvalues.shape)}",
-    )
-    for name, t in (("eigenvalues", eigenvalues), ("eigenvectors", eigenvectors)):
-        _check_arg(t.dtype == grad.dtype, name, f"dtype {t.dtype} differs from grad's {grad.dtype}")
-        _check_arg(t.device == grad.device, name, f"device {t.device} differs from grad's {grad.device}")
-        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
-    _check_arg(grad.layout == torch.strided, "grad", "sparse tensors are not supported")
+    for name, t in (("grad", grad), ("eigenvalues", eigenvalues), ("eigenvectors", eigenvectors)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
     _check_arg(
         isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0,
         "h",
         f"must be a positive finite number, got {h!r}",
     )
-    if grad.shape[0] == 0:
-        return (
-            torch.empty(0, dtype=_COMPLEX_OF[grad.dtype], device=grad.device),
-            torch.zeros(k, dtype=grad.dtype, device=grad.device),
-        )
     return torch.ops.pfkernels.flow_field(grad, eigenvalues, eigenvectors, float(h))
 
 
@@ -475,39 +554,58 @@ def _tridiag_vec_shape(batch: int, m: int, vectors: str) -> tuple[int, ...]:
     return {"none": (batch, 0), "last_row": (batch, m), "all": (batch, m, m)}[vectors]
 
 
+def _check_tridiag_launch(alpha: Tensor, beta: Tensor, vectors: str) -> None:
+    """What the op itself takes: alpha [B, m] and beta [B, m-1], float64, on one device."""
+    _check_arg(vectors in _TRIDIAG_VECTORS, "vectors",
+               f"must be one of {sorted(_TRIDIAG_VECTORS)}, got {vectors!r}")
+    _check_tensor(alpha, "alpha", alpha.device, (torch.float64,))
+    _check_tensor(beta, "beta", alpha.device, (torch.float64,))
+    _check_arg(alpha.dim() == 2, "alpha", f"must have shape [B, m], got {tuple(alpha.shape)}")
+    batch, m = alpha.shape
+    want = (batch, max(m - 1, 0))
+    _check_arg(tuple(beta.shape) == want, "beta",
+               f"must have shape {want} for alpha of shape {tuple(alpha.shape)}, got "
+               f"{tuple(beta.shape)}")
+
+
 @torch.library.custom_op("pfkernels::tridiag_eigh", mutates_args=())
 def _tridiag_eigh_op(alpha: Tensor, beta: Tensor, vectors: str) -> tuple[Tensor, Tensor, Tensor]:
-    """alpha [B, m], beta [B, m-1] float64 contiguous, B, m >= 1 -> (evals, vecs, status [B]).
+    """alpha [B, m], beta [B, m-1] float64 -> (evals, vecs, status [B]).
 
     ``vecs`` is [B, 0] for ``"none"``; ``status`` holds tridiag::Status codes.
     """
+    _check_tridiag_launch(alpha, beta, vectors)
     device = alpha.device
+    batch, m = alpha.shape
+    if batch == 0 or m == 0:
+        return (alpha.new_empty(batch, m), alpha.new_empty(_tridiag_vec_shape(batch, m, vectors)),
+                torch.zeros(batch, dtype=torch.int32, device=device))
     if not _has_backend("tridiag_eigh", device):
         _warn_fallback("tridiag_eigh", device)
         evals, vecs = tridiag_eigh_ref(alpha, beta, vectors, check=False)
         if vecs is None:
             vecs = alpha.new_empty(alpha.shape[0], 0)
         return evals, vecs, _tridiag_input_status(alpha, beta)
-    batch, m = alpha.shape
+    alpha, beta = alpha.contiguous(), beta.contiguous()
     # Poisoned, so that an element the kernel failed to write shows up as NaN, not as garbage.
     evals = torch.full((batch, m), math.nan, dtype=torch.float64, device=device)
     vecs = torch.full(_tridiag_vec_shape(batch, m, vectors), math.nan, dtype=torch.float64,
                       device=device)
     status = torch.full((batch,), -1, dtype=torch.int32, device=device)
     mode = _TRIDIAG_VECTORS[vectors]
-    args = (alpha.data_ptr(), beta.data_ptr(), batch, m, mode, evals.data_ptr(), vecs.data_ptr(),
-            status.data_ptr())
+    args = (_buf(alpha), _buf(beta), batch, m, mode, _buf(evals), _buf(vecs), _buf(status))
     if device.type == "cpu":
         _C.tridiag_eigh_cpu(*args)
     else:
         words = _C.tridiag_workspace_words(batch, m, mode)
         workspace = torch.empty(words, dtype=torch.float64, device=device)
-        _C.tridiag_eigh_cuda(*args, workspace.data_ptr(), _stream(device))
+        _C.tridiag_eigh_cuda(*args, _buf(workspace), _stream(device))
     return evals, vecs, status
 
 
 @_tridiag_eigh_op.register_fake
 def _(alpha, beta, vectors):
+    _check_tridiag_launch(alpha, beta, vectors)
     batch, m = alpha.shape
     return (
         alpha.new_empty(batch, m),
@@ -604,16 +702,11 @@ def tridiag_eigh_ref(
         evals = evals[0]
         vecs = None if vecs is None else vecs[0]
     return evals, vecs
-def _check_update_lists(
-    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor]
-) -> None:
-    _check_pair_lists(params, grads, "params", "grads")
-    _check_arg(isinstance(bufs, (list, tuple)), "bufs", "must be a list of tensors (or empty)")
-    if bufs:
-        _check_pair_lists(params, bufs, "params", "bufs")
-    for name, lst in (("params", params), ("bufs", bufs)):
-        for i, t in enumerate(lst):
-            _check_arg(t.is_contiguous(), f"{name}[{i}]", "must be contiguous (it is updated in place)")
+def _update_lists(params, grads, bufs) -> tuple[tuple, tuple[int, ...]]:
+    """The lists of a momentum update as :func:`_check_lists` takes them, and which it writes."""
+    if len(bufs) or not len(params):
+        return (("params", params), ("grads", grads), ("bufs", bufs)), (0, 2)
+    return (("params", params), ("grads", grads)), (0,)
 
 
 @torch.library.custom_op(
@@ -622,23 +715,27 @@ def _check_update_lists(
 def _multi_tensor_momentum_update_op(
     params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rate: Tensor, momentum: float
 ) -> None:
-    device = params[0].device
+    device = params[0].device if params else rate.device
+    _check_scalar(rate, "rate", device)
+    _check_arg(math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
+    scalar = rate.reshape(()).to(params[0].dtype) if params else rate  # what the kernel reads
+    launch, _kept = _check_lists(*_update_lists(params, grads, bufs))
     if not _has_backend("multi_tensor_momentum_update", device):
         _warn_fallback("multi_tensor_momentum_update", device)
         multi_tensor_momentum_update_ref(params, grads, bufs, rate, momentum)
         return
-    (pp, pg, pb), sizes, code, _kept = _list_launch(params, grads, bufs, written=(0, 2))
-    rate = rate.reshape(()).to(params[0].dtype)
+    (pp, np_), (pg, ng), (pb, nb) = (*launch, ([], []))[:3]
+    code = _DTYPE_CODES[params[0].dtype]
     if device.type == "cpu":
-        _C.multi_tensor_momentum_update_cpu(pp, pg, pb, sizes, code, rate.data_ptr(), momentum)
+        _C.multi_tensor_momentum_update_cpu(pp, np_, pg, ng, pb, nb, code, _buf(scalar), momentum)
     else:
-        _C.multi_tensor_momentum_update_cuda(
-            pp, pg, pb, sizes, code, rate.data_ptr(), momentum, _stream(device)
-        )
+        _C.multi_tensor_momentum_update_cuda(pp, np_, pg, ng, pb, nb, code, _buf(scalar),
+                                             momentum, _stream(device))
 
 
 @_multi_tensor_momentum_update_op.register_fake
 def _(params, grads, bufs, rate, momentum):
+    _check_lists(*_update_lists(params, grads, bufs), real=False)
     return None
 
 
@@ -658,35 +755,33 @@ def multi_tensor_momentum_update(
 
     Args:
         params: contiguous tensors updated in place; one dtype (float32/float64), one device.
-        grads: tensors with the shapes of ``params``, same dtype and device.
+        grads: tensors with the shapes of ``params``, same dtype and device (``grads[i]`` may
+            be ``params[i]`` itself).
         bufs: ``[]``, or contiguous momentum buffers shaped like ``params`` (updated in place).
+            No parameter or buffer may share memory with another tensor of the call.
         rate: a one-element floating tensor on the same device, read on the device (no host
             sync). A non-finite rate (NaN from :func:`dal_rate` when the gradient or H·g was not
             finite) leaves ``params`` and ``bufs`` untouched: the step is skipped on the device.
-        momentum: the heavy-ball coefficient (ignored when ``bufs`` is empty).
+        momentum: the heavy-ball coefficient, a finite number (ignored when ``bufs`` is empty).
+
+    Raises:
+        ValueError naming the argument (and index), before anything is written;
+        ``torch.ops.pfkernels.multi_tensor_momentum_update`` runs the same checks.
 
     Equivalent to :func:`multi_tensor_momentum_update_ref`.
     """
-    _check_update_lists(params, grads, bufs)
+    for name, value in (("params", params), ("grads", grads), ("bufs", bufs)):
+        _check_is_list(value, name)
     _check_arg(isinstance(rate, Tensor), "rate", "must be a one-element tensor")
-    _check_arg(rate.numel() == 1, "rate", f"must have one element, got shape {tuple(rate.shape)}")
-    _check_arg(rate.is_floating_point(), "rate", f"must be floating point, got {rate.dtype}")
     _check_arg(
-        isinstance(momentum, (int, float)) and math.isfinite(momentum),
+        isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+        and math.isfinite(momentum),
         "momentum",
         f"must be a finite number, got {momentum!r}",
     )
-    if not params:
+    if not params and not grads and not bufs:
+        _check_arg(rate.numel() == 1, "rate", f"must have one element, got shape {tuple(rate.shape)}")
         return
-    _check_arg(
-        rate.device == params[0].device,
-        "rate",
-        f"device {rate.device} differs from the tensors' device {params[0].device}",
-    )
-    for name, lst in (("params", params), ("bufs", bufs)):
-        for i, t in enumerate(lst):
-            if not t.is_contiguous():
-                _check_arg(False, f"{name}[{i}]", "must be contiguous (it is updated in place)")
     torch.ops.pfkernels.multi_tensor_momentum_update(
         list(params), list(grads), list(bufs), rate, float(momentum)
     )
@@ -719,8 +814,17 @@ def multi_tensor_momentum_update_ref(
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_dal_rate(sums: Tensor, p: float, lr_max: float, lr: float) -> None:
+    """The launch checks of ``dal_rate``."""
+    _check_tensor(sums, "sums", sums.device)
+    _check_arg(sums.shape == (3,), "sums", f"must have shape [3], got {tuple(sums.shape)}")
+    _check_dal_hyperparameters(p, lr_max)
+    _check_arg(_is_number(lr) and math.isfinite(lr), "lr", f"must be a finite number, got {lr!r}")
+
+
 @torch.library.custom_op("pfkernels::dal_rate", mutates_args=())
 def _dal_rate_op(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool) -> Tensor:
+    _check_dal_rate(sums, p, lr_max, lr)
     device = sums.device
     if not _has_backend("dal_rate", device):
         _warn_fallback("dal_rate", device)
@@ -729,16 +833,15 @@ def _dal_rate_op(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bo
     out = torch.empty((), dtype=sums.dtype, device=device)
     code = _DTYPE_CODES[sums.dtype]
     if device.type == "cpu":
-        _C.dal_rate_cpu(sums.data_ptr(), code, p, lr_max, lr, in_window, out.data_ptr())
+        _C.dal_rate_cpu(_buf(sums), code, p, lr_max, lr, in_window, _buf(out))
     else:
-        _C.dal_rate_cuda(
-            sums.data_ptr(), code, p, lr_max, lr, in_window, out.data_ptr(), _stream(device)
-        )
+        _C.dal_rate_cuda(_buf(sums), code, p, lr_max, lr, in_window, _buf(out), _stream(device))
     return out
 
 
 @_dal_rate_op.register_fake
 def _(sums, p, lr_max, lr, in_window):
+    _check_dal_rate(sums, p, lr_max, lr)
     return sums.new_empty(())
 
 
@@ -764,27 +867,24 @@ def dal_rate(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool =
     Equivalent to :func:`dal_rate_ref`.
     """
     _check_arg(isinstance(sums, Tensor), "sums", "must be a tensor")
-    _check_arg(sums.shape == (3,), "sums", f"must have shape [3], got {tuple(sums.shape)}")
-    _check_arg(
-        sums.dtype in (torch.float32, torch.float64),
-        "sums",
-        f"dtype must be float32 or float64, got {sums.dtype}",
-    )
     _check_dal_hyperparameters(p, lr_max)
-    _check_arg(
-        isinstance(lr, (int, float)) and math.isfinite(lr), "lr", f"must be a finite number, got {lr!r}"
-    )
+    _check_arg(_is_number(lr) and math.isfinite(lr), "lr", f"must be a finite number, got {lr!r}")
     return torch.ops.pfkernels.dal_rate(sums, float(p), float(lr_max), float(lr), bool(in_window))
+
+
+def _is_number(x) -> bool:
+    """A real Python (or NumPy) number; bools are not numbers here (``k=True`` is a mistake)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_dal_hyperparameters(p: float, lr_max: float) -> None:
     _check_arg(
-        isinstance(p, (int, float)) and math.isfinite(p) and p >= 0,
+        _is_number(p) and math.isfinite(p) and p >= 0,
         "p",
         f"must be a finite number >= 0, got {p!r}",
     )
     _check_arg(
-        isinstance(lr_max, (int, float)) and math.isfinite(lr_max) and lr_max > 0,
+        _is_number(lr_max) and math.isfinite(lr_max) and lr_max > 0,
         "lr_max",
         f"must be a finite number > 0, got {lr_max!r}",
     )
@@ -822,30 +922,35 @@ _LANCZOS_ARITH = {torch.float32: torch.float32, torch.float64: torch.float64,
                   torch.bfloat16: torch.float32}
 
 
-def _lanczos_step_check(w, V, j, alpha, beta, wnorm) -> None:
+def _lanczos_step_check(w, V, j, alpha, beta, wnorm, *, real: bool = True) -> None:
     for name, t in (("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
         _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
-        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
-        _check_arg(t.device == V.device, name, f"device {t.device} differs from V's {V.device}")
+        _check_tensor(t, name, V.device, tuple(_LANCZOS_ARITH) if name == "V" else
+                      (torch.float32, torch.float64))
     _check_arg(V.dim() == 3, "V", f"must have shape [B, m+1, n], got {tuple(V.shape)}")
-    _check_arg(V.dtype in _LANCZOS_ARITH, "V",
-               f"dtype must be float32, float64 or bfloat16, got {V.dtype}")
     B, rows, n = V.shape
     _check_arg(V.stride(2) == 1 and V.stride(1) == n, "V",
                "each problem's basis [m+1, n] must be contiguous")
+    _check_arg(B <= 1 or V.stride(0) >= rows * n, "V",
+               f"batch stride {V.stride(0)} makes the problems' bases [m+1, n] = [{rows}, {n}] "
+               "overlap")
     arith = _LANCZOS_ARITH[V.dtype]
     _check_arg(w.dtype == arith, "w", f"dtype must be {arith} for a {V.dtype} basis, got {w.dtype}")
     _check_arg(tuple(w.shape) == (B, n) and w.is_contiguous(), "w",
                f"must be a contiguous [B, n] = {(B, n)} tensor, got {tuple(w.shape)}")
-    _check_arg(isinstance(j, int) and 0 <= j <= rows - 2, "j",
+    _check_arg(isinstance(j, int) and not isinstance(j, bool) and 0 <= j <= rows - 2, "j",
                f"must be an int in [0, {rows - 2}] for V with {rows} rows, got {j!r}")
     for name, t in (("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
         _check_arg(t.dtype == torch.float64, name, f"dtype must be float64, got {t.dtype}")
         _check_arg(t.dim() == 2 and t.shape[0] == B and t.shape[1] > j and t.stride(1) == 1,
                    name, f"must be [B, >j] = [{B}, >{j}] with unit last stride, got "
                    f"{tuple(t.shape)}")
+        _check_arg(B <= 1 or t.stride(0) >= t.shape[1], name,
+                   f"row stride {t.stride(0)} makes its rows of {t.shape[1]} overlap")
     _check_arg(alpha.stride(0) == beta.stride(0) == wnorm.stride(0), "beta",
                "alpha, beta and wnorm must share their row stride")
+    if real:
+        _check_disjoint((("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)))
 
 
 @torch.library.custom_op(
@@ -853,6 +958,7 @@ def _lanczos_step_check(w, V, j, alpha, beta, wnorm) -> None:
 )
 def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
                      wnorm: Tensor) -> None:
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm)
     device = V.device
     if not _has_backend("lanczos_step", device):
         _warn_fallback("lanczos_step", device)
@@ -862,18 +968,19 @@ def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
     if B == 0 or n == 0:
         lanczos_step_ref(w, V, j, alpha, beta, wnorm)
         return
-    args = (w.data_ptr(), V.data_ptr(), _DTYPE_CODES[V.dtype], B, n, V.stride(0), j,
-            alpha.data_ptr(), beta.data_ptr(), wnorm.data_ptr(), alpha.stride(0))
+    args = (_buf(w), _buf(V), _DTYPE_CODES[V.dtype], B, n, V.stride(0), j, _buf(alpha),
+            _buf(beta), _buf(wnorm), alpha.stride(0))
     if device.type == "cpu":
         _C.lanczos_step_cpu(*args)
     else:
         workspace = torch.empty(_C.lanczos_workspace_words(B, n, j), dtype=torch.float64,
                                 device=device)
-        _C.lanczos_step_cuda(*args, workspace.data_ptr(), _stream(device))
+        _C.lanczos_step_cuda(*args, _buf(workspace), _stream(device))
 
 
 @_lanczos_step_op.register_fake
 def _(w, V, j, alpha, beta, wnorm):
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm, real=False)
     return None
 
 
@@ -904,9 +1011,15 @@ def lanczos_step(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
     Sums are accumulated in float64 across tiles in a fixed order: deterministic for any thread
     count, no float atomics on CUDA, the caller's stream.
 
+    Raises:
+        ValueError naming the argument for shapes, dtypes, strides or devices other than these,
+        or tensors sharing memory; ``torch.ops.pfkernels.lanczos_step`` runs the same checks.
+
     Equivalent to :func:`lanczos_step_ref`.
     """
-    _lanczos_step_check(w, V, j, alpha, beta, wnorm)
+    for name, t in (("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
+    _check_arg(isinstance(j, int) and not isinstance(j, bool), "j", f"must be an int, got {j!r}")
     torch.ops.pfkernels.lanczos_step(w, V, j, alpha, beta, wnorm)
 
 
@@ -934,14 +1047,11 @@ def lanczos_step_ref(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
 def _lanczos_ritz_check(S, V) -> None:
     for name, t in (("S", S), ("V", V)):
         _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
-        _check_arg(t.layout == torch.strided, name, "sparse tensors are not supported")
-    _check_arg(S.device == V.device, "S", f"device {S.device} differs from V's {V.device}")
+    _check_tensor(V, "V", V.device, tuple(_LANCZOS_ARITH))
+    _check_tensor(S, "S", V.device, (torch.float64,))
     _check_arg(V.dim() == 3, "V", f"must have shape [B, >=rows, n], got {tuple(V.shape)}")
-    _check_arg(V.dtype in _LANCZOS_ARITH, "V",
-               f"dtype must be float32, float64 or bfloat16, got {V.dtype}")
     _check_arg(V.stride(2) == 1 and V.stride(1) == V.shape[2], "V",
                "each problem's basis must be contiguous")
-    _check_arg(S.dtype == torch.float64, "S", f"dtype must be float64, got {S.dtype}")
     _check_arg(S.dim() == 3 and S.shape[0] == V.shape[0] and S.shape[1] <= V.shape[1], "S",
                f"must be [B, rows, k] with B={V.shape[0]} and rows <= {V.shape[1]}, got "
                f"{tuple(S.shape)}")
@@ -949,6 +1059,7 @@ def _lanczos_ritz_check(S, V) -> None:
 
 @torch.library.custom_op("pfkernels::lanczos_ritz", mutates_args=())
 def _lanczos_ritz_op(S: Tensor, V: Tensor) -> Tensor:
+    _lanczos_ritz_check(S, V)
     device = V.device
     if not _has_backend("lanczos_ritz", device):
         _warn_fallback("lanczos_ritz", device)
@@ -956,13 +1067,10 @@ def _lanczos_ritz_op(S: Tensor, V: Tensor) -> Tensor:
     B, rows, k = S.shape
     n = V.shape[2]
     U = torch.full((B, k, n), math.nan, dtype=_LANCZOS_ARITH[V.dtype], device=device)
-    if U.numel() == 0:
+    if U.numel() == 0 or rows == 0:
         return U.zero_()
     S = S.contiguous()
-    args = (S.data_ptr(), V.data_ptr(), _DTYPE_CODES[V.dtype], B, n, V.stride(0), rows, k,
-            U.data_ptr())
-    if rows == 0:
-        return U.zero_()
+    args = (_buf(S), _buf(V), _DTYPE_CODES[V.dtype], B, n, V.stride(0), rows, k, _buf(U))
     if device.type == "cpu":
         _C.lanczos_ritz_cpu(*args)
     else:
@@ -972,6 +1080,7 @@ def _lanczos_ritz_op(S: Tensor, V: Tensor) -> Tensor:
 
 @_lanczos_ritz_op.register_fake
 def _(S, V):
+    _lanczos_ritz_check(S, V)
     return V.new_empty(S.shape[0], S.shape[2], V.shape[2], dtype=_LANCZOS_ARITH[V.dtype])
 
 
@@ -986,9 +1095,14 @@ def lanczos_ritz(S: Tensor, V: Tensor) -> Tensor:
         ``[B, k, n]`` in the arithmetic dtype (float32 for float32/bfloat16 bases, float64 for
         float64), on V's device. One read of ``V`` per group of 8 Ritz vectors on CUDA.
 
+    Raises:
+        ValueError naming the argument; ``torch.ops.pfkernels.lanczos_ritz`` runs the same
+        checks.
+
     Equivalent to :func:`lanczos_ritz_ref`.
     """
-    _lanczos_ritz_check(S, V)
+    for name, t in (("S", S), ("V", V)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
     return torch.ops.pfkernels.lanczos_ritz(S, V)
 
 
