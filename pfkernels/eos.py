@@ -74,9 +74,26 @@ def _ratio(numerator: float, lr: float) -> float:
     return math.inf if lr == 0.0 else numerator / lr
 
 
-def _sgd_threshold(group: dict) -> StabilityThreshold:
+def _rate(group: dict) -> float:
     lr = float(group["lr"])
-    beta = float(group.get("momentum", 0.0))
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"optimizer: lr={lr:g} has no stability threshold (needs a finite lr >= 0)")
+    return lr
+
+
+def _coefficient(value: float, name: str, kind: str) -> float:
+    """A momentum coefficient: the recurrence is stable somewhere only for 0 <= value < 1 (at
+    value >= 1 the characteristic roots cannot both lie inside the unit disc)."""
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"optimizer: {kind} with {name}={value:g} has no stability threshold "
+                         f"({name} must be in [0, 1))")
+    return value
+
+
+def _sgd_threshold(group: dict) -> StabilityThreshold:
+    lr = _rate(group)
+    beta = _coefficient(group.get("momentum", 0.0), "momentum", "SGD")
     damp = float(group.get("dampening", 0.0))
     wd = float(group.get("weight_decay", 0.0))
     if group.get("maximize", False):
@@ -99,18 +116,16 @@ def _sgd_threshold(group: dict) -> StabilityThreshold:
 
 
 def _adam_threshold(group: dict) -> StabilityThreshold:
-    lr = float(group["lr"])
-    beta1 = float(group["betas"][0])
-    if beta1 >= 1.0:
-        raise ValueError("optimizer: Adam with beta1 >= 1 has no stability threshold")
+    lr = _rate(group)
+    beta1 = _coefficient(group["betas"][0], "beta1", "Adam")
     value = _ratio(2.0 + 2.0 * beta1, (1.0 - beta1) * lr)
     formula = f"(2+2β1)/((1-β1)η) with β1={beta1:g}, η={lr:g}"
     return StabilityThreshold(value, "preconditioned", formula, _REF_ADAPTIVE)
 
 
 def _rmsprop_threshold(group: dict) -> StabilityThreshold:
-    lr = float(group["lr"])
-    mu = float(group.get("momentum", 0.0))
+    lr = _rate(group)
+    mu = _coefficient(group.get("momentum", 0.0), "momentum", "RMSprop")
     if mu > 0.0:
         value = _ratio(2.0 + 2.0 * mu, lr)
         formula = f"(2+2μ)/η with momentum μ={mu:g}, η={lr:g}"
@@ -185,7 +200,8 @@ def stability_thresholds(
 
     Raises:
         TypeError: for an optimizer of another kind.
-        ValueError: for hyper-parameters without a threshold (maximize, dampening ≥ 1, β1 ≥ 1).
+        ValueError: for hyper-parameters without a threshold (maximize, dampening ≥ 1, a
+            momentum or β1 outside [0, 1), an lr that is negative or not finite).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -208,7 +224,7 @@ def stability_thresholds(
     if isinstance(optimizer, ngd_cls):
         out = []
         for group in optimizer.param_groups:
-            lr = float(group["lr"])
+            lr = _rate(group)
             norm = _gradient_norm(group) if grad_norm is None else float(grad_norm)
             formula = f"2‖g‖/η with ‖g‖={norm:g}, η={lr:g}"
             out.append(StabilityThreshold(_ratio(2.0 * norm, lr), "raw", formula, _REF_NGD))
@@ -221,11 +237,12 @@ def stability_thresholds(
 
 
 def _dal_rate(optimizer, index: int) -> float:
-    last = getattr(optimizer, "last_lr", None)
-    if last is None:
-        return float(optimizer.param_groups[index]["lr"])
-    last = torch.as_tensor(last)
-    return float(last.reshape(-1)[index] if last.numel() > 1 else last)
+    """Group ``index``'s rate of DAL's last step (restored by ``load_state_dict``), else its
+    base rate."""
+    rates = optimizer.last_lrs
+    if index < len(rates) and rates[index] is not None:
+        return float(rates[index])
+    return _rate(optimizer.param_groups[index])
 
 
 def stability_threshold(

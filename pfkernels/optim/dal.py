@@ -13,6 +13,7 @@ applies the step (and the momentum buffer) to every parameter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Callable
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from .. import distributed as _dist
 from .. import ops
+from ..hvp import math_attention
 from ._closure import finite_difference_hvp, gradients, hessian_vector_products, run_closure
 
 _HVP_METHODS = ("exact", "finite-difference")
@@ -70,11 +72,10 @@ def step_kernels(fused: bool = True):
     """``(dot, rate, update)``: the three launches of a DAL step after the HVP.
 
     Fused: the registered ops ``torch.ops.pfkernels.{multi_tensor_dot, dal_rate,
-    multi_tensor_momentum_update}`` called directly. The optimizers validate their parameters once
-    (dtype, device, contiguity, when a group is added) and autograd returns gradients shaped like
-    them, so the per-call checks of the public ``ops`` wrappers (a few µs per tensor, ~0.8 ms per
-    call on 200 tensors on our CPU, more than the kernels) are skipped. Not fused: the pure-torch
-    ``*_ref`` twins, same signatures and math. Lists must be non-empty.
+    multi_tensor_momentum_update}`` called directly; each checks its tensors in its own body
+    before the launch (counts, shapes, dtype, device, contiguity, aliasing), so the public
+    wrappers would add only Python type checks. Not fused: the pure-torch ``*_ref`` twins, same
+    signatures and math. Lists must be non-empty.
     """
     if fused:
         return (
@@ -114,12 +115,86 @@ def check_group(group: dict, who: str) -> None:
     ops._check_dal_hyperparameters(group["p"], group["lr_max"])
     lr = group["lr"]
     ops._check_arg(
-        isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0,
+        ops._is_number(lr) and math.isfinite(lr) and lr >= 0,
         "lr",
         f"must be a finite number >= 0, got {lr!r}",
     )
     group["window"] = _check_window(group["window"])
     check_params(group["params"], who)
+
+
+def _check_momentum(m) -> None:
+    ops._check_arg(
+        ops._is_number(m) and 0 <= m < 1, "momentum", f"must be a number in [0, 1), got {m!r}"
+    )
+
+
+def check_loaded_state(state_dict, optimizer: torch.optim.Optimizer, buffer_keys: dict,
+                       check_group_of: Callable[[dict], None], *, complete: bool = True) -> None:
+    """Validates a state dict for ``optimizer.load_state_dict`` before anything changes.
+
+    Structure as torch checks it (groups and their sizes), every loaded group through
+    ``check_group_of`` (run on a copy holding the optimizer's own parameters; with ``complete``
+    a loaded group must also have every key the optimizer's groups have), and every per-parameter
+    state tensor listed in ``buffer_keys`` (``{key: True}`` for tensors shaped like their parameter,
+    ``{key: False}`` for scalars): a dense real floating tensor of the parameter's shape (torch casts
+    its dtype and device to the parameter's on load). Errors are ValueErrors naming
+    ``state_dict`` and the entry.
+    """
+    def fail(message: str) -> None:
+        raise ValueError(f"argument 'state_dict': {message}")
+
+    if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+            and isinstance(state_dict.get("param_groups"), (list, tuple))):
+        fail("must be a dict with 'state' (a dict) and 'param_groups' (a list), as "
+             "state_dict() returns")
+    saved_groups, groups = state_dict["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        fail(f"has {len(saved_groups)} param groups, the optimizer has {len(groups)}")
+    ids = {}
+    for index, (saved, group) in enumerate(zip(saved_groups, groups)):
+        where = f"param_groups[{index}]"
+        if not (isinstance(saved, dict) and isinstance(saved.get("params"), (list, tuple))):
+            fail(f"{where} must be a dict with a list 'params'")
+        if len(saved["params"]) != len(group["params"]):
+            fail(f"{where} has {len(saved['params'])} parameters, the optimizer's group has "
+                 f"{len(group['params'])}")
+        ids.update(zip(saved["params"], group["params"]))
+        missing = sorted(set(group) - set(saved) - {"params", "param_names"})
+        if complete and missing:
+            fail(f"{where} lacks {missing} (a state dict of another optimizer?)")
+        try:
+            check_group_of({**saved, "params": group["params"]})
+        except (ValueError, TypeError, KeyError) as exc:
+            fail(f"{where}: {exc}")
+    for key, entry in state_dict["state"].items():
+        param = ids.get(key)
+        if param is None:
+            fail(f"state[{key!r}] belongs to no parameter of the loaded param groups")
+        if not isinstance(entry, dict):
+            fail(f"state[{key!r}] must be a dict, got {type(entry).__name__}")
+        for name, shaped in buffer_keys.items():
+            if name not in entry:
+                continue
+            value = entry[name]
+            where = f"state[{key!r}][{name!r}]"
+            if not shaped:
+                if isinstance(value, torch.Tensor):
+                    ok = value.numel() == 1 and not value.is_complex()
+                    ok = ok and value.layout == torch.strided
+                else:
+                    ok = ops._is_number(value)
+                if not ok:
+                    fail(f"{where} must be a number or a one-element tensor, got {value!r}")
+                continue
+            if not isinstance(value, torch.Tensor):
+                fail(f"{where} must be a tensor, got {type(value).__name__}")
+            if value.layout != torch.strided or not value.is_floating_point():
+                fail(f"{where} must be a dense real floating tensor, got {value.dtype} "
+                     f"({value.layout})")
+            if value.shape != param.shape:
+                fail(f"{where} has shape {tuple(value.shape)}, its parameter "
+                     f"{tuple(param.shape)} (a state dict of another model?)")
 
 
 def check_params(params: list[Tensor], who: str, arg: str = "params") -> None:
@@ -246,17 +321,57 @@ class DAL(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_group(group, "DAL")
-            m = group["momentum"]
-            ops._check_arg(
-                isinstance(m, (int, float)) and 0 <= m < 1,
-                "momentum",
-                f"must be a number in [0, 1), got {m!r}",
-            )
+            self._check_group(group)
         except ValueError:
             self.param_groups.pop()
             raise
         group.setdefault("step", 0)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        """Every per-group hyperparameter (normalises ``window`` to a tuple)."""
+        check_group(group, "DAL")
+        _check_momentum(group["momentum"])
+        step = group.get("step", 0)
+        ops._check_arg(isinstance(step, int) and not isinstance(step, bool) and step >= 0, "step",
+                       f"must be an int >= 0, got {step!r}")
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict plus ``"dal": {"last_lrs": [...]}``: the rates of the last
+        step (0-d tensors, None for a group without gradients), which the stability threshold
+        2/h of :func:`pfkernels.stability_threshold` reads."""
+        state = super().state_dict()
+        lrs = [None if r is None else r.detach().clone() for r in self._log["lrs"]]
+        state["dal"] = {"last_lrs": lrs}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads :meth:`state_dict` after checking all of it against this optimizer: the groups'
+        sizes, every hyperparameter (as :meth:`add_param_group`), and each momentum buffer's
+        shape against its parameter. Raises ValueError naming ``state_dict`` and the entry before
+        anything changes. Buffers are copied (the optimizer never writes into ``state_dict``)."""
+        check_loaded_state(state_dict, self, {"momentum_buffer": True}, self._check_group)
+        dal = state_dict.get("dal", {})  # absent from state dicts of older versions
+        lrs = dal.get("last_lrs", []) if isinstance(dal, dict) else None
+        ok = isinstance(lrs, (list, tuple)) and len(lrs) in (0, len(self.param_groups)) and all(
+            r is None or (isinstance(r, Tensor) and r.numel() == 1 and r.is_floating_point())
+            for r in lrs)
+        ops._check_arg(ok, "state_dict", "'dal' must be {'last_lrs': [...]} with one 0-d "
+                       "floating tensor (or None) per param group")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["window"] = _check_window(group["window"])
+            for p in group["params"]:
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf.clone(
+                        memory_format=torch.contiguous_format)
+        self._log["lrs"] = [
+            None if r is None or not g["params"] else r.detach().reshape(()).to(
+                device=g["params"][0].device, dtype=g["params"][0].dtype, copy=True)
+            for r, g in zip(lrs, self.param_groups)
+        ]
+        self._log["stats"] = []
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
@@ -266,8 +381,10 @@ class DAL(torch.optim.Optimizer):
             in_window(g["window"], g["step"]) and g["p"] != 0 for g in self.param_groups
         ]
         need_hvp = any(uses_rule)
-        loss = run_closure(closure, params, "DAL")
         exact = need_hvp and self.hvp == "exact"
+        # Differentiated twice: attention must run its math path (see hvp.math_attention).
+        with math_attention() if exact else contextlib.nullcontext():
+            loss = run_closure(closure, params, "DAL")
         grads = gradients(loss, params, create_graph=exact)
         used = [i for i, g in enumerate(grads) if g is not None]
         u_grads = [grads[i] for i in used]

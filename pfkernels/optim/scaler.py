@@ -13,6 +13,8 @@ whose top eigenvalue sets the adaptive edge of stability (Cohen et al. 2022, REF
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -20,8 +22,9 @@ from torch import Tensor
 
 from .. import distributed as _dist
 from .. import ops
+from ..hvp import math_attention
 from ._closure import gradients, hessian_vector_products, run_closure
-from .dal import _check_window, check_params, in_window, step_kernels
+from .dal import _check_window, check_loaded_state, check_params, in_window, step_kernels
 
 
 def _adam_preconditioner(opt, group: dict, p: Tensor, g: Tensor) -> Tensor:
@@ -70,6 +73,26 @@ def _preconditioner(opt: torch.optim.Optimizer):
     if isinstance(opt, torch.optim.RMSprop):
         return _rmsprop_preconditioner
     return None
+
+
+def _buffers_of(opt: torch.optim.Optimizer) -> dict:
+    """The per-parameter state of the optimizers DALScaler documents: True for tensors shaped like
+    their parameter, False for scalars (see ``check_loaded_state``)."""
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": True, "step": False}
+    if isinstance(opt, torch.optim.RMSprop):
+        return {"square_avg": True, "grad_avg": True, "momentum_buffer": True, "step": False}
+    if isinstance(opt, torch.optim.SGD):
+        return {"momentum_buffer": True}
+    return {}
+
+
+def _check_base_group(group: dict) -> None:
+    """What DALScaler reads from a base optimizer's group: ``lr``, the base rate."""
+    lr = group["lr"]
+    value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    ops._check_arg(ops._is_number(value) and math.isfinite(value) and value >= 0, "lr",
+                   f"must be a finite number >= 0, got {lr!r}")
 
 
 class DALScaler:
@@ -152,20 +175,41 @@ class DALScaler:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Loads :meth:`state_dict` after checking all of it: DAL's hyperparameters and step count,
+        the base optimizer's groups (sizes, a finite ``lr >= 0``) and its state buffers' shapes
+        against their parameters (for SGD, Adam, AdamW and RMSprop, whose state DALScaler reads).
+        Raises ValueError naming ``state_dict`` and the entry before anything changes."""
+        ops._check_arg(
+            isinstance(state_dict, dict) and isinstance(state_dict.get("dal"), dict)
+            and "base" in state_dict,
+            "state_dict", "must be {'base': ..., 'dal': {...}} as DALScaler.state_dict() returns")
         dal = state_dict["dal"]
-        ops._check_dal_hyperparameters(dal["p"], dal["lr_max"])
+        try:
+            ops._check_arg(not {"p", "lr_max", "window", "step_count"} - set(dal), "dal",
+                           f"needs p, lr_max, window and step_count, got {sorted(dal)}")
+            ops._check_dal_hyperparameters(dal["p"], dal["lr_max"])
+            window = _check_window(dal["window"])
+            count = dal["step_count"]
+            ops._check_arg(isinstance(count, int) and not isinstance(count, bool) and count >= 0,
+                           "step_count", f"must be an int >= 0, got {count!r}")
+        except ValueError as exc:
+            raise ValueError(f"argument 'state_dict': 'dal': {exc}") from None
+        check_loaded_state(state_dict["base"], self.base, _buffers_of(self.base),
+                           _check_base_group, complete=False)
         self.base.load_state_dict(state_dict["base"])
         self.p, self.lr_max = float(dal["p"]), float(dal["lr_max"])
-        self.window = _check_window(dal["window"])
-        self.step_count = int(dal["step_count"])
+        self.window = window
+        self.step_count = count
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         """One scaled step of the base optimizer; returns the (detached) loss before it."""
         groups = self.base.param_groups
         params = [p for g in groups for p in g["params"] if p.requires_grad]
-        loss = run_closure(closure, params, "DALScaler")
         rule = in_window(self.window, self.step_count) and self.p != 0
+        # Differentiated twice: attention must run its math path (see hvp.math_attention).
+        with math_attention() if rule else contextlib.nullcontext():
+            loss = run_closure(closure, params, "DALScaler")
         grads = gradients(loss, params, create_graph=rule)
         local_of = {id(p): g for p, g in zip(params, grads) if g is not None}
         loss, reduced = _dist.reduce_loss_and_grads(loss, list(local_of.values()), self._group)
