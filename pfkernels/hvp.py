@@ -68,16 +68,40 @@ _MODES = ("eval", "train")
 _AUTO_METHOD = "double-backward"
 
 
-def _math_sdpa():
-    """Route scaled_dot_product_attention to its math backend: the fused kernels have no
-    double-backward or forward-mode derivatives."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
-        return torch.backends.cuda.sdp_kernel(
-            enable_flash=False, enable_math=True, enable_mem_efficient=False
-        )
-    return sdpa_kernel(SDPBackend.MATH)
+def _sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` by its math implementation: matmuls and a softmax,
+    differentiable any number of times in reverse and forward mode (the fused kernels have no
+    double-backward or forward-mode derivatives). A boolean mask becomes the additive mask
+    (0 / -inf) that ``F.scaled_dot_product_attention`` builds before taking that path."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(
+            attn_mask.logical_not(), -math.inf)
+    gqa = {"enable_gqa": True} if enable_gqa else {}  # the keyword exists from torch 2.5 on
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **gqa)[0]
+
+
+class _MathAttention(torch.overrides.TorchFunctionMode):
+    """Inside, ``scaled_dot_product_attention`` runs :func:`_sdpa_math`; every other function
+    runs as it is.
+
+    Torch-function modes are per thread, so unlike ``torch.nn.attention.sdpa_kernel`` (which
+    switches process-wide backend flags for its duration) this changes nothing another thread
+    can observe, and nothing is left switched off when two threads enter and leave out of order.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _sdpa_math(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def math_attention() -> _MathAttention:
+    """A context in which attention is differentiable twice (see :class:`_MathAttention`): every
+    path of pfkernels that differentiates a user's model or loss twice runs it inside one."""
+    return _MathAttention()
 
 
 def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -465,13 +489,13 @@ class HessianOperator:
     @contextlib.contextmanager
     def _evaluation(self):
         if self._model is None:
-            with _math_sdpa():
+            with math_attention():
                 yield
             return
         flags = [(m, m.training) for m in self._model.modules()]
         self._model.train(self._mode == "train")
         try:
-            with _math_sdpa():
+            with math_attention():
                 yield
         finally:
             for module, training in flags:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..hvp import math_attention
+
 __all__ = [
     "CentralFlow",
     "CentralFlowComparison",
@@ -349,7 +351,7 @@ class _FunctionObjective(_Objective):
         if self._cache is not None and self._cache[0] is w:
             return self._cache[1:]
         x = w.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), math_attention():  # differentiated up to three times
             loss = self._f(x)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn: must return a 0-d tensor")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..hvp import math_attention
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -260,7 +261,7 @@ class _GradGraph:
 
     def __init__(self, loss_fn: LossFn, theta: Tensor):
         self.theta = theta.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), math_attention():  # differentiated up to three times
             out = loss_fn(self.theta)
             if not isinstance(out, Tensor) or out.numel() != 1:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
