@@ -1,14 +1,81 @@
 """The ``pfkernels`` command.
 
 Each subcommand is a pair: ``_add_<name>(subparsers)`` declares its arguments and sets
-``func``; the function it sets runs it and returns an exit code. ``main`` wires them up.
+``func``; the function it sets checks every option, runs and returns an exit code. ``main`` wires
+them up. A bad option is reported before any work starts, argparse's way: one line
+``pfkernels <command>: error: argument --option: why`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
+
+
+class _OptionError(Exception):
+    """A bad command-line option, found by a command's own checks; ``main`` reports it."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"argument {option}: {message}")
+
+
+def _require(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise _OptionError(option, message)
+
+
+def _check_at_least(args, minimum: int, *options: str) -> None:
+    for option in options:
+        value = getattr(args, option[2:].replace("-", "_"))
+        _require(value >= minimum, option, f"must be >= {minimum}, got {value}")
+
+
+def _check_positive(value: float, option: str) -> None:
+    _require(math.isfinite(value) and value > 0, option,
+             f"must be a positive finite number, got {value:g}")
+
+
+def _check_fraction(value: float, option: str) -> None:
+    _require(0 <= value < 1, option, f"must be in [0, 1), got {value:g}")
+
+
+def _check_out(folder: str | None, option: str = "--out") -> Path | None:
+    """An output folder: created now (with its parents), so that a run never fails at its end."""
+    if folder is None:
+        return None
+    path = Path(folder)
+    _require(not path.exists() or path.is_dir(), option, f"{folder!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _OptionError(option, f"cannot create {folder!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _check_device(name: str, option: str = "--device"):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _OptionError(option, f"must be cpu or cuda[:index], got {name!r}") from None
+    _require(device.type in ("cpu", "cuda"), option, f"must be cpu or cuda[:index], got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _require(count > 0, option, f"{name!r}: no CUDA device is available")
+        _require(device.index is None or device.index < count, option,
+                 f"{name!r}: there are {count} CUDA devices")
+    return device
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like the commands' own checks: no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_info(sub) -> None:
@@ -90,6 +157,9 @@ def _run_info(args) -> int:
     return 0
 
 
+_ACTIVATION_NAMES = ("tanh", "relu", "gelu")  # pfkernels.data's activations
+_DIGITS_IMAGES, _DIGITS_TEST = 1797, 500
+
 # Default rates of `pfkernels eos`, one per optimizer: rates at which the digits MLP (2x200 tanh,
 # 1000 examples, MSE) reaches its stability threshold well within the default 1500 steps
 # (measured on this setup; see docs/tracking.md).
@@ -124,8 +194,10 @@ def _add_eos(sub) -> None:
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--width", type=int, default=200)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--activation", default="tanh")
-    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--activation", choices=sorted(_ACTIVATION_NAMES), default="tanh")
+    p.add_argument("--n-train", type=int, default=1000,
+                   help="training examples (digits: at most 1797; the test accuracy uses up to 500 "
+                   "of the others)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=20, help="measure sharpness every N steps")
     p.add_argument("--k", type=int, default=1, help="top eigenvalues to track")
@@ -147,7 +219,8 @@ def _eos_problem(args, dtype, device):
     from . import data
 
     if args.dataset == "digits":
-        ds = data.digits(n_train=args.n_train, seed=args.seed, dtype=dtype)
+        n_test = min(_DIGITS_TEST, _DIGITS_IMAGES - args.n_train)
+        ds = data.digits(n_train=args.n_train, n_test=n_test, seed=args.seed, dtype=dtype)
         in_features, out_features = 64, 10
     else:
         ds = data.synthetic_regression(n=args.n_train, d=16, seed=args.seed, n_test=200,
@@ -157,8 +230,6 @@ def _eos_problem(args, dtype, device):
         model = data.mlp(in_features, out_features, width=args.width, depth=args.depth,
                          activation=args.activation, seed=args.seed)
     else:
-        if args.dataset != "digits":
-            raise SystemExit("pfkernels eos: --model cnn needs --dataset digits (8x8 images)")
         model = data.cnn(activation=args.activation, seed=args.seed)
     model = model.to(device=device, dtype=dtype)
     train = tuple(t.to(device) for t in ds.train)
@@ -219,39 +290,54 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _check_eos_options(args) -> float:
+    """Every option of ``pfkernels eos`` (but --k against the model's size); returns the rate."""
+    lr = _EOS_RATES[args.optimizer] if args.lr is None else args.lr
+    _check_positive(lr, "--lr")
+    _check_at_least(args, 1, "--steps", "--every", "--k", "--n-train", "--width", "--threads")
+    _check_at_least(args, 0, "--depth", "--guard", "--seed")
+    if args.dataset == "digits":
+        _require(args.n_train <= _DIGITS_IMAGES, "--n-train",
+                 f"the digits set has {_DIGITS_IMAGES} images, got {args.n_train}")
+    _require(args.model != "cnn" or args.dataset == "digits", "--model",
+             "cnn needs --dataset digits (8x8 images)")
+    _require(0 < args.tol < 1, "--tol", f"must be in (0, 1), got {args.tol:g}")
+    if args.optimizer in ("momentum", "nesterov"):
+        _check_fraction(args.momentum, "--momentum")
+    if args.optimizer == "adam":
+        _check_fraction(args.beta1, "--beta1")
+    if args.optimizer == "dal":
+        _require(math.isfinite(args.dal_p) and args.dal_p >= 0, "--dal-p",
+                 f"must be a finite number >= 0, got {args.dal_p:g}")
+    _check_device(args.device)
+    _check_out(args.out)
+    return lr
+
+
 def _run_eos(args) -> int:
     import torch
 
     from . import distributed
 
+    lr = _check_eos_options(args)
     threads = torch.get_num_threads()
     try:
-        code = _train_and_track(args)
+        code = _train_and_track(args, lr)
         distributed.leave_launched()
         return code
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
-def _train_and_track(args) -> int:
-    import math
+def _train_and_track(args, lr: float) -> int:
     import os
     import time
-    from pathlib import Path
 
     import torch
 
     from . import data, distributed, eos, report
 
-    lr = _EOS_RATES[args.optimizer] if args.lr is None else args.lr
     steps = args.steps
-    if not (lr > 0 and math.isfinite(lr)):
-        raise SystemExit(f"pfkernels eos: --lr must be a positive number, got {lr}")
-    if steps < 1 or args.every < 1 or args.k < 1 or args.n_train < 1 or args.guard < 0:
-        raise SystemExit("pfkernels eos: --steps, --every, --k and --n-train must be positive "
-                         "and --guard non-negative")
-    if args.threads < 1:
-        raise SystemExit(f"pfkernels eos: --threads must be positive, got {args.threads}")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     # Under torchrun: one rank per process, each training on its shard, rank 0 writing.
@@ -261,8 +347,10 @@ def _train_and_track(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     model, train, test, classify = _eos_problem(args, dtype, device)
-    train, weight = distributed.shard_batch(train, group)
     params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    _require(args.k <= n, "--k", f"the model has {n} parameters, got {args.k}")
+    train, weight = distributed.shard_batch(train, group)
     optimizer = _eos_optimizer(args, params, lr)
     if args.optimizer == "sqrt-loss":
         from .optim import sqrt_loss
@@ -419,20 +507,19 @@ def _load_problem(spec: str):
     import os
 
     module_name, sep, function_name = spec.partition(":")
-    if not sep or not module_name or not function_name:
-        raise SystemExit(f"pfkernels sharpness: --model must be MODULE:FUNCTION, got {spec!r}")
+    _require(bool(sep and module_name and function_name), "--model",
+             f"must be MODULE:FUNCTION, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"pfkernels sharpness: cannot import {module_name!r}: {exc}") from exc
+        raise _OptionError("--model", f"cannot import {module_name!r}: {exc}") from None
     function = getattr(module, function_name, None)
-    if not callable(function):
-        raise SystemExit(f"pfkernels sharpness: {module_name!r} has no function {function_name!r}")
+    _require(callable(function), "--model", f"{module_name!r} has no function {function_name!r}")
     problem = function()
-    if not (isinstance(problem, tuple) and len(problem) == 3):
-        raise SystemExit(f"pfkernels sharpness: {spec} must return (model, loss_fn, data)")
+    _require(isinstance(problem, tuple) and len(problem) == 3, "--model",
+             f"{spec} must return (model, loss_fn, data)")
     return problem
 
 
@@ -442,10 +529,17 @@ def _run_sharpness(args) -> int:
     from .hvp import HessianOperator
     from .lanczos import eigsh
 
+    _check_at_least(args, 1, "--k", "--probes", "--steps")
+    _check_positive(args.tol, "--tol")
+    _check_at_least(args, 0, "--seed")
+    _check_out(args.out)
     model, loss_fn, batches = _load_problem(args.model)
-    op = HessianOperator(model, loss_fn, batches)
-    if not 1 <= args.k <= op.shape[0]:
-        raise SystemExit(f"pfkernels sharpness: --k must be in [1, {op.shape[0]}], got {args.k}")
+    try:
+        op = HessianOperator(model, loss_fn, batches)
+    except (TypeError, ValueError) as exc:
+        raise _OptionError("--model", f"{args.model} returned a problem the Hessian operator "
+                           f"rejects: {exc}") from None
+    _require(args.k <= op.shape[0], "--k", f"the model has {op.shape[0]} parameters, got {args.k}")
     start = time.perf_counter()
     result = eigsh(op, k=args.k, which="LA", tol=args.tol, seed=args.seed)
     elapsed = time.perf_counter() - start
@@ -461,8 +555,6 @@ def _run_sharpness(args) -> int:
     if args.density:
         from .lanczos import spectral_density
 
-        if min(args.probes, args.steps) < 1:
-            raise SystemExit("pfkernels sharpness: --probes and --steps must be positive")
         start = time.perf_counter()
         density = spectral_density(op, num_probes=args.probes, num_steps=args.steps,
                                    seed=args.seed, grid=400)
@@ -476,12 +568,9 @@ def _run_sharpness(args) -> int:
             "support": [float(density.nodes.min()), float(density.nodes.max())],
         }
     if args.out:
-        from pathlib import Path
-
         from . import report
 
         folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / "sharpness.json").write_text(json.dumps(out, indent=2))
         if args.density:
             report.plot_spectral_density(density, folder / "density.png",
@@ -525,16 +614,12 @@ def _pf_summary(cmp, **extra) -> dict:
 
 
 def _run_pf(args) -> int:
-    import pathlib
-
     import torch
 
     from . import data, flows, report
 
-    if args.substeps < 1:
-        raise SystemExit("pfkernels pf: --substeps must be >= 1")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_at_least(args, 1, "--substeps")
+    out = _check_out(args.out)
     results = {"substeps": args.substeps, "cases": {}}
 
     diag = torch.tensor([1.0, 0.01], dtype=torch.float64)
@@ -621,35 +706,44 @@ def _add_central(sub) -> None:
     p.set_defaults(func=_run_central)
 
 
+def _check_central_options(args) -> float:
+    """Every option of ``pfkernels central``; returns the rate."""
+    lr = _CENTRAL_LR[args.optimizer] if args.lr is None else args.lr
+    _check_positive(lr, "--lr")
+    _check_at_least(args, 1, "--steps", "--n-train", "--width", "--substeps", "--threads")
+    _check_at_least(args, 0, "--seed")
+    _require(args.n_train <= _DIGITS_IMAGES, "--n-train",
+             f"the digits set has {_DIGITS_IMAGES} images, got {args.n_train}")
+    if args.optimizer != "gd":
+        _check_fraction(args.beta2, "--beta2")
+        _check_positive(args.eps, "--eps")
+    _require(math.isfinite(args.smoothing) and args.smoothing >= 0, "--smoothing",
+             f"must be a finite number >= 0, got {args.smoothing:g}")
+    _check_out(args.out)
+    return lr
+
+
 def _run_central(args) -> int:
     import torch
 
+    lr = _check_central_options(args)
     threads = torch.get_num_threads()
     try:
-        return _central_comparison(args)
+        return _central_comparison(args, lr)
     finally:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
-def _central_comparison(args) -> int:
-    import math
+def _central_comparison(args, lr: float) -> int:
     import time
-    from pathlib import Path
 
     import torch
 
     from . import data, report
     from .flows import compare_central_flow
 
-    lr = _CENTRAL_LR[args.optimizer] if args.lr is None else args.lr
-    if not (lr > 0 and math.isfinite(lr)):
-        raise SystemExit(f"pfkernels central: --lr must be a positive number, got {lr}")
-    if min(args.steps, args.n_train, args.width, args.substeps, args.threads) < 1:
-        raise SystemExit("pfkernels central: --steps, --n-train, --width, --substeps and --threads "
-                         "must be positive")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ds = data.digits(n_train=args.n_train, n_test=0, seed=args.seed, dtype=torch.float64)
     model = data.mlp(width=args.width, depth=2, activation="tanh", seed=args.seed)
     n = sum(p.numel() for p in model.parameters())
@@ -690,7 +784,7 @@ _COMMANDS = [_add_info, _add_pf, _add_eos, _add_sharpness, _add_central]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pfkernels",
         description="Curvature of training made cheap to see: sharpness tracking, the principal "
         "flow, central flows and DAL.",
@@ -702,8 +796,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _OptionError as exc:
+        parser.exit(2, f"pfkernels {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -552,7 +552,11 @@ class _Sink:
 
     def __call__(self, record: dict) -> None:
         if self._writer is not None:
-            self._writer.write(record)
+            try:
+                self._writer.write(record)
+            except OSError as exc:
+                raise OSError(exc.errno, f"sinks: the JSONL sink {self._writer.path} failed: "
+                              f"{exc.strerror or exc}") from exc
         elif self._call is not None:
             self._call(record)
         else:
@@ -586,7 +590,7 @@ class SharpnessTracker:
         data: one batch ``(inputs, targets)`` or an iterable of batches (the Hessian is of the mean
             loss over them; use a fixed subset for a stochastic run).
         every: measure when ``i % every == 0``.
-        k: number of top eigenvalues.
+        k: number of top eigenvalues, at most the number of parameters the Hessian covers.
         guard: extra eigenpairs solved for (and warm-started) beyond ``k`` but not reported. At
             the edge of stability the top eigenvalues cross: the old top direction can drop below
             another that rose, and a Lanczos run started from the old top eigenvector alone then
@@ -662,6 +666,10 @@ class SharpnessTracker:
         self.hessian = HessianOperator(
             model, loss_fn, data, params=params, method=method, dtype=dtype, mode=mode
         )
+        n = self.hessian.shape[0]
+        if k > n:
+            raise ValueError(f"k: the Hessian covers {n} parameters, so at most {n} eigenvalues "
+                             f"can be tracked; got k={k}")
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.k, self.guard, self.tol = every, k, guard, float(tol)
         self.optimizer = optimizer

@@ -547,6 +547,15 @@ class HessianOperator:
                 name,
                 f"must return a scalar (0-d) loss, got shape {tuple(out.shape)}",
             )
+            # Differentiating a loss that no selected parameter reaches would give H = 0 and
+            # a "converged" zero spectrum; it is a detached loss, a no_grad block or the wrong
+            # parameters, never what the caller meant.
+            _check_arg(
+                out.requires_grad or not torch.is_grad_enabled(),
+                name,
+                "the loss does not depend on the selected parameters (it does not require "
+                "grad: detached, computed under no_grad, or built from other tensors)",
+            )
             return out
 
         return wrapped

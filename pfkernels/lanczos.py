@@ -167,14 +167,33 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
     if op_device is None:
         op_device = v0_t.device if v0_t is not None else torch.device("cpu")
     work = torch.float64 if op_dtype == torch.float64 else torch.float32
+    op_device = torch.device(op_device)
+
+    def product(x: Tensor) -> Tensor:
+        """``A x``, checked: a user's operator that returns something else fails here, named."""
+        out = mv(x)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"argument 'A': the operator returned {type(out).__name__}, not a tensor")
+        if out.numel() != x.numel() or (x.dim() == 2 and tuple(out.shape) != tuple(x.shape)):
+            raise ValueError(f"argument 'A': the operator returned shape {tuple(out.shape)} for an "
+                             f"input of shape {tuple(x.shape)}")
+        if out.is_complex() or out.device != op_device:
+            raise ValueError(f"argument 'A': the operator returned a {out.dtype} tensor on "
+                             f"{out.device}; expected real values on {op_device}")
+        return out
+
     if batch is None:
-        apply = lambda X: mv(X[0].to(op_dtype)).reshape(1, -1).to(work)
+        apply = lambda X: product(X[0].to(op_dtype)).reshape(1, -1).to(work)
     else:
-        apply = lambda X: mv(X.to(op_dtype)).reshape(X.shape).to(work)
+        apply = lambda X: product(X.to(op_dtype)).to(work)
     # a HessianOperator applies one H to every row: finished problems can leave the product
     rows = (lambda X, r: apply(X[r.to(X.device)])) if fresh and batch is not None else None
-    return _Operator(apply, n, work, torch.device(op_device), batch, fresh=fresh,
-                     apply_rows=rows)
+    return _Operator(apply, n, work, op_device, batch, fresh=fresh, apply_rows=rows)
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (``k=True`` is a mistake, not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -378,10 +397,12 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         raise ValueError(f"argument 'which': must be one of {_WHICH}, got {which!r}")
     if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16):
         raise ValueError(f"argument 'dtype': must be float32, float64 or bfloat16, got {dtype}")
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
+    if batch is not None and (not _is_int(batch) or batch < 1):
         raise ValueError(f"argument 'batch': must be a positive int, got {batch!r}")
-    if not isinstance(k, int) or k < 1:
+    if not _is_int(k) or k < 1:
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
+    if n is not None and (not _is_int(n) or n < 1):
+        raise ValueError(f"argument 'n': must be a positive int, got {n!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"argument 'tol': must be a positive finite number, got {tol!r}")
     if not isinstance(shard_basis, bool):
@@ -400,12 +421,12 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         raise ValueError(f"argument 'k': {k} exceeds the operator's size n={N}")
     if ncv is None:
         ncv = max(2 * k + 1, 20)
-    elif not isinstance(ncv, int) or ncv <= k:
+    elif not _is_int(ncv) or ncv <= k:
         raise ValueError(f"argument 'ncv': must be an int > k={k}, got {ncv!r}")
     ncv = min(ncv, N)
     if max_matvecs is None:
         max_matvecs = max(1000, 30 * ncv)
-    elif not isinstance(max_matvecs, int) or max_matvecs < 1:
+    elif not _is_int(max_matvecs) or max_matvecs < 1:
         raise ValueError(f"argument 'max_matvecs': must be a positive int, got {max_matvecs!r}")
     work = op.dtype
     storage = dtype if dtype is not None else work

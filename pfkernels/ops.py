@@ -351,12 +351,14 @@ def _pf_coefficients_real(x: Tensor) -> Tensor:
     """r = log(1 - x)/x for real float64 ``x = h·λ`` on the principal branch, as complex128.
 
     The same case split as ``pfk::principal_flow_coefficient`` (csrc/common/flow.h): x = 0 gives
-    -1, x = 1 gives -inf + 0i, x > 1 gives (log(x - 1) + iπ)/x, and log1p keeps small |x| exact.
+    -1, x = 1 gives -inf + 0i, x > 1 gives (log(x - 1) + iπ)/x, |x| = inf gives the limit 0, and
+    log1p keeps small |x| exact.
     """
     below = x < 1
     re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
     re = torch.where(x == 0, -1.0, re / torch.where(x == 0, 1.0, x))
     re = torch.where(x == 1, -math.inf, re)
+    re = torch.where(torch.isinf(x), 0.0, re)
     im = torch.where(x > 1, math.pi / x, 0.0)
     im = torch.where(torch.isnan(x), math.nan, im)
     return torch.complex(re, im)

@@ -144,13 +144,22 @@ class MetricsWriter:
     def write(self, row: Mapping[str, Any]) -> None:
         if self._file.closed:
             raise ValueError(f"MetricsWriter: {self.path} is closed")
-        self._file.write(json.dumps(to_jsonable(row), allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(to_jsonable(row), allow_nan=False) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as exc:  # a full disk, a vanished mount: say which file
+            raise OSError(exc.errno, f"MetricsWriter: cannot write to {self.path}: "
+                          f"{exc.strerror or exc}") from exc
 
     __call__ = write
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise OSError(exc.errno, f"MetricsWriter: cannot write to {self.path}: "
+                          f"{exc.strerror or exc}") from exc
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -445,7 +445,7 @@ def test_stability_report_agrees_with_dense_quantities():
     json.dumps(d)
     with pytest.raises(ValueError, match="argument 'k'"):
         flows.stability_report(model, loss_fn, batch, lr, k=0)
-    with pytest.raises(ValueError, match="argument 'h'"):
+    with pytest.raises(ValueError, match="argument 'lr'"):
         flows.stability_report(model, loss_fn, batch, -1.0, k=2)
 
 

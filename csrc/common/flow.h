@@ -11,11 +11,15 @@ namespace pfk {
 // complex log (Rosca et al. 2023): for x > 1, log(1 - x) = log(x - 1) + i*pi.
 // Limits, exactly: x = 0 gives r = -1 (gradient flow); x = 1 (GD removes the direction in one
 // step) gives r = -inf + 0i, the honest value: the flow annihilates that component in zero time,
-// so propagators (1 - x)^(t/h) are exactly 0 for t > 0. log1p keeps full relative accuracy for
-// small |x|. A NaN x gives NaN parts.
+// so propagators (1 - x)^(t/h) are exactly 0 for t > 0. |x| -> inf gives the limit r = 0 (log|x|/x
+// -> 0; an h * lambda that overflows lands here). log1p keeps full relative accuracy for small
+// |x|. A NaN x gives NaN parts.
 PFK_HD void principal_flow_coefficient(double x, double* re, double* im) {
   const double kPi = 3.14159265358979323846;
-  if (x == 0.0) {
+  if (isinf(x)) {
+    *re = 0.0;
+    *im = 0.0;
+  } else if (x == 0.0) {
     *re = -1.0;
     *im = 0.0;
   } else if (x < 1.0) {

@@ -53,14 +53,16 @@ FLOWS = ("pf", "pf_np", "bea3", "igr", "ngf")
 STABILITY_CLASSES = ("stable", "oscillating-stable", "neutral", "oscillating-unstable", "unstable")
 
 
-def _check_h(h) -> float:
+def _check_h(h, name: str = "h") -> float:
     ok = isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0
     if not ok:
-        raise ValueError(f"argument 'h': must be a positive finite number, got {h!r}")
+        raise ValueError(f"argument '{name}': must be a positive finite number, got {h!r}")
     return float(h)
 
 
 def _check_eigenvalues(eigenvalues) -> Tensor:
+    """A 1-D real or complex tensor of finite eigenvalues (a NaN would come back as NaN
+    coefficients, classes and fields that look like results; one host read on a GPU)."""
     if not isinstance(eigenvalues, Tensor):
         raise TypeError("argument 'eigenvalues': must be a tensor")
     if eigenvalues.dim() != 1:
@@ -69,6 +71,8 @@ def _check_eigenvalues(eigenvalues) -> Tensor:
         )
     if not (eigenvalues.is_floating_point() or eigenvalues.is_complex()):
         raise TypeError(f"argument 'eigenvalues': must be real or complex, got {eigenvalues.dtype}")
+    if not bool(torch.isfinite(eigenvalues).all()):
+        raise ValueError("argument 'eigenvalues': contains NaN or infinity")
     return eigenvalues
 
 
@@ -147,6 +151,7 @@ def _coefficients(x: Tensor, continuous: bool) -> Tensor:
     one = x == 1
     r = _log_one_minus(x, continuous) / torch.where((x == 0) | one, 1.0, x)
     r = torch.where(x == 0, -1.0 + 0j, r)
+    r = torch.where(torch.isinf(x), 0j, r)  # the limit log(1 - x)/x -> 0 as |x| -> inf
     return torch.where(one, complex(-math.inf, 0.0), r)
 
 
@@ -493,6 +498,7 @@ def principal_flow_field(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor
     Equation: REFERENCES.md §1 (top-k form).
     """
     h = _check_h(h)
+    _check_eigenvalues(eigenvalues)
     if not any(isinstance(t, Tensor) and t.is_complex() for t in (grad, eigenvalues, eigenvectors)):
         return ops.flow_field(grad, eigenvalues, eigenvectors, h)[0]
     _check_eigenpairs(_check_theta(grad, "grad"), eigenvalues, eigenvectors)
@@ -1013,7 +1019,7 @@ def stability_report(
     from ..hvp import HessianOperator
     from ..lanczos import eigsh
 
-    lr = _check_h(lr)
+    lr = _check_h(lr, "lr")
     op = HessianOperator(model, loss_fn, data, params=params, dtype=dtype, mode=mode)
     n = op.shape[0]
     if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= n):
