@@ -43,13 +43,17 @@ first-order graph.
 The model is evaluated with ``torch.func.functional_call`` on views of θ, so the caller's model
 and its tensors are never modified: parameters are read afresh from the model at every call (the
 operator follows training), buffers are passed as copies (BatchNorm running statistics never
-move), and the modules' train/eval flags are restored after each evaluation.
+move), and the modules' train/eval flags are restored after each evaluation. Evaluations of one
+model from several threads take turns (each swaps its θ into the module); products change no
+process-wide torch state: attention is routed to its math path by a per-thread mode
+(:func:`math_attention`), not by torch's global backend flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
@@ -96,6 +100,57 @@ class _MathAttention(torch.overrides.TorchFunctionMode):
         if func is torch.nn.functional.scaled_dot_product_attention:
             return _sdpa_math(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+class _ModelUse:
+    """Which thread is evaluating each model now, and in which mode.
+
+    An evaluation swaps its θ into the caller's model (``torch.func.functional_call``
+    reparametrises the module's attributes for the length of the forward pass) and sets the
+    model's train/eval flags. Two threads doing that to one model at once read each other's
+    parameters (silently wrong products) and restore each other's flags (the model is left in
+    the wrong mode), so evaluations of one model take turns; other models run concurrently.
+    The first evaluation saves the flags and the last restores them; evaluations nest within
+    a thread.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._held: dict[int, list] = {}  # id(model) -> [thread, depth, training, saved flags]
+
+    @contextlib.contextmanager
+    def hold(self, model: nn.Module, training: bool):
+        key, me = id(model), threading.get_ident()
+        with self._changed:
+            while key in self._held and self._held[key][0] != me:
+                self._changed.wait()
+            entry = self._held.get(key)
+            if entry is None:
+                entry = [me, 0, training, [(m, m.training) for m in model.modules()]]
+                self._held[key] = entry
+                model.train(training)
+            elif entry[2] != training:
+                raise RuntimeError(
+                    "HessianOperator: a product in mode "
+                    f"{'train' if training else 'eval'} inside a product on the same model in "
+                    "the other mode (a loss_fn that takes products itself?)")
+            entry[1] += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    for module, flag in entry[3]:
+                        module.training = flag
+                    del self._held[key]
+                    self._changed.notify_all()
+
+
+_MODEL_USE = _ModelUse()
+# Forward-mode AD keeps its levels in process-wide state: two threads in torch.func.jvp at once
+# corrupt each other's ("no level exists"), so forward-over-reverse products take turns.
+_FORWARD_AD = threading.RLock()
 
 
 def math_attention() -> _MathAttention:
@@ -492,14 +547,8 @@ class HessianOperator:
             with math_attention():
                 yield
             return
-        flags = [(m, m.training) for m in self._model.modules()]
-        self._model.train(self._mode == "train")
-        try:
-            with math_attention():
-                yield
-        finally:
-            for module, training in flags:
-                module.training = training
+        with _MODEL_USE.hold(self._model, self._mode == "train"), math_attention():
+            yield
 
     def _fixed_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The parameters outside θ and the buffers, detached, in the working dtype."""
@@ -599,12 +648,13 @@ class HessianOperator:
                 def one(u: Tensor) -> Tensor:
                     return torch.func.jvp(grad_fn, (theta,), (u,))[1]
 
-                if v.dim() == 1:
-                    return one(v)
-                if self._mode == "train" and self._model is not None:
-                    # vmap cannot write batched running statistics into unbatched buffers.
-                    return torch.stack([one(u) for u in v])
-                return torch.func.vmap(one)(v)
+                with _FORWARD_AD:
+                    if v.dim() == 1:
+                        return one(v)
+                    if self._mode == "train" and self._model is not None:
+                        # vmap cannot write batched running statistics into unbatched buffers.
+                        return torch.stack([one(u) for u in v])
+                    return torch.func.vmap(one)(v)
 
             return forward_over_reverse
 

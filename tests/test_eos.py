@@ -450,6 +450,73 @@ def test_tracker_bad_input(seed):
         eos.preconditioned_operator(torch.eye(3), adam)
 
 
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=1.5), "momentum"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=1.0), "momentum"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=1.5, nesterov=True), "momentum"),
+        (lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=1.5), "momentum"),
+        (lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.9, 0.999)), "beta1"),
+    ],
+)
+def test_threshold_refuses_momentum_without_one(make, name):
+    """Item 3: heavy ball with momentum >= 1 diverges at every curvature (the roots of
+    z² − (1 + β − ηa)z + β cannot both lie in the unit disc), so no threshold exists."""
+    opt = make([_param()])
+    if name == "beta1":  # torch's constructor refuses beta1 >= 1; a group edited later does not
+        opt.param_groups[0]["betas"] = (1.2, 0.999)
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=rf"optimizer:.*{name}=.*no stability threshold"):
+        eos.stability_threshold(opt)
+    assert [dict(g) for g in opt.param_groups] == before
+
+
+def test_heavy_ball_at_momentum_one_and_a_half_diverges_below_any_threshold(gen):
+    """What the refused value would have promised: at half the 'threshold' curvature, heavy
+    ball with β = 1.5 still diverges."""
+    lr, beta = 0.1, 1.5
+    a = 0.5 * (2 + 2 * beta) / lr
+    x_prev = x = 1.0
+    for _ in range(200):
+        x, x_prev = x - lr * a * x + beta * (x - x_prev), x
+    assert abs(x) > 1e10
+
+
+@pytest.mark.parametrize("lr", [-0.1, math.nan, math.inf])
+def test_threshold_refuses_bad_rates(lr):
+    opt = torch.optim.SGD([_param()], lr=0.1)
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(ValueError, match="optimizer: lr="):
+        eos.stability_threshold(opt)
+
+
+def test_tracker_refuses_more_eigenvalues_than_parameters(seed):
+    """Item 6: k beyond the operator's size was clipped silently."""
+    model, batch = _tiny_problem(seed)
+    n = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=rf"k: .*{n} parameters"):
+        eos.SharpnessTracker(model, data.mse_loss, batch, k=n + 1)
+    tracker = eos.SharpnessTracker(model, data.mse_loss, batch, k=n, guard=3)
+    assert len(tracker.step(0)["eigenvalues"]) == n
+
+
+def test_jsonl_sink_on_a_full_disk_names_the_sink(seed, tmp_path):
+    """Item 9: /dev/full fails every write with ENOSPC, as a full disk does."""
+    import errno
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux) to simulate a full disk")
+    model, batch = _tiny_problem(seed)
+    tracker = eos.SharpnessTracker(model, data.mse_loss, batch, sinks=["/dev/full"])
+    with pytest.raises(OSError, match="sinks: the JSONL sink /dev/full failed") as info:
+        tracker.step(0)
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError, match="cannot write to /dev/full"):  # the line still pending
+        tracker.close()
+
+
 def test_lightning_callback_with_stub(monkeypatch, seed):
     """The callback class against a stand-in lightning module (lightning is not installed here)."""
     import importlib.machinery

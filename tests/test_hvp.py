@@ -273,6 +273,60 @@ def test_scaled_dot_product_attention_model(seed, method):
     assert rel(op @ v, v @ dense_hessian(model, mse_loss, [(x, y)])) < 1e-10
 
 
+def _attention_flags():
+    b = torch.backends.cuda  # process-wide, for every device (the CPU kernels read them too)
+    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
+            b.cudnn_sdp_enabled())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_products_in_two_threads_change_no_global_state(seed, method):
+    """Item 5: products used to switch torch's process-wide attention backends off while they
+    ran (another thread saw them off) and, from two threads, left them off for good. Two
+    threads run products on one model while a third watches the backend flags: they never
+    change. The model's own train/eval flags (products evaluate in eval mode) are back as they
+    were afterwards, which two threads restoring each other's saved flags used to break, and
+    the products stay exact (forward-over-reverse from two threads used to fail in torch's
+    process-wide forward-AD levels)."""
+    import threading
+
+    model = TinyAttention().double().train()  # products run in eval mode
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    v = torch.randn(op_size := sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    want = HessianOperator(model, mse_loss, (x, y), method=method) @ v
+    start = (_attention_flags(), model.training)
+    seen, results, errors = set(), [], []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add((_attention_flags(), model.training))
+
+    def work():
+        try:
+            op = HessianOperator(model, mse_loss, (x, y), method=method)
+            for _ in range(30):
+                results.append(op @ v)
+        except Exception as exc:  # reported below, with the thread's traceback gone
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    watcher.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert (_attention_flags(), model.training) == start
+    assert {flags for flags, _ in seen} == {start[0]}
+    assert len(results) == 60 and op_size == v.numel()
+    for hv in results:
+        torch.testing.assert_close(hv, want, rtol=1e-12, atol=1e-14)
+
+
 class WithUnused(nn.Module):
     def __init__(self):
         super().__init__()

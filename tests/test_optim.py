@@ -303,6 +303,181 @@ def _assert_unchanged(model, opt, snap):
     for k, v in snap[1]["state"].items():
         for key, t in v.items():
             assert torch.equal(state["state"][k][key], t)
+    lrs = [None if r is None else float(r) for r in state.get("dal", {}).get("last_lrs", [])]
+    want = [None if r is None else float(r) for r in snap[1].get("dal", {}).get("last_lrs", [])]
+    assert lrs == want
+
+
+# --- loading state: nothing a state dict holds reaches a kernel unchecked -----------------------
+
+_OTHER_SHAPES_SCRIPT = """
+import torch
+import pfkernels
+from pfkernels import data
+from pfkernels.optim import DAL
+
+assert pfkernels.backend_info()["extension_loaded"], pfkernels.backend_info()
+x, y = data.digits(n_train=64, n_test=0).train
+def make(width):
+    model = data.mlp(width=width, depth=1, seed=0)
+    return model, DAL(model.parameters(), lr=0.1, momentum=0.9)
+first, opt1 = make(8)
+second, opt2 = make(9)  # as many tensors, other shapes
+opt1.step(lambda: data.mse_loss(first(x), y))
+before = [p.detach().clone() for p in second.parameters()]
+try:
+    opt2.load_state_dict(opt1.state_dict())
+except ValueError as exc:
+    print("refused:", exc)
+for _ in range(3):
+    opt2.step(lambda: data.mse_loss(second(x), y))
+shapes = [tuple(opt2.state[p]["momentum_buffer"].shape) for p in second.parameters()]
+assert shapes == [tuple(p.shape) for p in second.parameters()], shapes
+print("stepped")
+"""
+
+
+def test_momentum_state_of_another_model_is_refused_in_a_subprocess(tmp_path):
+    """Issue 12, item 1: loading the momentum of a model with as many tensors but other shapes
+    was accepted, and the fused CPU update then wrote past the ends of the loaded buffers
+    (SIGSEGV or heap corruption). Run in a subprocess so that a crash is a failure, not a
+    crashed suite."""
+    import subprocess
+    import sys
+
+    # cwd: not the checkout, whose pfkernels/ has no compiled extension
+    done = subprocess.run([sys.executable, "-c", _OTHER_SHAPES_SCRIPT], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused: argument 'state_dict'" in done.stdout and "momentum_buffer" in done.stdout
+    assert "stepped" in done.stdout
+
+
+def _dal_pair(seed, momentum=0.9, widths=(8, 9)):
+    made = []
+    for width in widths:
+        model, data = _mlp(seed, dtype=torch.float32, width=width, depth=1)
+        made.append((model, data, DAL(model.parameters(), lr=0.05, momentum=momentum)))
+    return made
+
+
+def test_momentum_state_of_a_larger_model_is_refused(seed):
+    """The other direction of item 1: the larger buffers were used silently."""
+    (big, big_data, big_opt), (small, small_data, small_opt) = _dal_pair(seed, widths=(9, 8))
+    big_opt.step(_mse(big, big_data))
+    small_opt.step(_mse(small, small_data))
+    snap = _snapshot(small, small_opt)
+    with pytest.raises(ValueError, match=r"argument 'state_dict'.*momentum_buffer.*shape"):
+        small_opt.load_state_dict(big_opt.state_dict())
+    _assert_unchanged(small, small_opt, snap)
+
+
+@pytest.mark.parametrize(
+    "key, value, name",
+    [("p", -1.0, "p"), ("momentum", 1.5, "momentum"), ("window", (5, 2), "window"),
+     ("lr", -1.0, "lr"), ("lr_max", 0.0, "lr_max"), ("lr", math.nan, "lr"), ("p", True, "p"),
+     ("step", -3, "step"), ("step", 2.5, "step")],
+)
+def test_load_state_dict_rechecks_every_hyperparameter(key, value, name, seed):
+    """Item 2: a loaded param group's hyperparameters pass the checks of add_param_group."""
+    model, data = _mlp(seed, dtype=torch.float32)
+    opt = DAL(model.parameters(), p=1.0, lr=0.05, momentum=0.5)
+    opt.step(_mse(model, data))
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0][key] = value
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"argument 'state_dict'.*argument '{name}'"):
+        opt.load_state_dict(state)
+    _assert_unchanged(model, opt, snap)
+    assert opt.last_lr is not None
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda s: s["state"][0].update(momentum_buffer=torch.zeros(1).expand(16, 5)), None),
+        (lambda s: s["state"][0].update(momentum_buffer=torch.zeros(16, 5, dtype=torch.int64)),
+         "floating"),
+        (lambda s: s["state"][0].update(momentum_buffer=torch.zeros(80)), "shape"),
+        (lambda s: s["state"][0].update(momentum_buffer=[0.0] * 80), "tensor"),
+        (lambda s: s["state"].update({99: {"momentum_buffer": torch.zeros(3)}}), "no parameter"),
+        (lambda s: s["param_groups"].append(dict(s["param_groups"][0])), "param groups"),
+        (lambda s: s["param_groups"][0]["params"].pop(), "parameters"),
+        (lambda s: s["param_groups"][0].pop("lr_max"), "lacks"),
+        (lambda s: s.pop("state"), "'state'"),
+        (lambda s: s.update(dal={"last_lrs": [torch.ones(2)]}), "last_lrs"),
+    ],
+)
+def test_load_state_dict_rejects_malformed_state(corrupt, match, seed):
+    model, data = _mlp(seed, dtype=torch.float32)
+    opt = DAL(model.parameters(), lr=0.05, momentum=0.5)
+    opt.step(_mse(model, data))
+    state = copy.deepcopy(opt.state_dict())
+    corrupt(state)
+    snap = _snapshot(model, opt)
+    if match is None:  # an expanded buffer of the right shape: accepted, copied to real memory
+        opt.load_state_dict(state)
+        assert opt.state[next(iter(model.parameters()))]["momentum_buffer"].is_contiguous()
+        opt.step(_mse(model, data))
+        return
+    with pytest.raises(ValueError, match=f"argument 'state_dict'.*{match}"):
+        opt.load_state_dict(state)
+    _assert_unchanged(model, opt, snap)
+
+
+def test_loaded_buffers_are_the_optimizers_own(seed):
+    """The loaded optimizer steps its own copies: the dict it was loaded from (often another
+    optimizer's live state) does not move."""
+    model, data = _mlp(seed, dtype=torch.float32)
+    opt = DAL(model.parameters(), lr=0.05, momentum=0.5)
+    opt.step(_mse(model, data))
+    other_model = copy.deepcopy(model)
+    other = DAL(other_model.parameters(), lr=0.05, momentum=0.5)
+    other.load_state_dict(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    other.step(_mse(other_model, data))
+    for k, v in before["state"].items():
+        assert torch.equal(opt.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
+
+
+def test_resumed_dal_threshold_is_two_over_its_last_rate(seed):
+    """Item 4: after a resume the tracker's threshold is 2/h of the last step, not 2/lr."""
+    model, data = _mlp(seed, dtype=torch.float32)
+    opt = DAL(model.parameters(), p=1.0, lr=0.01, lr_max=3.0)
+    opt.step(_mse(model, data))
+    h = float(opt.last_lr)
+    assert h != 0.01
+    resumed = DAL(copy.deepcopy(model).parameters(), lr=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert float(resumed.last_lr) == h
+    assert pfkernels.stability_threshold(resumed).value == pytest.approx(2.0 / h, rel=1e-12)
+    assert pfkernels.stability_threshold(opt).value == pytest.approx(2.0 / h, rel=1e-12)
+
+
+def test_scaler_load_state_dict_checks_before_changing_anything(seed):
+    params, closure, _ = _tanh_problem(seed)
+    scaler = DALScaler(torch.optim.SGD(params, lr=0.01, momentum=0.9), p=1.0, window=(0, 5))
+    scaler.step(closure)
+    good = copy.deepcopy(scaler.state_dict())
+    before = (copy.deepcopy(scaler.base.state_dict()), scaler.p, scaler.window, scaler.step_count)
+    bad_cases = [
+        (lambda s: s["dal"].update(window=(5, 2)), "window"),
+        (lambda s: s["dal"].update(p=-1.0), "argument 'p'"),
+        (lambda s: s["dal"].update(step_count=-1), "step_count"),
+        (lambda s: s["base"]["param_groups"][0].update(lr=-1.0), "argument 'lr'"),
+        (lambda s: s["base"]["state"][0].update(momentum_buffer=torch.zeros(7)), "shape"),
+        (lambda s: s.pop("dal"), "'dal'"),
+    ]
+    for corrupt, match in bad_cases:
+        state = copy.deepcopy(good)
+        corrupt(state)
+        with pytest.raises(ValueError, match=f"argument 'state_dict'.*{match}"):
+            scaler.load_state_dict(state)
+        after = (scaler.base.state_dict(), scaler.p, scaler.window, scaler.step_count)
+        assert after[1:] == before[1:]
+        assert after[0]["param_groups"] == before[0]["param_groups"]
+        for k, v in before[0]["state"].items():
+            assert torch.equal(after[0]["state"][k]["momentum_buffer"], v["momentum_buffer"])
 
 
 @pytest.mark.parametrize(
