@@ -11,6 +11,7 @@ OUT ?= runs/demo
 setup:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH) -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps .
 
 demo: setup

@@ -327,6 +327,130 @@ def test_products_in_two_threads_change_no_global_state(seed, method):
         torch.testing.assert_close(hv, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "bool_mask", "float_mask", "causal", "scale", "gqa", "batched_bool_mask"],
+)
+def test_math_attention_is_sdpa_on_its_math_path(case, gen):
+    """Inside math_attention, F.scaled_dot_product_attention computes what torch's own math
+    backend computes, for every argument it takes."""
+    from pfkernels.hvp import math_attention
+
+    B, H, L, S, E = 2, 4, 5, 7, 8
+    q = torch.randn(B, H, L, E, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, H, S, E, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, H, S, E, generator=gen, dtype=torch.float64)
+    mask = torch.rand(L, S, generator=gen) > 0.3
+    mask[:, 0] = True
+    kwargs = {
+        "plain": {}, "bool_mask": {"attn_mask": mask}, "scale": {"scale": 0.3},
+        "float_mask": {"attn_mask": torch.randn(B, 1, L, S, generator=gen, dtype=torch.float64)},
+        "causal": {"is_causal": True}, "gqa": {"enable_gqa": True},
+        "batched_bool_mask": {"attn_mask": mask.expand(B, H, L, S)},
+    }[case]
+    if case == "causal":
+        k, v = k[:, :, :L], v[:, :, :L]
+    if case == "gqa":
+        k, v = k[:, :2], v[:, :2]
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with math_attention():
+        got = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def _attention_problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    model = TinyAttention().double()
+    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 1, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+def test_dal_and_scaler_differentiate_attention_twice(seed):
+    """DAL's H·g (and DALScaler's H·u) differentiate the closure's graph twice: without the math
+    path the fused CPU attention kernel has no double backward. The rate's sums against the
+    dense Hessian, and the global backend flags untouched."""
+    from pfkernels.optim import DAL, DALScaler
+
+    flags = _attention_flags()
+    for make in (lambda ps: DAL(ps, p=1.0, lr=0.01),
+                 lambda ps: DALScaler(torch.optim.SGD(ps, lr=0.01), p=1.0)):
+        model, x, y = _attention_problem(seed)
+        params = list(model.parameters())
+        dense = dense_hessian(model, mse_loss, [(x, y)])
+        g = HessianOperator(model, mse_loss, (x, y)).gradient()
+        opt = make(params)
+        seen = []
+
+        def closure(model=model, x=x, y=y):
+            seen.append(_attention_flags())
+            return mse_loss(model(x), y)
+
+        opt.step(closure)
+        if isinstance(opt, DAL):
+            sums = opt.last_stats[0]
+            torch.testing.assert_close(sums[2], (dense @ g).pow(2).sum(), rtol=1e-10, atol=0)
+        else:
+            assert float(opt.last_lr) > 0
+        assert seen == [flags] and _attention_flags() == flags
+
+
+def _tiny_llama(attention: str):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        attn_implementation=attention)
+    torch.manual_seed(0)  # transformers initialises from the global generator
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+class _Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def _next_token_loss(logits, ids):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def test_transformers_llama_products_through_sdpa(seed, gen):
+    """A real model: Hugging Face's Llama (grouped-query, causal attention through
+    F.scaled_dot_product_attention) gives the same H·v as its eager attention, and nothing a
+    product does reaches torch's global attention flags."""
+    sdpa, eager = _tiny_llama("sdpa"), _tiny_llama("eager")
+    eager.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 32, (3, 8), generator=gen)
+    flags = _attention_flags()
+    seen = []
+
+    def loss_fn(logits, target):
+        seen.append(_attention_flags())
+        return _next_token_loss(logits, target)
+
+    op = HessianOperator(_Logits(sdpa), loss_fn, (ids, ids))
+    v = torch.randn(op.shape[0], dtype=torch.float64, generator=gen)
+    hv = op @ v
+    assert set(seen) == {flags} and _attention_flags() == flags
+
+    named = dict(sdpa.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in named.values()]).requires_grad_(True)
+    views = dict(zip(named, torch.split(theta, [p.numel() for p in named.values()])))
+    params = {n: views[n].view(p.shape) for n, p in named.items()}
+    with sdpa_kernel(SDPBackend.MATH):  # torch's own math path, process-wide, for the reference
+        logits = torch.func.functional_call(sdpa, params, (), {"input_ids": ids}).logits
+        (g,) = torch.autograd.grad(_next_token_loss(logits, ids), theta, create_graph=True)
+        (want,) = torch.autograd.grad(g, theta, v)
+    assert rel(hv, want) < 1e-10
+    # Eager attention is another implementation (its softmax runs in float32): close, not equal.
+    assert rel(HessianOperator(_Logits(eager), _next_token_loss, (ids, ids)) @ v, want) < 1e-6
+
+
 class WithUnused(nn.Module):
     def __init__(self):
         super().__init__()
