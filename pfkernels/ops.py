@@ -931,7 +931,7 @@ def _lanczos_step_check(w, V, j, alpha, beta, wnorm, *, real: bool = True) -> No
                       (torch.float32, torch.float64))
     _check_arg(V.dim() == 3, "V", f"must have shape [B, m+1, n], got {tuple(V.shape)}")
     B, rows, n = V.shape
-    _check_arg(V.stride(2) == 1 and V.stride(1) == n, "V",
+    _check_arg(B == 0 or V[0].is_contiguous(), "V",
                "each problem's basis [m+1, n] must be contiguous")
     _check_arg(B <= 1 or V.stride(0) >= rows * n, "V",
                f"batch stride {V.stride(0)} makes the problems' bases [m+1, n] = [{rows}, {n}] "
@@ -1052,7 +1052,7 @@ def _lanczos_ritz_check(S, V) -> None:
     _check_tensor(V, "V", V.device, tuple(_LANCZOS_ARITH))
     _check_tensor(S, "S", V.device, (torch.float64,))
     _check_arg(V.dim() == 3, "V", f"must have shape [B, >=rows, n], got {tuple(V.shape)}")
-    _check_arg(V.stride(2) == 1 and V.stride(1) == V.shape[2], "V",
+    _check_arg(V.shape[0] == 0 or V[0].is_contiguous(), "V",
                "each problem's basis must be contiguous")
     _check_arg(S.dim() == 3 and S.shape[0] == V.shape[0] and S.shape[1] <= V.shape[1], "S",
                f"must be [B, rows, k] with B={V.shape[0]} and rows <= {V.shape[1]}, got "

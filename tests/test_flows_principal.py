@@ -100,6 +100,25 @@ def test_coefficient_limits_are_exact():
     assert rc[2].imag > 0
 
 
+def test_coefficients_refuse_non_finite_eigenvalues_and_take_the_limit_at_infinity():
+    """Issue 12, item 8: NaN eigenvalues came back as NaN coefficients; hλ → ∞ gave NaN where
+    the limit is 0."""
+    for bad in (math.nan, math.inf):
+        lam = torch.tensor([1.0, bad], dtype=torch.float64)
+        for call in (lambda: flows.principal_flow_coefficients(lam, 0.1),
+                     lambda: flows.stability_coefficients(lam, 0.1),
+                     lambda: flows.principal_flow_propagator(lam, 0.1, 1.0),
+                     lambda: flows.principal_flow_field(torch.ones(2, dtype=torch.float64), lam,
+                                                        torch.eye(2, dtype=torch.float64), 0.1)):
+            with pytest.raises(ValueError, match="argument 'eigenvalues'.*NaN or infinity"):
+                call()
+    huge = torch.tensor([1e300, -1e300], dtype=torch.float64)
+    r = flows.principal_flow_coefficients(huge, 1e300)  # hλ overflows to ±inf
+    assert torch.equal(r, torch.zeros(2, dtype=torch.complex128))
+    rc = flows.principal_flow_coefficients(huge.to(torch.complex128), 1e300)
+    assert torch.equal(rc, torch.zeros(2, dtype=torch.complex128))
+
+
 def test_propagator_annihilates_exactly():
     lam = torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64)
     h = 0.5

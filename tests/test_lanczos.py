@@ -210,6 +210,53 @@ def test_bad_inputs(gen):
         eigsh(A, k=3, ncv=3)
 
 
+def test_operators_that_return_the_wrong_thing_are_named(gen):
+    """Issue 12, item 9: a batched callable returning the wrong shape failed inside a reshape;
+    other wrong results now fail naming 'A' too."""
+    A = _with_spectrum(torch.randn(40, dtype=F64, generator=gen), gen)
+    wrong = [
+        (lambda X: (X @ A)[:, :-1], 3, ValueError, "shape"),
+        (lambda X: (X @ A).T, 3, ValueError, "shape"),
+        (lambda X: (X @ A).reshape(-1), 3, ValueError, "shape"),
+        (lambda X: (X @ A).tolist(), 3, TypeError, "list"),
+        (lambda X: (X @ A).to(torch.complex128), 3, ValueError, "complex128"),
+        (lambda v: (v @ A)[:-1], None, ValueError, "shape"),
+        (lambda v: None, None, TypeError, "NoneType"),
+    ]
+    for fn, batch, error, match in wrong:
+        with pytest.raises(error, match=f"argument 'A'.*{match}"):
+            eigsh(fn, k=2, n=40, batch=batch, seed=0, dtype=F64)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(k=True), "k"), (dict(k=2, ncv=True), "ncv"), (dict(max_matvecs=True), "max_matvecs"),
+    (dict(batch=True), "batch"), (dict(k=2.0), "k"), (dict(n=0), "n"), (dict(n=True), "n"),
+])
+def test_bools_are_not_ints(kwargs, name, gen):
+    """Issue 12, item 9: k=True was taken as 1."""
+    A = _with_spectrum(torch.randn(30, dtype=F64, generator=gen), gen)
+    with pytest.raises(ValueError, match=f"argument '{name}'"):
+        if "n" in kwargs:
+            eigsh(lambda v: v @ A, **kwargs)
+        else:
+            eigsh(A, **kwargs)
+
+
+def test_loss_that_reaches_no_parameter_is_an_error(seed):
+    """Issue 12, item 9: a detached loss gave H = 0, 'converged'."""
+    model = pfkernels.data.mlp(3, 2, width=4, depth=1, seed=seed).double()
+    x, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
+
+    def detached(out, target):
+        return pfkernels.data.mse_loss(out.detach(), target)
+
+    op = pfkernels.HessianOperator(model, detached, (x, y))
+    with pytest.raises(ValueError, match="argument 'loss_fn'.*does not depend"):
+        eigsh(op, k=1, seed=0)
+    with pytest.raises(ValueError, match="argument 'loss_fn'.*does not depend"):
+        pfkernels.sharpness(model, detached, (x, y))
+
+
 def test_nan_operator_names_iteration(gen):
     A = _with_spectrum(torch.randn(200, dtype=F64, generator=gen), gen)
     calls = []

@@ -74,6 +74,19 @@ def test_flow_field_limits():
                                                       dtype=torch.complex128))
 
 
+def test_flow_field_coefficient_at_infinite_h_lambda_is_zero():
+    """Issue 12, item 8: hλ overflowing to ±inf gave NaN (inf/inf); the limit of log(1 - x)/x
+    is 0, in the kernel (csrc/common/flow.h) and in the ref."""
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    u = torch.eye(3, dtype=torch.float64)[:, :2]
+    lam = torch.tensor([1e300, -1e300], dtype=torch.float64)
+    for fn in (ops.flow_field, ops.flow_field_ref):
+        field, proj = fn(g, lam, u, 1e300)
+        assert torch.equal(proj, g[:2])
+        # r = 0 on both directions: the field there is (r + 1) p - p = 0, and -g elsewhere.
+        assert torch.equal(field, torch.tensor([0, 0, -3], dtype=torch.complex128))
+
+
 def test_flow_field_deterministic(gen):
     g, lam, u = _problem(100_000, 8, torch.float32, gen)
     first = ops.flow_field(g, lam, u, 0.1)
