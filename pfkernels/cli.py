@@ -42,12 +42,18 @@ def _check_fraction(value: float, option: str) -> None:
     _require(0 <= value < 1, option, f"must be in [0, 1), got {value:g}")
 
 
-def _check_out(folder: str | None, option: str = "--out") -> Path | None:
-    """An output folder: created now (with its parents), so that a run never fails at its end."""
-    if folder is None:
-        return None
+def _check_out(folder: str | None, option: str = "--out") -> None:
+    """An output folder must not be a file (checked with the other options, changing nothing)."""
+    if folder is not None:
+        path = Path(folder)
+        _require(not path.exists() or path.is_dir(), option,
+                 f"{folder!r} exists and is not a folder")
+
+
+def _make_out(folder: str, option: str = "--out") -> Path:
+    """Creates the output folder (and its parents) once every option passed, before any work,
+    so that a run never fails at its end for want of a folder."""
     path = Path(folder)
-    _require(not path.exists() or path.is_dir(), option, f"{folder!r} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -343,13 +349,12 @@ def _train_and_track(args, lr: float) -> int:
     # Under torchrun: one rank per process, each training on its shard, rank 0 writing.
     group, device = distributed.init_from_env(args.device)
     lead = distributed.is_rank_zero(group)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     model, train, test, classify = _eos_problem(args, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
     _require(args.k <= n, "--k", f"the model has {n} parameters, got {args.k}")
+    out = _make_out(args.out)
     train, weight = distributed.shard_batch(train, group)
     optimizer = _eos_optimizer(args, params, lr)
     if args.optimizer == "sqrt-loss":
@@ -524,6 +529,14 @@ def _load_problem(spec: str):
 
 
 def _run_sharpness(args) -> int:
+    path = list(sys.path)  # _load_problem puts the working folder first for the command only
+    try:
+        return _sharpness(args)
+    finally:
+        sys.path[:] = path
+
+
+def _sharpness(args) -> int:
     import time
 
     from .hvp import HessianOperator
@@ -540,6 +553,7 @@ def _run_sharpness(args) -> int:
         raise _OptionError("--model", f"{args.model} returned a problem the Hessian operator "
                            f"rejects: {exc}") from None
     _require(args.k <= op.shape[0], "--k", f"the model has {op.shape[0]} parameters, got {args.k}")
+    folder = None if args.out is None else _make_out(args.out)
     start = time.perf_counter()
     result = eigsh(op, k=args.k, which="LA", tol=args.tol, seed=args.seed)
     elapsed = time.perf_counter() - start
@@ -567,10 +581,9 @@ def _run_sharpness(args) -> int:
             "time": time.perf_counter() - start,
             "support": [float(density.nodes.min()), float(density.nodes.max())],
         }
-    if args.out:
+    if folder is not None:
         from . import report
 
-        folder = Path(args.out)
         (folder / "sharpness.json").write_text(json.dumps(out, indent=2))
         if args.density:
             report.plot_spectral_density(density, folder / "density.png",
@@ -619,7 +632,8 @@ def _run_pf(args) -> int:
     from . import data, flows, report
 
     _check_at_least(args, 1, "--substeps")
-    out = _check_out(args.out)
+    _check_out(args.out)
+    out = _make_out(args.out)
     results = {"substeps": args.substeps, "cases": {}}
 
     diag = torch.tensor([1.0, 0.01], dtype=torch.float64)
@@ -743,7 +757,7 @@ def _central_comparison(args, lr: float) -> int:
     from .flows import compare_central_flow
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = _make_out(args.out)
     ds = data.digits(n_train=args.n_train, n_test=0, seed=args.seed, dtype=torch.float64)
     model = data.mlp(width=args.width, depth=2, activation="tanh", seed=args.seed)
     n = sum(p.numel() for p in model.parameters())

@@ -113,13 +113,14 @@ def digits(
 
     Returns a :class:`Dataset`: ``train = (X [n_train, 64], Y [n_train, 10])`` with X of ``dtype``
     on the CPU and Y one-hot of ``dtype``; likewise ``test``; ``train_labels``/``test_labels``
-    int64. Deterministic in ``seed``.
+    int64. Deterministic in ``seed`` (an int >= 0).
     """
     for name, value in (("n_train", n_train), ("n_test", n_test), ("seed", seed)):
         _check_arg(isinstance(value, (int, np.integer)) and not isinstance(value, bool), name,
                    f"must be an int, got {type(value).__name__}")
     _check_arg(n_train >= 1, "n_train", f"must be >= 1, got {n_train}")
     _check_arg(n_test >= 0, "n_test", f"must be >= 0, got {n_test}")
+    _check_arg(seed >= 0, "seed", f"must be >= 0 (it seeds NumPy's generator), got {seed}")
     _check_arg(
         n_train + n_test <= DIGITS_SIZE,
         "n_test",
@@ -407,4 +408,12 @@ def cross_entropy_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     Equivalent to ``torch.nn.functional.cross_entropy(outputs, targets)`` (which accepts both
     target forms).
     """
+    labels = targets.dim() == 1 and not targets.is_floating_point()
+    _check_arg(
+        outputs.dim() == 2 and (labels and targets.shape[0] == outputs.shape[0]
+                                or tuple(targets.shape) == tuple(outputs.shape)),
+        "targets",
+        f"must be class labels [N] or probabilities [N, k] for outputs [N, k] = "
+        f"{tuple(outputs.shape)}, got {tuple(targets.shape)} ({targets.dtype})",
+    )
     return torch.nn.functional.cross_entropy(outputs, targets)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -474,6 +474,14 @@ def detect_eos(
         ``median_ratio_after_onset``, ``loss_increase_share_before_onset``,
         ``loss_increase_share_after_onset`` (None where undefined).
     """
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TypeError(f"records: entry {i} is a {type(record).__name__}, not a record dict")
+    if not (isinstance(band, (int, float)) and 0 < band < math.inf):
+        raise ValueError(f"band: expected a positive finite number, got {band!r}")
+    if not (isinstance(sharpening_factor, (int, float)) and 0 < sharpening_factor < math.inf):
+        raise ValueError(
+            f"sharpening_factor: expected a positive finite number, got {sharpening_factor!r}")
     # Adaptive runs compare preconditioned sharpness with the threshold; their records from
     # before the optimizer's first step have the raw value only and are left out.
     key = (
@@ -655,8 +663,13 @@ class SharpnessTracker:
             )
         if threshold is not None and optimizer is not None:
             raise ValueError("threshold: give either threshold= or optimizer=, not both")
-        if threshold is not None and not threshold > 0:
-            raise ValueError(f"threshold: expected a positive number, got {threshold!r}")
+        if threshold is not None and not 0 < threshold < math.inf:
+            raise ValueError(f"threshold: expected a positive finite number, got {threshold!r}")
+        if max_matvecs is not None and (isinstance(max_matvecs, bool)
+                                        or not isinstance(max_matvecs, int) or max_matvecs < 1):
+            raise ValueError(f"max_matvecs: expected None or a positive integer, got {max_matvecs!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an integer, got {seed!r}")
         if optimizer is not None:
             stability_threshold(optimizer, grad_norm=0.0)
         from .hvp import HessianOperator

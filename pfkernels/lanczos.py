@@ -24,6 +24,7 @@ from a fresh random vector orthogonalised against the basis, with ``beta_j = 0``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import warnings
@@ -97,9 +98,9 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
     """Turn ``A`` into an :class:`_Operator`; every argument error names the argument."""
     v0_t = v0 if isinstance(v0, Tensor) else None
     if isinstance(A, Tensor):
-        if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2]:
-            raise ValueError(f"argument 'A': a dense operator must be [n, n] or [B, n, n], "
-                             f"got shape {tuple(A.shape)}")
+        if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+            raise ValueError(f"argument 'A': a dense operator must be [n, n] or [B, n, n] with "
+                             f"n >= 1, got shape {tuple(A.shape)}")
         if not A.is_floating_point():
             raise TypeError(f"argument 'A': must be floating point, got {A.dtype}")
         if A.dim() == 3:
@@ -194,6 +195,11 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
 def _is_int(value) -> bool:
     """An int that is not a bool (``k=True`` is a mistake, not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_seed(seed) -> None:
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"argument 'seed': must be None or an int, got {seed!r}")
 
 
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -319,6 +325,24 @@ def _solve_scope(A):
         yield
 
 
+def _generator_untouched_on_error(fn: Callable) -> Callable:
+    """Without a seed, a solve draws its start and restart vectors from torch's global CPU
+    generator; when it then fails (an operator that returns NaN or the wrong shape, a loss that
+    reaches no parameter), the caller's generator is put back as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        state = torch.get_rng_state()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            torch.set_rng_state(state)
+            raise
+
+    return wrapper
+
+
+@_generator_untouched_on_error
 def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int | None = None,
           ncv: int | None = None, v0: Tensor | None = None, seed: int | None = None,
           dtype: torch.dtype | None = None, *, batch: int | None = None, n: int | None = None,
@@ -405,6 +429,7 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         raise ValueError(f"argument 'n': must be a positive int, got {n!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"argument 'tol': must be a positive finite number, got {tol!r}")
+    _check_seed(seed)
     if not isinstance(shard_basis, bool):
         raise TypeError(f"argument 'shard_basis': must be a bool, got {type(shard_basis).__name__}")
     group = getattr(A, "process_group", None) if shard_basis else None
@@ -828,8 +853,9 @@ def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: 
     """
     if by not in ("parameter", "module"):
         raise ValueError(f"argument 'by': must be 'parameter' or 'module', got {by!r}")
-    if not isinstance(k, int) or k < 1:
+    if not _is_int(k) or k < 1:
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
+    _check_seed(seed)
     H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
     seed = _dist.operator_seed(H, seed)  # the same start vectors on every rank of a distributed H
     named = dict(model.named_parameters())
@@ -911,6 +937,7 @@ def _lanczos_tridiagonals(op: _Operator, P: int, m: int, x0: Tensor, seed) -> tu
     return theta, S[:, 0, :] ** 2
 
 
+@_generator_untouched_on_error
 def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | Tensor = 1000,
                      sigma: float | None = None, *, seed: int | None = None,
                      n: int | None = None, dtype: torch.dtype | None = None) -> SpectralDensity:
@@ -934,9 +961,10 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | T
         sigma: broadening; default ``0.01 * (max theta - min theta)`` (at least 1e-12).
         seed: probes are drawn from ``Generator().manual_seed(seed)``.
     """
-    if not isinstance(num_probes, int) or num_probes < 1:
+    if not _is_int(num_probes) or num_probes < 1:
         raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
-    if not isinstance(num_steps, int) or num_steps < 1:
+    _check_seed(seed)
+    if not _is_int(num_steps) or num_steps < 1:
         raise ValueError(f"argument 'num_steps': must be a positive int, got {num_steps!r}")
     if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"argument 'sigma': must be positive and finite, got {sigma!r}")
@@ -977,14 +1005,16 @@ class TraceEstimate(NamedTuple):
     num_matvecs: int
 
 
+@_generator_untouched_on_error
 def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: int | None = None,
                      n: int | None = None, dtype: torch.dtype | None = None) -> TraceEstimate:
     """Hutchinson's estimator ``tr(A) ~ (1/P) sum_p z_p^T A z_p`` with Rademacher probes
     (Hutchinson 1990; PyHessian's ``trace()``), applying A to blocks of ``batch_size`` probes
     at once ([b, n] -> [b, n]; a SciPy operator is applied row by row)."""
-    if not isinstance(num_probes, int) or num_probes < 1:
+    if not _is_int(num_probes) or num_probes < 1:
         raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    _check_seed(seed)
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"argument 'batch_size': must be a positive int, got {batch_size!r}")
     seed = _dist.operator_seed(A, seed)  # the same probes on every rank of a distributed A
     z_all = None

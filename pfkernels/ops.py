@@ -304,6 +304,7 @@ def _multi_tensor_axpy_op(x: list[Tensor], y: list[Tensor], alpha: Tensor) -> No
 
 @_multi_tensor_axpy_op.register_fake
 def _(x, y, alpha):
+    _check_scalar(alpha, "alpha", x[0].device if x else alpha.device)
     _check_lists((("x", x), ("y", y)), written=(0,), real=False)
     return None
 
@@ -737,6 +738,8 @@ def _multi_tensor_momentum_update_op(
 
 @_multi_tensor_momentum_update_op.register_fake
 def _(params, grads, bufs, rate, momentum):
+    _check_scalar(rate, "rate", params[0].device if params else rate.device)
+    _check_arg(math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
     _check_lists(*_update_lists(params, grads, bufs), real=False)
     return None
 

@@ -7,6 +7,7 @@ converted on write, and non-finite floats are written as ``null`` so every line 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -149,6 +150,10 @@ class MetricsWriter:
             self._file.write(line)
             self._file.flush()
         except OSError as exc:  # a full disk, a vanished mount: say which file
+            # The unwritten line would fail again at close (and at garbage collection, where
+            # nobody sees it): close now; the writer is done.
+            with contextlib.suppress(OSError):
+                self._file.close()
             raise OSError(exc.errno, f"MetricsWriter: cannot write to {self.path}: "
                           f"{exc.strerror or exc}") from exc
 
@@ -177,7 +182,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     """Writes ``rows`` as CSV; columns are the union of keys in first-seen order, lists as JSON."""
     columns: list[str] = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"argument 'rows': row {i} is a {type(row).__name__}, not a mapping")
         columns.extend(k for k in row if k not in columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

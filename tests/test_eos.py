@@ -513,8 +513,7 @@ def test_jsonl_sink_on_a_full_disk_names_the_sink(seed, tmp_path):
     with pytest.raises(OSError, match="sinks: the JSONL sink /dev/full failed") as info:
         tracker.step(0)
     assert info.value.errno == errno.ENOSPC
-    with pytest.raises(OSError, match="cannot write to /dev/full"):  # the line still pending
-        tracker.close()
+    tracker.close()  # the failed writer closed itself (its line was lost with the disk)
 
 
 def test_lightning_callback_with_stub(monkeypatch, seed):

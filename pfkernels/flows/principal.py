@@ -668,6 +668,8 @@ class FlowTrajectory:
 def _check_run(theta0, h, num_steps, substeps):
     h = _check_h(h)
     theta0 = _check_theta(theta0, "theta0")
+    if not bool(torch.isfinite(theta0).all()):
+        raise ValueError("argument 'theta0': contains NaN or infinity")
     if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 0):
         raise ValueError(f"argument 'num_steps': must be an integer >= 0, got {num_steps!r}")
     if not (isinstance(substeps, int) and not isinstance(substeps, bool) and substeps >= 1):

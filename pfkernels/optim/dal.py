@@ -54,6 +54,10 @@ def dal_learning_rate(
         θ₀ = (−0.35, −0.2), DAL-1 gives 1.00002 and DAL-0.5 gives 1.41423).
     """
     ops._check_dal_hyperparameters(p, lr_max)
+    for name, value in (("grad_sqnorm", grad_sqnorm), ("hvp_sqnorm", hvp_sqnorm)):
+        ops._check_arg(ops._is_number(value) or (isinstance(value, Tensor)
+                                                 and not value.is_complex()), name,
+                       f"must be a number or a real tensor, got {type(value).__name__}")
     as_float = not isinstance(grad_sqnorm, Tensor) and not isinstance(hvp_sqnorm, Tensor)
     if p == 0:
         ops._check_arg(
