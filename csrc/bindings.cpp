@@ -111,7 +111,9 @@ struct ListRef {
   bool written;
 };
 
-int64_t dtype_bytes(int dtype) { return dtype == pfk::kFloat64 ? 8 : dtype == pfk::kFloat32 ? 4 : 2; }
+int64_t dtype_bytes(int dtype) {
+  return dtype == pfk::kFloat64 ? 8 : dtype == pfk::kFloat32 ? 4 : 2;
+}
 
 // No tensor the kernel writes shares memory with another tensor of the launch, except that a
 // tensor read at index i may be the very one written at index i (element-wise in place, which
@@ -128,7 +130,9 @@ void check_aliasing(std::initializer_list<ListRef> lists, int dtype, const char*
   auto span = [&](uintptr_t p, int64_t n, const char* name, size_t i) {
     return Span{p, p + static_cast<uintptr_t>(mul(n, bytes, name)), name, i};
   };
-  auto label = [](const Span& s) { return std::string(s.name) + "[" + std::to_string(s.index) + "]"; };
+  auto label = [](const Span& s) {
+    return std::string(s.name) + "[" + std::to_string(s.index) + "]";
+  };
   std::vector<Span> written;
   for (const ListRef& l : lists)
     if (l.written)
@@ -416,7 +420,8 @@ PYBIND11_MODULE(_C, m) {
          bool column_major, double h, int dtype, const Buf& field, const Buf& projections,
          const Buf& workspace, uintptr_t stream) {
         check_flow(grad, eigenvalues, eigenvectors, n, k, dtype, field, projections);
-        const int64_t blocks = (n + pfk::cuda::kFlowRowsPerBlock - 1) / pfk::cuda::kFlowRowsPerBlock;
+        const int64_t rows = pfk::cuda::kFlowRowsPerBlock;
+        const int64_t blocks = (n + rows - 1) / rows;
         require(workspace, add(mul(blocks, k, "workspace"), mul(2, k, "workspace"), "workspace"),
                 "workspace");
         pfk::cuda::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
@@ -436,10 +441,10 @@ PYBIND11_MODULE(_C, m) {
         check_list(b, b_n, a_n, "b");
         check_dtype(dtype, false, "a");
         require(out, 3, "out");
+        const int64_t kChunk = pfk::cuda::kMultiTensorChunk;
         int64_t chunks = 0;
         for (int64_t s : a_n)
-          chunks = add(chunks, (s + pfk::cuda::kMultiTensorChunk - 1) / pfk::cuda::kMultiTensorChunk,
-                       "workspace");
+          chunks = add(chunks, (s + kChunk - 1) / kChunk, "workspace");
         require(workspace, mul(3, chunks, "workspace"), "workspace");
         auto pa = as_pointers<const void*>(a);
         auto pb = as_pointers<const void*>(b);

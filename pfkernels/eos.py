@@ -667,7 +667,8 @@ class SharpnessTracker:
             raise ValueError(f"threshold: expected a positive finite number, got {threshold!r}")
         if max_matvecs is not None and (isinstance(max_matvecs, bool)
                                         or not isinstance(max_matvecs, int) or max_matvecs < 1):
-            raise ValueError(f"max_matvecs: expected None or a positive integer, got {max_matvecs!r}")
+            raise ValueError(
+                f"max_matvecs: expected None or a positive integer, got {max_matvecs!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed: expected an integer, got {seed!r}")
         if optimizer is not None:

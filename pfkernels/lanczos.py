@@ -174,7 +174,8 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         """``A x``, checked: a user's operator that returns something else fails here, named."""
         out = mv(x)
         if not isinstance(out, Tensor):
-            raise TypeError(f"argument 'A': the operator returned {type(out).__name__}, not a tensor")
+            raise TypeError(f"argument 'A': the operator returned {type(out).__name__}, not a "
+                            "tensor")
         if out.numel() != x.numel() or (x.dim() == 2 and tuple(out.shape) != tuple(x.shape)):
             raise ValueError(f"argument 'A': the operator returned shape {tuple(out.shape)} for an "
                              f"input of shape {tuple(x.shape)}")

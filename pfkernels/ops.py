@@ -383,7 +383,8 @@ def _check_flow(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: floa
     _check_arg(
         eigenvalues.dim() == 1 and eigenvalues.shape[0] == k,
         "eigenvalues",
-        f"must be [k] with k = {k} (the eigenvectors' columns), got shape {tuple(eigenvalues.shape)}",
+        f"must be [k] with k = {k} (the eigenvectors' columns), got shape "
+        f"{tuple(eigenvalues.shape)}",
     )
     for name, t in (("eigenvalues", eigenvalues), ("eigenvectors", eigenvectors)):
         _check_tensor(t, name, grad.device, (grad.dtype,))
@@ -785,7 +786,8 @@ def multi_tensor_momentum_update(
         f"must be a finite number, got {momentum!r}",
     )
     if not params and not grads and not bufs:
-        _check_arg(rate.numel() == 1, "rate", f"must have one element, got shape {tuple(rate.shape)}")
+        _check_arg(rate.numel() == 1, "rate",
+                   f"must have one element, got shape {tuple(rate.shape)}")
         return
     torch.ops.pfkernels.multi_tensor_momentum_update(
         list(params), list(grads), list(bufs), rate, float(momentum)

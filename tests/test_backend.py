@@ -48,7 +48,8 @@ def test_binding_refuses_launches_its_buffers_do_not_hold():
             [x.data_ptr()], [9], [y.data_ptr()], [9], [short.data_ptr()], [8], 0, _buf(rate), 0.9)),
         ("b[0]", lambda: _C.multi_tensor_dot_cpu([x.data_ptr()], [9], [short.data_ptr()], [8], 0,
                                                  _buf(torch.empty(3)))),
-        ("b", lambda: _C.multi_tensor_dot_cpu([x.data_ptr()], [9], [], [], 0, _buf(torch.empty(3)))),
+        ("b", lambda: _C.multi_tensor_dot_cpu([x.data_ptr()], [9], [], [], 0,
+                                              _buf(torch.empty(3)))),
         ("out", lambda: _C.multi_tensor_dot_cpu([x.data_ptr()], [9], [y.data_ptr()], [9], 0,
                                                 _buf(torch.empty(2)))),
         ("x", lambda: _C.multi_tensor_axpy_cpu([x.data_ptr()], [9], [y.data_ptr()], [9], 7,
@@ -64,7 +65,8 @@ def test_binding_refuses_launches_its_buffers_do_not_hold():
         ("beta", lambda: _C.tridiag_eigh_cpu(
             _buf(a64), _buf(torch.empty(2, 2, dtype=torch.float64)), 2, 4, 2,
             _buf(torch.empty(2, 4, dtype=torch.float64)),
-            _buf(torch.empty(2, 4, 4, dtype=torch.float64)), _buf(torch.empty(2, dtype=torch.int32)))),
+            _buf(torch.empty(2, 4, 4, dtype=torch.float64)),
+            _buf(torch.empty(2, dtype=torch.int32)))),
         ("vecs", lambda: _C.tridiag_eigh_cpu(
             _buf(a64), _buf(torch.empty(2, 3, dtype=torch.float64)), 2, 4, 2,
             _buf(torch.empty(2, 4, dtype=torch.float64)),

@@ -139,11 +139,11 @@ def check_loaded_state(state_dict, optimizer: torch.optim.Optimizer, buffer_keys
 
     Structure as torch checks it (groups and their sizes), every loaded group through
     ``check_group_of`` (run on a copy holding the optimizer's own parameters; with ``complete``
-    a loaded group must also have every key the optimizer's groups have), and every per-parameter
-    state tensor listed in ``buffer_keys`` (``{key: True}`` for tensors shaped like their parameter,
-    ``{key: False}`` for scalars): a dense real floating tensor of the parameter's shape (torch casts
-    its dtype and device to the parameter's on load). Errors are ValueErrors naming
-    ``state_dict`` and the entry.
+    a loaded group must also have every key the optimizer's groups have), and every
+    per-parameter state entry listed in ``buffer_keys`` (``{key: True}`` for tensors shaped like
+    their parameter, ``{key: False}`` for scalars): a dense real floating tensor of the
+    parameter's shape (torch casts its dtype and device to the parameter's on load). Errors are
+    ValueErrors naming ``state_dict`` and the entry.
     """
     def fail(message: str) -> None:
         raise ValueError(f"argument 'state_dict': {message}")
