@@ -189,7 +189,12 @@ def _check_lists(lists: Sequence[tuple[str, Sequence[Tensor]]], written: tuple[i
             for i, (t, shape) in enumerate(zip(tensors, shapes)):
                 _check_arg(t.shape == shape, f"{name}[{i}]",
                            f"shape {tuple(t.shape)} differs from {name0}[{i}]'s {tuple(shape)}")
-    if (set(map(_DTYPE_OF, every)) != {dtype} or set(map(_DEVICE_OF, every)) != {device}
+    # Device indices compare cheaper than devices; in a real launch the type cannot differ
+    # unnoticed (a meta or fake tensor among real ones dispatches to the fake, which compares
+    # whole devices, and other device types have an index >= 0 where the CPU has -1).
+    same_device = (set(map(Tensor.get_device, every)) == {t0.get_device()} if real
+                   else set(map(_DEVICE_OF, every)) == {device})
+    if (set(map(_DTYPE_OF, every)) != {dtype} or not same_device
             or set(map(_LAYOUT_OF, every)) != {torch.strided}):
         for name, tensors in lists:
             for i, t in enumerate(tensors):
