@@ -6,6 +6,7 @@ its ref, so the sanitizer run also checks results.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -89,10 +90,14 @@ def lanczos(device) -> bool:
             for fn in (ops.lanczos_step, ops.lanczos_step_ref):
                 Vc, wc = V.clone(), w.clone()
                 a, b, wn = (torch.zeros(B, m, dtype=torch.float64, device=device) for _ in range(3))
-                fn(wc, Vc, j, a, b, wn)
+                coef = torch.zeros(B, m, m, dtype=torch.float64, device=device)
+                fn(wc, Vc, j, a, b, wn, coef)
                 outs.append(torch.cat([Vc.double().flatten(), wc.double().flatten(), a.flatten(),
-                                       b.flatten(), wn.flatten()]))
+                                       b.flatten(), wn.flatten(), coef.flatten()]))
             ok &= check(f"lanczos_step {dtype} B={B} n={n} j={j}", outs[0], outs[1], tol)
+            ok &= check(f"lanczos_dots {dtype} B={B} n={n} rows={j + 1}",
+                        ops.lanczos_dots(V[:, : j + 1], w), ops.lanczos_dots_ref(V[:, : j + 1], w),
+                        tol * math.sqrt(n))
             S = torch.randn(B, j + 1, 9, dtype=torch.float64, device=device)
             ok &= check(f"lanczos_ritz {dtype} B={B} n={n} k=9", ops.lanczos_ritz(S, V).double(),
                         ops.lanczos_ritz_ref(S, V).double(), tol)

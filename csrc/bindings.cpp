@@ -223,7 +223,8 @@ void check_tridiag(const Buf& alpha, const Buf& beta, int64_t batch, int64_t n, 
 
 void check_lanczos_step(const Buf& w, const Buf& V, int dtype, int64_t B, int64_t n,
                         int64_t vstride, int64_t j, const Buf& alpha, const Buf& beta,
-                        const Buf& wnorm, int64_t cstride) {
+                        const Buf& wnorm, int64_t cstride, const Buf& coef, int64_t coef_bstride,
+                        int64_t coef_rstride) {
   check_dtype(dtype, true, "V");
   check_nonnegative(n, "V");
   check_nonnegative(j, "j");
@@ -238,6 +239,27 @@ void check_lanczos_step(const Buf& w, const Buf& V, int dtype, int64_t B, int64_
   require(alpha, coefficients, "alpha");
   require(beta, coefficients, "beta");
   require(wnorm, coefficients, "wnorm");
+  if (coef.first != 0) {  // optional: row j, columns 0..j of each problem's [>j, >j] block
+    check_nonnegative(coef_rstride, "coef");
+    PFK_CHECK_ARG(coef_rstride > j, "coef",
+                  "row stride " + std::to_string(coef_rstride) + " does not reach column j");
+    PFK_CHECK_ARG(B <= 1 || coef_bstride >= mul(j + 1, coef_rstride, "coef"), "coef",
+                  "batch stride " + std::to_string(coef_bstride) + " is shorter than the rows used");
+    require(coef, batch_reach(B, coef_bstride, add(mul(j, coef_rstride, "coef"), j + 1, "coef"),
+                              "coef"), "coef");
+  }
+}
+
+void check_lanczos_dots(const Buf& V, const Buf& x, int dtype, int64_t B, int64_t n,
+                        int64_t vstride, int64_t rows, const Buf& out) {
+  check_dtype(dtype, true, "V");
+  check_nonnegative(n, "V");
+  check_nonnegative(rows, "V");
+  PFK_CHECK_ARG(B <= 1 || vstride >= mul(rows, n, "V"), "V",
+                "batch stride " + std::to_string(vstride) + " is shorter than the rows used");
+  require(V, batch_reach(B, vstride, mul(rows, n, "V"), "V"), "V");
+  require(x, mul(B, n, "x"), "x");
+  require(out, mul(B, rows, "out"), "out");
 }
 
 void check_lanczos_ritz(const Buf& S, const Buf& V, int dtype, int64_t B, int64_t n,
@@ -372,15 +394,31 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lanczos_step_cpu",
       [](const Buf& w, const Buf& V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
-         const Buf& alpha, const Buf& beta, const Buf& wnorm, int64_t cstride) {
-        check_lanczos_step(w, V, dtype, B, n, vstride, j, alpha, beta, wnorm, cstride);
+         const Buf& alpha, const Buf& beta, const Buf& wnorm, int64_t cstride, const Buf& coef,
+         int64_t coef_bstride, int64_t coef_rstride) {
+        check_lanczos_step(w, V, dtype, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                           coef_bstride, coef_rstride);
         py::gil_scoped_release nogil;
         pfk::cpu::lanczos_step(ptr<void>(w), ptr<void>(V), dtype, B, n, vstride, j,
-                               ptr<double>(alpha), ptr<double>(beta), ptr<double>(wnorm), cstride);
+                               ptr<double>(alpha), ptr<double>(beta), ptr<double>(wnorm), cstride,
+                               ptr<double>(coef), coef_bstride, coef_rstride);
       },
       py::arg("w"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
       py::arg("vstride"), py::arg("j"), py::arg("alpha"), py::arg("beta"), py::arg("wnorm"),
-      py::arg("cstride"));
+      py::arg("cstride"), py::arg("coef") = Buf(0, 0), py::arg("coef_bstride") = 0,
+      py::arg("coef_rstride") = 0);
+
+  m.def(
+      "lanczos_dots_cpu",
+      [](const Buf& V, const Buf& x, int dtype, int64_t B, int64_t n, int64_t vstride,
+         int64_t rows, const Buf& out) {
+        check_lanczos_dots(V, x, dtype, B, n, vstride, rows, out);
+        py::gil_scoped_release nogil;
+        pfk::cpu::lanczos_dots(ptr<const void>(V), ptr<const void>(x), dtype, B, n, vstride, rows,
+                               ptr<double>(out));
+      },
+      py::arg("V"), py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("n"),
+      py::arg("vstride"), py::arg("rows"), py::arg("out"));
 
   m.def(
       "lanczos_ritz_cpu",
@@ -506,17 +544,36 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lanczos_step_cuda",
       [](const Buf& w, const Buf& V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
-         const Buf& alpha, const Buf& beta, const Buf& wnorm, int64_t cstride,
-         const Buf& workspace, uintptr_t stream) {
-        check_lanczos_step(w, V, dtype, B, n, vstride, j, alpha, beta, wnorm, cstride);
+         const Buf& alpha, const Buf& beta, const Buf& wnorm, int64_t cstride, const Buf& coef,
+         int64_t coef_bstride, int64_t coef_rstride, const Buf& workspace, uintptr_t stream) {
+        check_lanczos_step(w, V, dtype, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                           coef_bstride, coef_rstride);
         require(workspace, pfk::cuda::lanczos_workspace_words(B, n, j), "workspace");
         pfk::cuda::lanczos_step(ptr<void>(w), ptr<void>(V), dtype, B, n, vstride, j,
                                 ptr<double>(alpha), ptr<double>(beta), ptr<double>(wnorm),
-                                cstride, ptr<double>(workspace), ptr<void>(stream));
+                                cstride, ptr<double>(coef), coef_bstride, coef_rstride,
+                                ptr<double>(workspace), ptr<void>(stream));
       },
       py::arg("w"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
       py::arg("vstride"), py::arg("j"), py::arg("alpha"), py::arg("beta"), py::arg("wnorm"),
-      py::arg("cstride"), py::arg("workspace"), py::arg("stream"));
+      py::arg("cstride"), py::arg("coef"), py::arg("coef_bstride"), py::arg("coef_rstride"),
+      py::arg("workspace"), py::arg("stream"));
+
+  m.def("lanczos_dots_workspace_words", &pfk::cuda::lanczos_dots_workspace_words, py::arg("B"),
+        py::arg("n"), py::arg("rows"));
+
+  m.def(
+      "lanczos_dots_cuda",
+      [](const Buf& V, const Buf& x, int dtype, int64_t B, int64_t n, int64_t vstride,
+         int64_t rows, const Buf& out, const Buf& workspace, uintptr_t stream) {
+        check_lanczos_dots(V, x, dtype, B, n, vstride, rows, out);
+        require(workspace, pfk::cuda::lanczos_dots_workspace_words(B, n, rows), "workspace");
+        pfk::cuda::lanczos_dots(ptr<const void>(V), ptr<const void>(x), dtype, B, n, vstride, rows,
+                                ptr<double>(out), ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("V"), py::arg("x"), py::arg("dtype"), py::arg("B"), py::arg("n"),
+      py::arg("vstride"), py::arg("rows"), py::arg("out"), py::arg("workspace"),
+      py::arg("stream"));
 
   m.def(
       "lanczos_ritz_cuda",

@@ -15,6 +15,7 @@ import math
 import operator
 import warnings
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -934,7 +935,7 @@ _LANCZOS_ARITH = {torch.float32: torch.float32, torch.float64: torch.float64,
                   torch.bfloat16: torch.float32}
 
 
-def _lanczos_step_check(w, V, j, alpha, beta, wnorm, *, real: bool = True) -> None:
+def _lanczos_step_check(w, V, j, alpha, beta, wnorm, coef=None, *, real: bool = True) -> None:
     for name, t in (("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
         _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
         _check_tensor(t, name, V.device, tuple(_LANCZOS_ARITH) if name == "V" else
@@ -961,27 +962,40 @@ def _lanczos_step_check(w, V, j, alpha, beta, wnorm, *, real: bool = True) -> No
                    f"row stride {t.stride(0)} makes its rows of {t.shape[1]} overlap")
     _check_arg(alpha.stride(0) == beta.stride(0) == wnorm.stride(0), "beta",
                "alpha, beta and wnorm must share their row stride")
+    written = [("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)]
+    if coef is not None:
+        _check_arg(isinstance(coef, Tensor), "coef",
+                   f"must be a tensor or None, got {type(coef).__name__}")
+        _check_tensor(coef, "coef", V.device, (torch.float64,))
+        _check_arg(coef.dim() == 3 and coef.shape[0] == B and coef.shape[1] > j
+                   and coef.shape[2] > j and coef.stride(2) == 1, "coef",
+                   f"must be [B, >j, >j] = [{B}, >{j}, >{j}] with unit last stride, got "
+                   f"{tuple(coef.shape)}")
+        _check_arg(coef.stride(1) >= coef.shape[2] and (B <= 1 or coef.stride(0) >=
+                   coef.shape[1] * coef.stride(1)), "coef", "its rows or problems overlap")
+        written.append(("coef", coef))
     if real:
-        _check_disjoint((("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)))
+        _check_disjoint(written)
 
 
 @torch.library.custom_op(
-    "pfkernels::lanczos_step", mutates_args={"w", "V", "alpha", "beta", "wnorm"}
+    "pfkernels::lanczos_step", mutates_args={"w", "V", "alpha", "beta", "wnorm", "coef"}
 )
 def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
-                     wnorm: Tensor) -> None:
-    _lanczos_step_check(w, V, j, alpha, beta, wnorm)
+                     wnorm: Tensor, coef: Optional[Tensor] = None) -> None:
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm, coef)
     device = V.device
     if not _has_backend("lanczos_step", device):
         _warn_fallback("lanczos_step", device)
-        lanczos_step_ref(w, V, j, alpha, beta, wnorm)
+        lanczos_step_ref(w, V, j, alpha, beta, wnorm, coef)
         return
     B, rows, n = V.shape
     if B == 0 or n == 0:
-        lanczos_step_ref(w, V, j, alpha, beta, wnorm)
+        lanczos_step_ref(w, V, j, alpha, beta, wnorm, coef)
         return
+    coef_args = ((0, 0), 0, 0) if coef is None else (_buf(coef), coef.stride(0), coef.stride(1))
     args = (_buf(w), _buf(V), _DTYPE_CODES[V.dtype], B, n, V.stride(0), j, _buf(alpha),
-            _buf(beta), _buf(wnorm), alpha.stride(0))
+            _buf(beta), _buf(wnorm), alpha.stride(0), *coef_args)
     if device.type == "cpu":
         _C.lanczos_step_cpu(*args)
     else:
@@ -991,13 +1005,13 @@ def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
 
 
 @_lanczos_step_op.register_fake
-def _(w, V, j, alpha, beta, wnorm):
-    _lanczos_step_check(w, V, j, alpha, beta, wnorm, real=False)
+def _(w, V, j, alpha, beta, wnorm, coef=None):
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm, coef, real=False)
     return None
 
 
 def lanczos_step(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
-                 wnorm: Tensor) -> None:
+                 wnorm: Tensor, coef: Tensor | None = None) -> None:
     """One Lanczos step with full reorthogonalisation, for a batch of ``B`` problems, in place.
 
     Given ``w = A v_j``, classical Gram-Schmidt twice against the basis ``V[:, 0..j]``::
@@ -1019,9 +1033,16 @@ def lanczos_step(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
         alpha, beta, wnorm: ``[B, >j]`` float64 with unit last stride and a common row stride;
             column ``j`` receives ``alpha_j``, ``beta_j`` and ``||A v_j||`` (before
             orthogonalisation: the scale the breakdown test compares ``beta_j`` with).
+        coef: optional ``[B, >j, >j]`` float64 with unit last stride; row ``j`` receives
+            ``c1 + c2`` in columns ``0..j``, so that ``A v_j = sum_i coef[j, i] v_i + beta_j
+            v_{j+1}`` holds to rounding whatever the basis's orthogonality. For an orthonormal
+            basis and a symmetric A the row is ``(0, ..., 0, beta_{j-1}, alpha_j)``; the rest
+            measures lost orthogonality or normality (what :func:`pfkernels.eigsh` adds to its
+            residual bounds).
 
-    Sums are accumulated in float64 across tiles in a fixed order: deterministic for any thread
-    count, no float atomics on CUDA, the caller's stream.
+    Products are formed in the arithmetic dtype and summed in float64 in a fixed order (a float
+    sum over a tile left norms off by 1e-5): deterministic for any thread count, no float
+    atomics on CUDA, the caller's stream.
 
     Raises:
         ValueError naming the argument for shapes, dtypes, strides or devices other than these,
@@ -1031,29 +1052,127 @@ def lanczos_step(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
     """
     for name, t in (("w", w), ("V", V), ("alpha", alpha), ("beta", beta), ("wnorm", wnorm)):
         _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
+    _check_arg(coef is None or isinstance(coef, Tensor), "coef",
+               f"must be a tensor or None, got {type(coef).__name__}")
     _check_arg(isinstance(j, int) and not isinstance(j, bool), "j", f"must be an int, got {j!r}")
-    torch.ops.pfkernels.lanczos_step(w, V, j, alpha, beta, wnorm)
+    torch.ops.pfkernels.lanczos_step(w, V, j, alpha, beta, wnorm, coef)
 
 
 def lanczos_step_ref(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
-                     wnorm: Tensor) -> None:
-    """Pure-torch twin of :func:`lanczos_step` (batched gemv, float64 scalars)."""
-    _lanczos_step_check(w, V, j, alpha, beta, wnorm)
+                     wnorm: Tensor, coef: Tensor | None = None) -> None:
+    """Pure-torch twin of :func:`lanczos_step` (batched gemv; float64 dot products and norms)."""
+    _lanczos_step_check(w, V, j, alpha, beta, wnorm, coef)
     arith = w.dtype
     Vj = V[:, : j + 1].to(arith)
-    wnorm[:, j] = torch.linalg.vector_norm(w, dim=1).to(torch.float64)
+    wnorm[:, j] = _rownorm64(w)
     x = w
-    coef = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    total = torch.zeros(w.shape[0], j + 1, dtype=torch.float64, device=w.device)
     for _ in range(2):
-        c = torch.bmm(Vj, x.unsqueeze(-1)).squeeze(-1)
-        x = x - torch.bmm(c.unsqueeze(1), Vj).squeeze(1)
-        coef = coef + c[:, j].to(torch.float64)
-    b = torch.linalg.vector_norm(x, dim=1).to(torch.float64)
-    alpha[:, j] = coef
+        c = lanczos_dots_ref(V[:, : j + 1], x)
+        x = x - torch.bmm(c.to(arith).unsqueeze(1), Vj).squeeze(1)
+        total = total + c
+    b = _rownorm64(x)
+    alpha[:, j] = total[:, j]
+    if coef is not None:
+        coef[:, j, : j + 1] = total
     beta[:, j] = b
     inv = torch.where(b > 0, 1.0 / torch.where(b > 0, b, 1.0), 1.0).to(arith)
     w.copy_(x)
     V[:, j + 1] = (x * inv.unsqueeze(1)).to(V.dtype)
+
+
+def _lanczos_dots_check(V, x) -> None:
+    for name, t in (("V", V), ("x", x)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
+    _check_tensor(V, "V", V.device, tuple(_LANCZOS_ARITH))
+    _check_tensor(x, "x", V.device, (torch.float32, torch.float64))
+    _check_arg(V.dim() == 3, "V", f"must have shape [B, rows, n], got {tuple(V.shape)}")
+    B, rows, n = V.shape
+    _check_arg(B == 0 or V[0].is_contiguous(), "V",
+               "each problem's rows [rows, n] must be contiguous")
+    _check_arg(B <= 1 or V.stride(0) >= rows * n, "V",
+               f"batch stride {V.stride(0)} makes the problems' rows [{rows}, {n}] overlap")
+    arith = _LANCZOS_ARITH[V.dtype]
+    _check_arg(x.dtype == arith, "x", f"dtype must be {arith} for a {V.dtype} V, got {x.dtype}")
+    _check_arg(tuple(x.shape) == (B, n) and x.is_contiguous(), "x",
+               f"must be a contiguous [B, n] = {(B, n)} tensor, got {tuple(x.shape)}")
+
+
+@torch.library.custom_op("pfkernels::lanczos_dots", mutates_args=())
+def _lanczos_dots_op(V: Tensor, x: Tensor) -> Tensor:
+    _lanczos_dots_check(V, x)
+    device = V.device
+    if not _has_backend("lanczos_dots", device):
+        _warn_fallback("lanczos_dots", device)
+        return lanczos_dots_ref(V, x)
+    B, rows, n = V.shape
+    out = torch.full((B, rows), math.nan, dtype=torch.float64, device=device)
+    if out.numel() == 0 or n == 0:
+        return out.zero_()
+    args = (_buf(V), _buf(x), _DTYPE_CODES[V.dtype], B, n, V.stride(0), rows, _buf(out))
+    if device.type == "cpu":
+        _C.lanczos_dots_cpu(*args)
+    else:
+        workspace = torch.empty(_C.lanczos_dots_workspace_words(B, n, rows), dtype=torch.float64,
+                                device=device)
+        _C.lanczos_dots_cuda(*args, _buf(workspace), _stream(device))
+    return out
+
+
+@_lanczos_dots_op.register_fake
+def _(V, x):
+    _lanczos_dots_check(V, x)
+    return V.new_empty(V.shape[0], V.shape[1], dtype=torch.float64)
+
+
+def lanczos_dots(V: Tensor, x: Tensor) -> Tensor:
+    """Dot products of every row of a batch of bases with one vector per problem, accumulated so
+    that their error does not grow with ``n``: ``c[b, i] = <V[b, i], x[b]>``.
+
+    The reductions of :func:`pfkernels.eigsh` outside the fused step (start and breakdown
+    vectors, norms, Ritz-vector checks, the sharded basis, trace probes) use it: a float32
+    ``torch.linalg.vector_norm`` of a unit vector of 1.1e7 entries is off by 3e-4 on the CPU,
+    this by about 1e-8.
+
+    Args:
+        V: ``[B, rows, n]``, float32, float64 or bfloat16 (each problem's rows contiguous; the
+            batch stride is free), e.g. ``x[:, None]`` for squared norms.
+        x: ``[B, n]`` contiguous, float32 for a float32 or bfloat16 ``V``, float64 for float64.
+
+    Returns:
+        ``[B, rows]`` float64 on V's device. Products in the arithmetic dtype, sums in float64 in
+        a fixed order, as in :func:`lanczos_step` (deterministic, no host sync, the caller's
+        stream).
+
+    Raises:
+        ValueError naming the argument for shapes, dtypes, strides or devices other than these;
+        ``torch.ops.pfkernels.lanczos_dots`` runs the same checks.
+
+    Equivalent to :func:`lanczos_dots_ref`.
+    """
+    for name, t in (("V", V), ("x", x)):
+        _check_arg(isinstance(t, Tensor), name, f"must be a tensor, got {type(t).__name__}")
+    return torch.ops.pfkernels.lanczos_dots(V, x)
+
+
+# Columns per float64 block of lanczos_dots_ref: exact sums without a float64 copy of the basis.
+_REF_BLOCK = 1 << 16
+
+
+def lanczos_dots_ref(V: Tensor, x: Tensor) -> Tensor:
+    """Pure-torch twin of :func:`lanczos_dots` (float64 products, blocks of 65536 columns)."""
+    _lanczos_dots_check(V, x)
+    B, rows, n = V.shape
+    out = torch.zeros(B, rows, dtype=torch.float64, device=V.device)
+    for lo in range(0, n, _REF_BLOCK):
+        hi = min(n, lo + _REF_BLOCK)
+        out += torch.bmm(V[:, :, lo:hi].double(), x[:, lo:hi].double().unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _rownorm64(x: Tensor) -> Tensor:
+    """Float64 norms [B] of the rows of x [B, n] from exact float64 sums (for the refs)."""
+    return lanczos_dots_ref(x.unsqueeze(1), x.contiguous()).squeeze(1).clamp_min(0).sqrt()
 
 
 def _lanczos_ritz_check(S, V) -> None:

@@ -80,6 +80,13 @@ def test_binding_refuses_launches_its_buffers_do_not_hold():
             _buf(torch.empty(2, 9)), _buf(torch.empty(2, 4, 9)), 0, 2, 9, 36, 2,
             _buf(torch.empty(2, 2, dtype=torch.float64)),
             *[_buf(torch.empty(2, 4, dtype=torch.float64))] * 2, 2)),
+        ("coef", lambda: _C.lanczos_step_cpu(
+            _buf(torch.empty(2, 9)), _buf(torch.empty(2, 4, 9)), 0, 2, 9, 36, 2,
+            *[_buf(torch.empty(2, 4, dtype=torch.float64))] * 3, 4,
+            _buf(torch.empty(2, 3, 2, dtype=torch.float64)), 6, 2)),
+        ("out", lambda: _C.lanczos_dots_cpu(
+            _buf(torch.empty(2, 3, 9)), _buf(torch.empty(2, 9)), 0, 2, 9, 27, 3,
+            _buf(torch.empty(2, 2, dtype=torch.float64)))),
         ("U", lambda: _C.lanczos_ritz_cpu(
             _buf(torch.empty(1, 3, 2, dtype=torch.float64)), _buf(torch.empty(1, 3, 9)), 0, 1, 9,
             27, 3, 2, _buf(torch.empty(1, 2, 8)))),

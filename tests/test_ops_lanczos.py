@@ -25,11 +25,11 @@ def _orthonormal_basis(B, m, n, rows, dtype, device, gen):
     return V.to(device)
 
 
-def _run(fn, w, V, j, m):
+def _run(fn, w, V, j, m, coef=None):
     B = V.shape[0]
     w, V = w.clone(), V.clone()
     a, b, wn = (torch.full((B, m), math.nan, dtype=F64, device=V.device) for _ in range(3))
-    fn(w, V, j, a, b, wn)
+    fn(w, V, j, a, b, wn, coef)
     return w, V, a, b, wn
 
 
@@ -40,8 +40,10 @@ def _run(fn, w, V, j, m):
 def test_step_matches_ref(device, dtype, B, n, m, j, gen):
     V = _orthonormal_basis(B, m, n, j + 1, dtype, device, gen)
     w = torch.randn(B, n, dtype=ARITH[dtype], generator=gen).to(device)
-    got = _run(ops.lanczos_step, w, V, j, m)
-    ref = _run(ops.lanczos_step_ref, w, V, j, m)
+    coef_k, coef_r = (torch.full((B, m, m + 1), math.nan, dtype=F64, device=device)
+                      for _ in range(2))
+    got = _run(ops.lanczos_step, w, V, j, m, coef_k)
+    ref = _run(ops.lanczos_step_ref, w, V, j, m, coef_r)
     scale = torch.linalg.vector_norm(w.double(), dim=1).max()
     tol = TOL[dtype]
     w_k, V_k, a_k, b_k, wn_k = got
@@ -72,6 +74,16 @@ def test_step_matches_ref(device, dtype, B, n, m, j, gen):
     alpha = (V[:, j].double() * w.double()).sum(1)
     atol = (1e-2 if dtype == torch.bfloat16 else 10 * tol) * scale
     assert torch.allclose(a_k[:, j], alpha, atol=atol, rtol=0)
+    # coef row j: both passes' coefficients, w_in = sum_i coef_i v_i + beta_j v_{j+1} exactly
+    # up to the arithmetic's rounding; only row j, columns 0..j are written
+    assert torch.allclose(coef_k[:, j, : j + 1], coef_r[:, j, : j + 1], atol=tol * scale, rtol=0)
+    assert torch.equal(coef_k[:, j, j], a_k[:, j])
+    mask = torch.ones(m, m + 1, dtype=torch.bool)
+    mask[j, : j + 1] = False
+    assert torch.isnan(coef_k[:, mask]).all()
+    rebuilt = (torch.bmm(coef_k[:, j: j + 1, : j + 1], basis).squeeze(1)
+               + b_k[:, j: j + 1] * new)
+    assert torch.allclose(rebuilt, w.double(), atol=vtol * scale, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,6 +164,58 @@ def test_ritz_bad_inputs(gen):
         ops.lanczos_ritz(torch.randn(2, 3, 1, dtype=F64), V.to(torch.int32))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("B,rows,n", [(1, 1, 1), (3, 7, 2049), (2, 1, 40001), (1, 21, 5),
+                                      (2, 0, 10), (0, 3, 10)])
+def test_dots_matches_ref(device, dtype, B, rows, n, gen):
+    V = torch.randn(B, rows + 2, n, generator=gen).to(device, dtype)[:, :rows]
+    x = torch.randn(B, n, generator=gen).to(device, ARITH[dtype])
+    got = ops.lanczos_dots(V, x)
+    ref = ops.lanczos_dots_ref(V, x)
+    assert got.shape == (B, rows) and got.dtype == F64 and ref.shape == (B, rows)
+    exact = torch.einsum("brn,bn->br", V.double(), x.double())
+    assert torch.allclose(ref, exact, atol=1e-12 * math.sqrt(n), rtol=0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(got, exact, atol=tol * math.sqrt(n), rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dots_accuracy_does_not_grow_with_n(device, gen):
+    """Squared norms of float32 unit vectors of 2e6 entries, the sum where float accumulation
+    fails worst (every term positive): torch.linalg.vector_norm is off by ~1e-4 there."""
+    x64 = torch.randn(2, 2_000_000, dtype=F64, generator=gen)
+    x64 /= torch.linalg.vector_norm(x64, dim=1, keepdim=True)
+    x = x64.float().to(device)
+    exact = (x.double() ** 2).sum(1)
+    got = ops.lanczos_dots(x.unsqueeze(1), x)[:, 0]
+    assert torch.allclose(got, exact, atol=1e-10, rtol=0), (got - exact)
+    # the step's own sums: ||A v_j|| and beta_j = ||w|| after Gram-Schmidt, to float64 accuracy
+    V = _orthonormal_basis(2, 2, 2_000_000, 1, torch.float32, device, gen)
+    w = (3 * V[:, 0].float() + x).contiguous()
+    w_out, V_out, _, b, wn = _run(ops.lanczos_step, w, V, 0, 2)
+    assert torch.allclose(wn[:, 0], torch.linalg.vector_norm(w.double(), dim=1), rtol=1e-12)
+    assert torch.allclose(b[:, 0], torch.linalg.vector_norm(w_out.double(), dim=1), rtol=1e-12)
+    unit = torch.linalg.vector_norm(V_out[:, 1].double(), dim=1)
+    assert torch.allclose(unit, torch.ones_like(unit), atol=1e-7, rtol=0)
+
+
+def test_dots_bad_inputs(gen):
+    V = torch.randn(2, 3, 10, generator=gen)
+    with pytest.raises(ValueError, match="'x'"):
+        ops.lanczos_dots(V, torch.randn(2, 10, dtype=F64))
+    with pytest.raises(ValueError, match="'x'"):
+        ops.lanczos_dots(V, torch.randn(2, 9))
+    with pytest.raises(ValueError, match="'V'"):
+        ops.lanczos_dots(V.transpose(1, 2).contiguous().transpose(1, 2), torch.randn(2, 10))
+    with pytest.raises(ValueError, match="'V'"):
+        ops.lanczos_dots(V.half(), torch.randn(2, 10))
+    with pytest.raises(ValueError, match="'coef'"):
+        ops.lanczos_step(torch.randn(2, 10), torch.zeros(2, 4, 10), 1,
+                         *(torch.zeros(2, 3, dtype=F64) for _ in range(3)),
+                         torch.zeros(2, 1, 3, dtype=F64))
+
+
 def test_opcheck(gen):
     V = _orthonormal_basis(2, 6, 100, 3, torch.float32, "cpu", gen).nan_to_num()
     w = torch.randn(2, 100, generator=gen)
@@ -159,5 +223,9 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.pfkernels.lanczos_step.default,
                           (w, V, 2, a, a.clone(), a.clone()),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pfkernels.lanczos_step.default,
+                          (w, V, 2, a, a.clone(), a.clone(), torch.zeros(2, 6, 6, dtype=F64)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pfkernels.lanczos_dots.default, (V[:, :4], w))
     S = torch.randn(2, 3, 2, dtype=F64, generator=gen)
     torch.library.opcheck(torch.ops.pfkernels.lanczos_ritz.default, (S, V))

@@ -42,9 +42,16 @@ void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, b
 // storage, float64 for float64) is overwritten by the orthogonalised residual; V holds problem b's
 // basis rows at V + b * vstride + i * n in the storage dtype; v_{j+1} = w / beta_j is written to
 // row j + 1; alpha_j, beta_j and ||w|| (before orthogonalisation) go to alpha/beta/wnorm
-// [b * cstride + j] (float64). Classical Gram-Schmidt twice against rows 0..j.
+// [b * cstride + j] (float64). Classical Gram-Schmidt twice against rows 0..j. Unless coef is
+// null, coef[b * coef_bstride + j * coef_rstride + i] (i = 0..j) receives the coefficient of v_i
+// in A v_j summed over both passes (A v_j = sum_i coef_i v_i + beta_j v_{j+1}).
 void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
-                  double* alpha, double* beta, double* wnorm, int64_t cstride);
+                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
+                  int64_t coef_bstride, int64_t coef_rstride);
+// lanczos: out [B, rows] float64 = <V_b,i, x_b> for rows i = 0..rows-1 of V (as above) and x
+// [B, n] in the arithmetic dtype; summed as the step's dot products.
+void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n, int64_t vstride,
+                  int64_t rows, double* out);
 // lanczos: Ritz vectors U [B, k, n] (arithmetic dtype) = S^T V with S [B, rows, k] float64 and
 // V's rows 0..rows-1 as above.
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,

@@ -1,11 +1,12 @@
 // lanczos family, CPU: one fused Lanczos step (classical Gram-Schmidt twice) and Ritz vectors
 // for a batch of problems.
 //
-// Work is cut into (problem, chunk of kChunk elements) tiles. A tile's partial dot products are
-// summed in float inside the tile and in float64 across tiles, in tile order, so results do not
-// depend on the number of OpenMP threads. The second Gram-Schmidt pass's dot products are taken
-// on the tile right after the first pass updated it, while the tile of V is still in cache: the
-// step reads V three times (BLAS gemv composition: four).
+// Work is cut into (problem, chunk of kChunk elements) tiles. Products are formed in the
+// arithmetic dtype and summed in float64, inside a tile and across tiles in tile order, so
+// results do not depend on the number of OpenMP threads and their error does not grow with n.
+// The second Gram-Schmidt pass's dot products are taken on the tile right after the first pass
+// updated it, while the tile of V is still in cache: the step reads V three times (BLAS gemv
+// composition: four).
 #include <cmath>
 #include <vector>
 
@@ -42,18 +43,19 @@ int64_t step_tile(int64_t rows) {
 #define PFK_LANCZOS_CLONES
 #endif
 
-// out[i] = <V_i, w> over one tile for the rows 0..rows-1 (V_i starts at V + i * n).
+// out[i] = <V_i, w> over one tile for the rows 0..rows-1 (V_i starts at V + i * n). Products
+// are formed in the arithmetic dtype and summed in float64: a float sum over a tile's 16384
+// elements left norms off by ~1e-5 (measured), which broke the Lanczos relation at that level.
 template <typename S>
 PFK_LANCZOS_CLONES void tile_dots(const S* V, int64_t n, int64_t rows,
                                   const typename LanczosTypes<S>::Arith* w, int64_t len,
                                   double* out) {
-  using A = typename LanczosTypes<S>::Arith;
   for (int64_t i = 0; i < rows; ++i) {
     const S* v = V + i * n;
-    A acc = 0;
+    double acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t x = 0; x < len; ++x) acc += LanczosTypes<S>::load(v[x]) * w[x];
-    out[i] = static_cast<double>(acc);
+    for (int64_t x = 0; x < len; ++x) acc += static_cast<double>(LanczosTypes<S>::load(v[x]) * w[x]);
+    out[i] = acc;
   }
 }
 
@@ -71,16 +73,17 @@ PFK_LANCZOS_CLONES void tile_update(const S* V, int64_t n, int64_t rows, const d
 }
 
 template <typename A>
-double tile_sumsq(const A* w, int64_t len) {
-  A acc = 0;
+PFK_LANCZOS_CLONES double tile_sumsq(const A* w, int64_t len) {
+  double acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t x = 0; x < len; ++x) acc += w[x] * w[x];
-  return static_cast<double>(acc);
+  for (int64_t x = 0; x < len; ++x) acc += static_cast<double>(w[x] * w[x]);
+  return acc;
 }
 
 template <typename S>
 void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, int64_t j,
-               double* alpha, double* beta, double* wnorm, int64_t cstride) {
+               double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
+               int64_t coef_bstride, int64_t coef_rstride) {
   using A = typename LanczosTypes<S>::Arith;
   A* w = static_cast<A*>(w_ptr);
   S* V = static_cast<S*>(V_ptr);
@@ -141,6 +144,10 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
     for (int64_t t = 0; t < nc; ++t) s += part[(b * nc + t) * slots + rows];
     alpha[b * cstride + j] = c1[b * rows + j] + c2[b * rows + j];
     beta[b * cstride + j] = std::sqrt(s);
+    if (coef != nullptr) {
+      double* row = coef + b * coef_bstride + j * coef_rstride;
+      for (int64_t i = 0; i < rows; ++i) row[i] = c1[b * rows + i] + c2[b * rows + i];
+    }
   }
 
 #pragma omp parallel for schedule(static) if (par)
@@ -151,6 +158,32 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
     S* out = V + b * vstride + (j + 1) * n + x0;
     for (int64_t x = 0; x < len; ++x) out[x] = LanczosTypes<S>::store(wb[x] * inv);
   }
+}
+
+// out[b * rows + i] = <V_b,i, x_b>: the step's first pass on its own, same tiles and summation
+// order.
+template <typename S>
+void dots_impl(const void* V_ptr, const void* x_ptr, int64_t B, int64_t n, int64_t vstride,
+               int64_t rows, double* out) {
+  using A = typename LanczosTypes<S>::Arith;
+  const S* V = static_cast<const S*>(V_ptr);
+  const A* x = static_cast<const A*>(x_ptr);
+  const int64_t kChunk = step_tile<S>(rows);
+  const int64_t nc = (n + kChunk - 1) / kChunk;
+  const int64_t tiles = B * nc;
+  std::vector<double> part(static_cast<size_t>(tiles * rows));
+  const bool par = tiles > 1 && B * n * rows >= kParallelWork;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
+    tile_dots<S>(V + b * vstride + x0, n, rows, x + b * n + x0, len, &part[t * rows]);
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < rows; ++i) {
+      double s = 0;
+      for (int64_t t = 0; t < nc; ++t) s += part[(b * nc + t) * rows + i];
+      out[b * rows + i] = s;
+    }
 }
 
 // Ritz tiles are small: the k output rows of a tile stay in L1/L2 while V streams through once.
@@ -195,11 +228,28 @@ void ritz_impl(const double* Sm, const void* V_ptr, int64_t B, int64_t n, int64_
 }  // namespace
 
 void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
-                  double* alpha, double* beta, double* wnorm, int64_t cstride) {
+                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
+                  int64_t coef_bstride, int64_t coef_rstride) {
   switch (dtype) {
-    case kFloat32: return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride);
-    case kFloat64: return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride);
-    case kBFloat16: return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride);
+    case kFloat32:
+      return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                              coef_bstride, coef_rstride);
+    case kFloat64:
+      return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                               coef_bstride, coef_rstride);
+    case kBFloat16:
+      return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                             coef_bstride, coef_rstride);
+    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n, int64_t vstride,
+                  int64_t rows, double* out) {
+  switch (dtype) {
+    case kFloat32: return dots_impl<float>(V, x, B, n, vstride, rows, out);
+    case kFloat64: return dots_impl<double>(V, x, B, n, vstride, rows, out);
+    case kBFloat16: return dots_impl<BF16>(V, x, B, n, vstride, rows, out);
     default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
   }
 }

@@ -39,8 +39,13 @@ void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, b
 // lanczos_workspace_words(B, n, j) elements.
 int64_t lanczos_workspace_words(int64_t B, int64_t n, int64_t j);
 void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
-                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* workspace,
-                  void* stream);
+                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
+                  int64_t coef_bstride, int64_t coef_rstride, double* workspace, void* stream);
+// lanczos: as pfk::cpu::lanczos_dots, with a float64 workspace of
+// lanczos_dots_workspace_words(B, n, rows) elements.
+int64_t lanczos_dots_workspace_words(int64_t B, int64_t n, int64_t rows);
+void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n, int64_t vstride,
+                  int64_t rows, double* out, double* workspace, void* stream);
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U, void* stream);
 

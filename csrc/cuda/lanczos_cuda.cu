@@ -3,8 +3,8 @@
 //
 // Every pass over the basis is one bandwidth-bound kernel over a (tile, problem) grid that reads
 // each element of V[b, 0..j] once: a dot pass (each thread keeps its elements of w in registers
-// and forms its share of all j+1 dot products; warp shuffles then shared memory reduce them in a
-// fixed order to one float64 partial per tile), a one-block-per-problem reduction of the tile
+// and sums its share of all j+1 dot products in float64; warp shuffles then shared memory reduce
+// them in a fixed order to one float64 partial per tile), a one-block-per-problem reduction of the tile
 // partials in tile order (deterministic, no atomics), and an update pass w -= V^T c. The step is
 // dot, reduce, update, dot, reduce, update(+norm), reduce, normalise: nothing waits on the host,
 // and alpha_j, beta_j and ||A v_j|| are written to device memory.
@@ -56,19 +56,18 @@ __global__ void dot_kernel(const S* __restrict__ V, const Arith<S>* __restrict__
   for (int64_t g = 0; g < total; g += kRowGroup) {
     const int64_t gend = min(total, g + kRowGroup);
     for (int64_t i = g; i < gend; ++i) {
-      A acc = 0;
+      double d = 0;
       if (i < rows) {
         const S* v = V + b * vstride + i * n;
 #pragma unroll
         for (int e = 0; e < kPerThread; ++e) {
           const int64_t x = x0 + e * kThreads + threadIdx.x;
-          if (x < n) acc += LanczosTypes<S>::load(v[x]) * wr[e];
+          if (x < n) d += static_cast<double>(LanczosTypes<S>::load(v[x]) * wr[e]);
         }
       } else {
 #pragma unroll
-        for (int e = 0; e < kPerThread; ++e) acc += wr[e] * wr[e];
+        for (int e = 0; e < kPerThread; ++e) d += static_cast<double>(wr[e] * wr[e]);
       }
-      double d = static_cast<double>(acc);
       for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
       if (lane == 0) sm[i - g][warp] = d;
     }
@@ -113,18 +112,17 @@ __global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
       if (x < n) wr[e] -= ci * LanczosTypes<S>::load(v[x]);
     }
   }
-  A sq = 0;
+  double d = 0;
 #pragma unroll
   for (int e = 0; e < kPerThread; ++e) {
     const int64_t x = x0 + e * kThreads + threadIdx.x;
     if (x < n) {
       w[b * n + x] = wr[e];
-      sq += wr[e] * wr[e];
+      d += static_cast<double>(wr[e] * wr[e]);
     }
   }
   if (!with_norm) return;
   __shared__ double sm[kWarps];
-  double d = static_cast<double>(sq);
   for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
   if ((threadIdx.x & 31) == 0) sm[threadIdx.x >> 5] = d;
   __syncthreads();
@@ -135,13 +133,21 @@ __global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
   }
 }
 
-// alpha_j = c1[j] + c2[j], ||A v_j|| from pass 1's norm slot, beta_j from the final partials.
+// alpha_j = c1[j] + c2[j], ||A v_j|| from pass 1's norm slot, beta_j from the final partials;
+// unless coef is null, the row of both passes' coefficients. One block per problem.
 __global__ void scalars_kernel(const double* __restrict__ c1, const double* __restrict__ c2,
                                const double* __restrict__ norm_partial, int64_t tiles,
                                int64_t rows, int64_t j, double* __restrict__ alpha,
                                double* __restrict__ beta, double* __restrict__ wnorm,
-                               int64_t cstride) {
+                               int64_t cstride, double* __restrict__ coef, int64_t coef_bstride,
+                               int64_t coef_rstride) {
   const int64_t b = blockIdx.x;
+  if (coef != nullptr) {
+    double* row = coef + b * coef_bstride + j * coef_rstride;
+    for (int64_t i = threadIdx.x; i < rows; i += blockDim.x)
+      row[i] = c1[b * (rows + 1) + i] + c2[b * rows + i];
+  }
+  if (threadIdx.x != 0) return;
   double s = 0;
   for (int64_t t = 0; t < tiles; ++t) s += norm_partial[b * tiles + t];
   alpha[b * cstride + j] = c1[b * (rows + 1) + j] + c2[b * rows + j];
@@ -164,8 +170,8 @@ __global__ void normalise_kernel(const Arith<S>* __restrict__ w, S* __restrict__
 
 template <typename S>
 void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, int64_t j,
-               double* alpha, double* beta, double* wnorm, int64_t cstride, double* ws,
-               cudaStream_t stream) {
+               double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
+               int64_t coef_bstride, int64_t coef_rstride, double* ws, cudaStream_t stream) {
   using A = Arith<S>;
   A* w = static_cast<A*>(w_ptr);
   S* V = static_cast<S*>(V_ptr);
@@ -191,11 +197,25 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
   PFK_CUDA_CHECK(cudaGetLastError());
   update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c2, n, vstride, rows, rows, true, partial);
   PFK_CUDA_CHECK(cudaGetLastError());
-  scalars_kernel<<<static_cast<unsigned>(B), 1, 0, stream>>>(c1, c2, partial, tiles, rows, j,
-                                                             alpha, beta, wnorm, cstride);
+  scalars_kernel<<<static_cast<unsigned>(B), 64, 0, stream>>>(
+      c1, c2, partial, tiles, rows, j, alpha, beta, wnorm, cstride, coef, coef_bstride,
+      coef_rstride);
   PFK_CUDA_CHECK(cudaGetLastError());
   const dim3 ngrid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
   normalise_kernel<S><<<ngrid, kThreads, 0, stream>>>(w, V, n, vstride, j, beta, cstride);
+  PFK_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename S>
+void dots_impl(const void* V, const void* x, int64_t B, int64_t n, int64_t vstride, int64_t rows,
+               double* out, double* ws, cudaStream_t stream) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
+  dot_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(V),
+                                               static_cast<const Arith<S>*>(x), n, vstride, rows,
+                                               rows, false, ws);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  reduce_kernel<<<static_cast<unsigned>(B), 128, 0, stream>>>(ws, tiles, rows, rows, out);
   PFK_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -243,18 +263,37 @@ int64_t lanczos_workspace_words(int64_t B, int64_t n, int64_t j) {
   return B * tiles * (rows + 1) + B * (rows + 1) + B * rows;
 }
 
+int64_t lanczos_dots_workspace_words(int64_t B, int64_t n, int64_t rows) {
+  return B * ((n + kTile - 1) / kTile) * rows;
+}
+
 void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
-                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* workspace,
-                  void* stream) {
+                  double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
+                  int64_t coef_bstride, int64_t coef_rstride, double* workspace, void* stream) {
   if (B == 0 || n == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
-      return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, workspace, s);
+      return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                              coef_bstride, coef_rstride, workspace, s);
     case kFloat64:
-      return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, workspace, s);
+      return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                               coef_bstride, coef_rstride, workspace, s);
     case kBFloat16:
-      return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, workspace, s);
+      return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
+                             coef_bstride, coef_rstride, workspace, s);
+    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n, int64_t vstride,
+                  int64_t rows, double* out, double* workspace, void* stream) {
+  if (B == 0 || n == 0 || rows == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32: return dots_impl<float>(V, x, B, n, vstride, rows, out, workspace, s);
+    case kFloat64: return dots_impl<double>(V, x, B, n, vstride, rows, out, workspace, s);
+    case kBFloat16: return dots_impl<BF16>(V, x, B, n, vstride, rows, out, workspace, s);
     default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
   }
 }
