@@ -578,6 +578,53 @@ class _Sink:
             self._writer.close()
 
 
+class _GradientGraphHessian:
+    """The Hessian of a training loss whose gradient was taken with ``create_graph=True``:
+    ``H v = d(g . v)/d theta`` by one backward pass through the gradient's graph per product
+    (the piggybacked measurement of :meth:`SharpnessTracker.step`). Vectors are flat over
+    ``params`` in order, in their dtype and device."""
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]):
+        self._params = params
+        self._grads = grads
+        self._numels = [p.numel() for p in params]
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.shape = (sum(self._numels),) * 2
+        self.num_matvecs = 0
+        self.process_group = None
+        # the parameters that reach the loss with a graph; the rest have zero Hessian rows
+        self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self._params)
+
+    def gradient(self) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.detach().reshape(-1)
+                          for p, g in zip(self._params, self._grads)])
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        parts = list(torch.split(v, self._numels))
+        out = [torch.zeros_like(part) for part in parts]
+        if self._live:
+            grads = [self._grads[i] for i in self._live]
+            directions = [parts[i].view_as(self._params[i]) for i in self._live]
+            hv = torch.autograd.grad(grads, self._params, directions, retain_graph=True,
+                                     allow_unused=True)
+            out = [torch.zeros_like(part) if h is None else h.reshape(-1)
+                   for part, h in zip(parts, hv)]
+        return torch.cat(out)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += 1 if v.dim() == 1 else v.shape[0]
+        if v.dim() == 1:
+            return self._product(v)
+        return torch.stack([self._product(row) for row in v])
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+
 class SharpnessTracker:
     """Top-k Hessian eigenvalues every ``every`` steps of a training loop, warm-started.
 
@@ -586,11 +633,14 @@ class SharpnessTracker:
     previous measurement's eigenvectors: between nearby steps the top eigenvectors barely move, so
     the solve needs a few Hessian-vector products instead of a cold Lanczos run (the EoS code of
     Cohen et al. solves cold with ARPACK every time). With an adaptive optimizer (Adam, AdamW,
-    RMSprop) it also solves for λ_max(P⁻¹H) on :func:`preconditioned_operator`, warm-started the
-    same way, and compares that with the threshold.
+    RMSprop) it solves for λ_max(P⁻¹H) on :func:`preconditioned_operator` instead, once the
+    optimizer has a preconditioner, warm-started the same way, and compares that with the
+    threshold (``raw=True`` measures λ_max(H) as well, at the cost of a second solve).
 
     Call ``tracker.step(i)`` once per training step, before ``optimizer.step()`` (the measurement
-    is the sharpness the coming update sees, as in Cohen et al.).
+    is the sharpness the coming update sees, as in Cohen et al.). ``tracker.step(i, loss=loss)``
+    with a loss that still has its graph also does the backward pass (see :meth:`step`): a
+    measured step then costs its Hessian-vector products and nothing else.
 
     Args:
         model: the ``torch.nn.Module`` being trained.
@@ -599,16 +649,22 @@ class SharpnessTracker:
             loss over them; use a fixed subset for a stochastic run).
         every: measure when ``i % every == 0``.
         k: number of top eigenvalues, at most the number of parameters the Hessian covers.
-        guard: extra eigenpairs solved for (and warm-started) beyond ``k`` but not reported. At
-            the edge of stability the top eigenvalues cross: the old top direction can drop below
-            another that rose, and a Lanczos run started from the old top eigenvector alone then
-            converges to the wrong pair (on the digits MLP at EoS, to the second eigenvalue, 1.7%
-            low, at one of 30 measurements). Tracking the next pair too carries the new top
-            direction in the start vector. ``guard=0`` roughly halves the HVPs per measurement
-            and accepts that risk (bench/bench_tracking.py measures both).
+        guard: extra eigenpairs carried from measurement to measurement beyond ``k`` but not
+            reported (eigsh's ``guard``). At the edge of stability the top eigenvalues cross: the
+            old top direction can drop below another that rose, and a solve started from the old
+            top eigenvector alone then converges to the wrong pair (on the digits MLP at EoS, to
+            the second eigenvalue, 1.7% low, at one of 30 measurements). Each solve starts from
+            the previous ``k + guard`` eigenvectors as a block (their Rayleigh-Ritz pairs, then
+            the top pairs refined by their residuals), so the new top direction is in the start;
+            the guard pairs need not converge, which keeps the cost near that of ``guard=0``
+            (bench/bench_tracking.py measures both).
         optimizer: the optimizer, for the stability threshold (:func:`stability_threshold`) and,
             when adaptive, the preconditioner.
-        tol: relative tolerance of each eigensolve (see :func:`pfkernels.eigsh`).
+        tol: relative eigenvalue error of each reported eigenvalue (eigsh's ``eigenvalue_tol``:
+            a Kato-Temple bound ``residual^2 / gap`` with the gap from the Ritz values). A
+            residual tolerance of 1e-3, the earlier meaning, over-solved eigenvalues to ~1e-6.
+            The first, cold, solve of a run (and of the preconditioned operator) uses it as a
+            relative residual tolerance instead, as a random start gives no trustworthy gap.
         threshold: a fixed threshold in raw units instead of one read from ``optimizer`` (for
             hand-written loops, e.g. ``2 / lr``).
         params: which parameters the Hessian covers, as for :class:`pfkernels.HessianOperator`:
@@ -619,6 +675,11 @@ class SharpnessTracker:
         max_matvecs: cap on HVPs per solve.
         method, dtype, mode: passed to :class:`pfkernels.HessianOperator`.
         seed: seed of the random start vector of the first solve.
+        raw: with an adaptive optimizer, also solve for the raw sharpness λ_max(H) at every
+            measurement. By default only the preconditioned sharpness, the one compared with
+            the threshold, is measured once the optimizer has a preconditioner (records then
+            have ``sharpness`` and ``eigenvalues`` None): the raw solve doubled the products of
+            an Adam measurement (bench/bench_tracking.py). Other optimizers always measure it.
 
     Attributes:
         history: the records measured so far.
@@ -644,6 +705,7 @@ class SharpnessTracker:
         dtype: torch.dtype | None = None,
         mode: str = "eval",
         seed: int = 0,
+        raw: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -655,6 +717,8 @@ class SharpnessTracker:
             raise ValueError(f"k: expected a positive integer, got {k!r}")
         if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
             raise ValueError(f"guard: expected a non-negative integer, got {guard!r}")
+        if not isinstance(raw, bool):
+            raise TypeError(f"raw: expected a bool, got {type(raw).__name__}")
         if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
             raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -690,6 +754,7 @@ class SharpnessTracker:
         self.fixed_threshold = None if threshold is None else float(threshold)
         self.max_matvecs = max_matvecs
         self.seed = seed
+        self.raw = raw
         self.history: list[dict[str, Any]] = []
         self.losses: list[tuple[int, float]] = []
         # Under data parallelism every rank measures (the products are collectives), rank 0 logs.
@@ -709,25 +774,91 @@ class SharpnessTracker:
         ``loss`` (optional, the step's training loss on ``data``) is kept in :attr:`losses` for
         the non-monotonicity statistics of :meth:`summary`, and saves the measurement a forward
         pass.
+
+        Piggybacking: a ``loss`` tensor that still has its graph is differentiated here, and the
+        gradients are accumulated into ``.grad`` of the model's trainable parameters, exactly
+        as ``loss.backward()`` does, so the loop goes ``loss = ...; tracker.step(i, loss=loss);
+        optimizer.step()`` (zero the gradients before, as usual; do not call
+        ``loss.backward()`` yourself: a second backward through a measured step's loss raises).
+        On a measured step the gradient is taken once with ``create_graph=True`` and the
+        measurement's Hessian-vector products differentiate that gradient again: no extra
+        forward pass or gradient, each product one backward pass. The Hessian is then that of
+        this loss (its batch, the model's train/eval mode as the loss was computed), not of
+        ``data``. Memory: the graph of the gradient is kept until the measurement ends (about
+        the size of the forward graph again; measured in bench/bench_tracking.py), and the
+        forward graph until the caller drops ``loss``. Piggybacking needs the tracked Hessian in
+        the parameters' own dtype and no process group; otherwise ``step`` calls
+        ``loss.backward()`` and measures on ``data`` as without a graph.
         """
+        value = None
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(f"loss: must be a scalar (0-d) tensor, got shape {tuple(loss.shape)}")
         if loss is not None:
-            loss = float(loss)
-            self.losses.append((int(step), loss))
-        if step % self.every:
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            self.losses.append((int(step), value))
+        measuring = step % self.every == 0
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            if measuring and self._can_piggyback():
+                record = self.measure(step, loss=value, hessian=self._gradient_graph(loss))
+                self._forbid_second_backward(loss)
+                return record
+            loss.backward()
+        if not measuring:
             return None
-        return self.measure(step, loss=loss)
+        return self.measure(step, loss=value)
+
+    def _can_piggyback(self) -> bool:
+        return self.hessian.process_group is None and all(
+            p.dtype == self.hessian.dtype for p in self.hessian.parameters())
+
+    def _gradient_graph(self, loss: torch.Tensor) -> _GradientGraphHessian:
+        """Accumulates ``d loss / d p`` into ``.grad`` of every trainable parameter (as
+        ``loss.backward()``) and returns the Hessian operator of the tracked ones that
+        differentiates the same gradients again."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True)
+        by_id = {}
+        for p, g in zip(trainable, grads):
+            by_id[id(p)] = g
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.detach().clone()
+            else:
+                p.grad.add_(g.detach())
+        tracked = self.hessian.parameters()
+        return _GradientGraphHessian(tracked, [by_id.get(id(p)) for p in tracked])
+
+    @staticmethod
+    def _forbid_second_backward(loss: torch.Tensor) -> None:
+        # create_graph keeps the loss's graph alive; a backward the caller adds by habit would
+        # silently double .grad
+        def refuse(grad_outputs):
+            raise RuntimeError("SharpnessTracker.step(loss=...) already back-propagated this "
+                               "loss (piggybacking) and set .grad; do not call backward() on it")
+
+        if loss.grad_fn is not None:
+            loss.grad_fn.register_prehook(refuse)
 
     def _solve(self, operator, v0):
         from .lanczos import eigsh
 
+        n = operator.shape[0]
+        k = min(self.k, n)
+        # A cold start has no previous eigenvalues to make the gap estimate trustworthy: a
+        # Krylov space of a few random-start vectors can hold a converged lower eigenvalue and
+        # not yet the top one (measured: 6% low on a tiny MLP at eigenvalue_tol 1e-3), so the
+        # first solve keeps the residual test.
+        criterion = {"tol": self.tol} if v0 is None else {"eigenvalue_tol": self.tol}
         return eigsh(
             operator,
-            k=min(self.k + self.guard, operator.shape[0]),
+            k=k,
+            guard=min(self.guard, n - k),
             which="LA",
-            tol=self.tol,
             max_matvecs=self.max_matvecs,
             v0=v0,
             seed=self.seed,
+            **criterion,
         )
 
     def _threshold(self, hessian) -> StabilityThreshold | None:
@@ -744,14 +875,16 @@ class SharpnessTracker:
     def _has_preconditioner(self) -> bool:
         return all(self.optimizer.state.get(p) for p in _operator_params(self.hessian))
 
-    def measure(self, step: int, loss: float | None = None) -> dict[str, Any]:
+    def measure(self, step: int, loss: float | None = None, *, hessian=None) -> dict[str, Any]:
         """Measures now, whatever the step; appends the record to :attr:`history` and the sinks.
 
         ``loss``: the loss on ``data`` at the current parameters when the caller has it;
-        otherwise it is evaluated.
+        otherwise it is evaluated. ``hessian``: the operator to measure (default: the tracker's
+        own over ``data``; :meth:`step` passes the piggybacked one).
 
         Returns:
-            a dict with ``step``, ``sharpness`` (λ_max(H)), ``eigenvalues`` (top k, descending),
+            a dict with ``step``, ``sharpness`` (λ_max(H)), ``eigenvalues`` (top k, descending;
+            both None for an adaptive optimizer past its first step unless ``raw=True``),
             ``preconditioned_sharpness`` and ``preconditioned_eigenvalues`` (None unless the
             optimizer is adaptive and has taken a step), ``threshold`` and ``threshold_units``
             (None without optimizer or threshold), ``ratio`` (tracked sharpness / threshold;
@@ -760,19 +893,23 @@ class SharpnessTracker:
             ``time`` (seconds spent).
         """
         start = time.perf_counter()
-        hessian = self.hessian
+        hessian = self.hessian if hessian is None else hessian
         before = hessian.num_matvecs
-        raw = self._solve(hessian, self._vectors)
-        self._vectors = raw.eigenvectors
-        converged = bool(torch.as_tensor(raw.converged).all())
-        eigenvalues = [float(x) for x in raw.eigenvalues[: self.k]]
-        preconditioned = None
         # An adaptive optimizer has no preconditioner before its first step: raw sharpness only.
-        if is_adaptive(self.optimizer) and self._has_preconditioner():
+        adaptive = is_adaptive(self.optimizer) and self._has_preconditioner()
+        eigenvalues = preconditioned = None
+        converged = True
+        if not adaptive or self.raw:
+            raw = self._solve(hessian, self._vectors)
+            self._vectors = raw.eigenvectors
+            # the guard pairs ride along: only the reported ones must converge
+            converged = bool(torch.as_tensor(raw.converged)[: self.k].all())
+            eigenvalues = [float(x) for x in raw.eigenvalues[: self.k]]
+        if adaptive:
             operator = preconditioned_operator(hessian, self.optimizer)
             pre = self._solve(operator, self._preconditioned_vectors)
             self._preconditioned_vectors = pre.eigenvectors
-            converged = converged and bool(torch.as_tensor(pre.converged).all())
+            converged = converged and bool(torch.as_tensor(pre.converged)[: self.k].all())
             preconditioned = [float(x) for x in pre.eigenvalues[: self.k]]
         threshold = self._threshold(hessian)
         tracked = eigenvalues[0] if preconditioned is None else preconditioned[0]
@@ -781,7 +918,7 @@ class SharpnessTracker:
         )
         record = {
             "step": int(step),
-            "sharpness": eigenvalues[0],
+            "sharpness": None if eigenvalues is None else eigenvalues[0],
             "eigenvalues": eigenvalues,
             "preconditioned_sharpness": None if preconditioned is None else preconditioned[0],
             "preconditioned_eigenvalues": preconditioned,

@@ -30,6 +30,7 @@ import sys
 import warnings
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -220,13 +221,19 @@ def _check_seed(seed) -> None:
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
     """Indices (into ascending ``theta`` [m]) of the ``k`` wanted Ritz values, most wanted first
     for LA/SA/LM; for BE alternating ends starting at the top (so any prefix is balanced)."""
+    return torch.from_numpy(_select_np(np.asarray(theta), k, which))
+
+
+def _select_np(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """:func:`_select` on NumPy arrays (the host-side arithmetic of a convergence check runs in
+    NumPy: a torch call on a few numbers costs ~10 us, more than the arithmetic)."""
     m = theta.shape[0]
     if which == "LA":
-        return torch.arange(m - 1, m - 1 - k, -1)
+        return np.arange(m - 1, m - 1 - k, -1)
     if which == "SA":
-        return torch.arange(k)
+        return np.arange(k)
     if which == "LM":
-        return torch.argsort(theta.abs(), descending=True, stable=True)[:k]
+        return np.argsort(-np.abs(theta), kind="stable")[:k]
     order = []
     lo, hi = 0, m - 1
     while len(order) < k:
@@ -235,13 +242,13 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
         if len(order) < k:
             order.append(lo)
             lo += 1
-    return torch.tensor(order, dtype=torch.long)
+    return np.array(order, dtype=np.int64)
 
 
 def _dots(V: Tensor, x: Tensor) -> Tensor:
     """``<V[b, i], x[b]>`` [B, rows] float64 whose error does not grow with n
     (:func:`pfkernels.ops.lanczos_dots`); V in a storage dtype, x in its arithmetic dtype."""
-    return ops.lanczos_dots(V, x.contiguous())
+    return ops.lanczos_dots_unchecked(V, x.contiguous())
 
 
 def _row_norms(x: Tensor) -> Tensor:
@@ -249,7 +256,7 @@ def _row_norms(x: Tensor) -> Tensor:
     :func:`_dots`: ``torch.linalg.vector_norm`` of a float32 unit vector of 1.1e7 entries is off
     by 3e-4, enough to break the Lanczos relation of a basis started from it."""
     x = x.contiguous()
-    return ops.lanczos_dots(x.unsqueeze(1), x).squeeze(1).clamp_min(0).sqrt()
+    return ops.lanczos_dots_unchecked(x.unsqueeze(1), x).squeeze(1).clamp_min(0).sqrt()
 
 
 def _orthonormalise_against(V: Tensor, x: Tensor, work,
@@ -287,11 +294,13 @@ def _random_vectors(B: int, n: int, seed, device, work) -> Tensor:
     return torch.stack(rows).to(device, work)
 
 
-def _start_vectors(v0, op: _Operator, B: int, seed, work) -> Tensor:
-    """``v0`` [n] / [n, j] (unbatched) or [B, n] / [B, n, j] (batched) -> unit rows [B, n]; a
-    block of previous eigenvectors starts from its column sum (measured in
-    bench/bench_eigsh.py to need fewer matvecs than seeding with its first column)."""
+def _start_vectors(v0, op: _Operator, B: int, seed, work) -> tuple[Tensor, Tensor | None]:
+    """``v0`` [n] / [n, j] (unbatched) or [B, n] / [B, n, j] (batched) -> (unit rows [B, n],
+    block [B, j, n] or None). A block of j >= 2 previous eigenvectors is returned orthonormalised
+    (the solve starts from its Rayleigh-Ritz pairs, :meth:`_Lanczos.start_from_block`); the unit
+    rows are then its column sum, the start of a sharded solve."""
     n = op.n
+    block = None
     if v0 is None:
         x = _random_vectors(B, n, seed, op.device, work)
     else:
@@ -306,15 +315,42 @@ def _start_vectors(v0, op: _Operator, B: int, seed, work) -> Tensor:
         if not v0.is_floating_point():
             raise TypeError(f"argument 'v0': must be floating point, got {v0.dtype}")
         x = v0.detach().to(op.device, work)
-        if x.dim() == (3 if batched else 2):
-            x = x.sum(-1)
-        x = x.reshape(B, n)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("argument 'v0': contains NaN or infinity")
+        if x.dim() == (3 if batched else 2):
+            if x.shape[-1] > 1:
+                block = x.reshape(B, n, -1).transpose(1, 2).contiguous()
+            x = x.sum(-1)
+        x = x.reshape(B, n)
     norms = _row_norms(x)[:, None]
     if v0 is not None and bool((norms == 0).any()):
         raise ValueError("argument 'v0': is zero (or its columns sum to zero)")
-    return x / norms.to(work)
+    if block is not None:
+        block = _orthonormal_rows(block, seed, work)
+    return x / norms.to(work), block
+
+
+def _orthonormal_rows(Y: Tensor, seed, work) -> Tensor:
+    """Rows of ``Y`` [B, p, n] orthonormalised in order (Gram-Schmidt twice, float64 sums); a row
+    that (nearly) lies in the span of the earlier ones is replaced by a random vector, so that
+    the block keeps its size."""
+    Q = torch.empty_like(Y)
+    gen = torch.Generator().manual_seed(int(seed) + 104729) if seed is not None else None
+    for i in range(Y.shape[1]):
+        y = Y[:, i]
+        before = _row_norms(y)
+        for _ in range(2):  # a dependent row gets one random replacement, which cannot be
+            if i:
+                y, _ = _orthonormalise_against(Q[:, :i], y, work)
+            after = _row_norms(y)
+            weak = after <= 1e-6 * before
+            if not bool(weak.any()):
+                break
+            r = torch.randn(Y.shape[0], Y.shape[2], dtype=torch.float64, generator=gen)
+            y = torch.where(weak.to(y.device)[:, None], r.to(y.device, work), y)
+            before = _row_norms(y)
+        Q[:, i] = y / after.to(work)[:, None]
+    return Q
 
 
 def _dense_solve(op: _Operator, B: int, k: int, which: str, work) -> tuple:
@@ -380,7 +416,8 @@ def _generator_untouched_on_error(fn: Callable) -> Callable:
 def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int | None = None,
           ncv: int | None = None, v0: Tensor | None = None, seed: int | None = None,
           dtype: torch.dtype | None = None, *, batch: int | None = None, n: int | None = None,
-          check_residuals: bool = False, shard_basis: bool = False) -> EigResult:
+          check_residuals: bool = False, shard_basis: bool = False,
+          eigenvalue_tol: float | None = None, guard: int = 0) -> EigResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Args:
@@ -397,13 +434,35 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         tol: relative residual: a pair converges when ``||A u - lambda u|| <= tol *
             max(|lambda|, eps^(2/3) ||T||)`` (the floor, as in ARPACK, keeps zero eigenvalues
             reachable). The eigenvalue error is then about ``(tol lambda)^2 / gap``.
+        eigenvalue_tol: instead of the residual test, a relative eigenvalue accuracy: a pair
+            converges when its error bound ``min(r, r^2 / gap) <= eigenvalue_tol * max(|lambda|,
+            eps^(2/3) ||T||)``, with ``r`` its residual and ``gap`` the distance from its Ritz
+            value to the nearest other Ritz value less that value's residual (Kato-Temple with
+            the neighbouring eigenvalue estimated from the Ritz values, REFERENCES.md §7;
+            without a positive gap the bound is ``r``). A residual bound ``tol`` over-solves
+            eigenvalues by a factor ``tol lambda / gap``: at the edge of stability tol 1e-3 gave
+            eigenvalue errors of 1e-6. The gap comes from the Krylov space, so, as with any
+            stopping rule, an eigenvalue the space has not reached yet is not seen: from a
+            random start, where a few steps can hold a converged lower eigenvalue and not yet
+            the top one, ask for the residual test (``SharpnessTracker`` does for its first
+            solve); it serves warm starts from previous eigenvectors.
+        guard: extra eigenpairs computed, warm-started and returned after the k wanted ones
+            (results have ``k + guard`` columns) that need not converge: with ``v0`` the
+            previous ``k + guard`` eigenvectors, a solve tracking the top eigenvalues through a
+            crossing (the old second direction becoming the first) finds the new top pair in
+            its start (see :class:`pfkernels.SharpnessTracker`). Their ``converged`` flags say
+            whether they met the tolerance anyway.
         max_matvecs: operator applications allowed per problem (default
             ``max(1000, 30 * ncv)``); when it runs out the best pairs are returned with
             ``converged`` False and a RuntimeWarning.
         ncv: basis size (default ``max(2k + 1, 20)``, capped at n). Memory is
             ``(ncv + 1) x n`` per problem in the storage dtype.
-        v0: start vector [n], or a block [n, j] of previous eigenvectors (warm start; the solve
-            starts from the block's column sum). Batched: [B, n] or [B, n, j].
+        v0: start vector [n], or a block [n, j] of previous eigenvectors (warm start).
+            Batched: [B, n] or [B, n, j]. A block with more columns than ``k`` (the previous
+            ``k + guard`` pairs) starts a Davidson solve from its Rayleigh-Ritz pairs (see
+            ``guard``; it keeps the products of its basis: twice a Lanczos basis in memory); a
+            block of at most ``k`` columns, or a sharded basis, starts Lanczos from its column
+            sum (measured in bench/bench_eigsh.py to need fewer matvecs than its first column).
         seed: seeds the random start (problem ``i`` of a batch uses ``seed + i``, so it repeats
             the unbatched solve with ``seed + i``) and breakdown restarts.
         dtype: basis storage dtype: float32, float64 or bfloat16 (float32 arithmetic). Default:
@@ -460,9 +519,8 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     multiplicity > 1 shows up once in exact arithmetic; its further copies appear only as
     rounding and restarts expose them, so ``k`` spanning an exactly repeated eigenvalue (e.g.
     the Kronecker-structured last-layer block of an MSE Hessian) may return a smaller eigenvalue
-    in place of a copy. Warm starting from a block of eigenvectors does not change that (the
-    solve starts from the block's column sum, measured in bench/bench_eigsh.py to need fewer
-    matvecs than its first column).
+    in place of a copy. Warm starting from a block of at most ``k`` eigenvectors does not change
+    that (the solve starts from the block's column sum).
 
     Raises:
         ValueError/TypeError naming the argument for bad input; FloatingPointError naming the
@@ -489,12 +547,20 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     if shard_basis and group is None:
         raise ValueError("argument 'shard_basis': needs a distributed operator (A.process_group "
                          "is None or missing: there are no ranks to shard the basis over)")
+    if eigenvalue_tol is not None and not (isinstance(eigenvalue_tol, (int, float))
+                                           and not isinstance(eigenvalue_tol, bool)
+                                           and eigenvalue_tol > 0 and math.isfinite(eigenvalue_tol)):
+        raise ValueError(f"argument 'eigenvalue_tol': must be None or a positive finite number, "
+                         f"got {eigenvalue_tol!r}")
+    if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
+        raise ValueError(f"argument 'guard': must be a non-negative int, got {guard!r}")
     seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
     N = op.n
     if k > N:
         raise ValueError(f"argument 'k': {k} exceeds the operator's size n={N}")
+    required, k = k, min(k + guard, N)
     if ncv is None:
         ncv = max(2 * k + 1, 20)
     elif not _is_int(ncv) or ncv <= k:
@@ -509,28 +575,34 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     if storage == torch.float64 and work == torch.float32:
         work = torch.float64
         op = _in_dtype(op, work)
-    x0 = _start_vectors(v0, op, B, seed, work)
+    x0, block = _start_vectors(v0, op, B, seed, work)
+    if block is not None and (block.shape[1] <= required or group is not None):
+        # the block start expands the residuals of the required pairs only: with every column
+        # required (or a sharded basis) the column sum serves better
+        block = None
 
     if N <= ncv:
         vals, vecs, res, nmv = _dense_solve(op, B, k, which, work)
         scale = torch.maximum(vals.abs(), vals.abs().amax(1, keepdim=True) * 1e-12)
-        conv = res <= tol * scale + 1e-300
+        # the residual bounds the eigenvalue error too
+        conv = res <= (tol if eigenvalue_tol is None else eigenvalue_tol) * scale + 1e-300
         return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
     with _solve_scope(A):
-        vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, B, k, which, tol, max_matvecs,
-                                                            ncv, x0, seed, storage, work,
-                                                            check_residuals, group=group)
-    _warn_unconverged(conv, tol, max_matvecs)
+        vals, vecs, res, nmv, conv = _thick_restart_lanczos(
+            op, B, k, which, tol, max_matvecs, ncv, x0, seed, storage, work, check_residuals,
+            group=group, block=block, eigenvalue_tol=eigenvalue_tol, required=required)
+    _warn_unconverged(conv[:, :required], tol if eigenvalue_tol is None else eigenvalue_tol,
+                      max_matvecs, "tol" if eigenvalue_tol is None else "eigenvalue_tol")
     return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
 
-def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int) -> None:
+def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int, name: str = "tol") -> None:
     if not bool(conv.all()):
         bad = (~conv).sum().item()
         warnings.warn(f"eigsh: {bad} of {conv.numel()} wanted eigenpairs did not reach "
-                      f"tol={tol:g} within max_matvecs={max_matvecs}; returning the best Ritz "
-                      f"pairs with converged=False", RuntimeWarning, stacklevel=3)
+                      f"{name}={tol:g} within max_matvecs={max_matvecs}; returning the best "
+                      f"Ritz pairs with converged=False", RuntimeWarning, stacklevel=3)
 
 
 def _finish(vals, vecs, res, nmv, conv, batched) -> EigResult:
@@ -550,9 +622,13 @@ class _Lanczos:
     """
 
     def __init__(self, op: _Operator, B: int, k: int, which: str, tol: float, max_matvecs: int,
-                 m: int, x0: Tensor, seed, storage, work, mask: Tensor | None = None):
+                 m: int, x0: Tensor, seed, storage, work, mask: Tensor | None = None, *,
+                 eigenvalue_tol: float | None = None, required: int | None = None):
         self.mask = mask  # [B, n] 0/1: keeps breakdown restarts inside each problem's subspace
         self.op, self.B, self.k, self.which, self.tol = op, B, k, which, tol
+        self.eigenvalue_tol = eigenvalue_tol
+        self.required = k if required is None else required  # the most wanted pairs that must
+        # converge; the rest (eigsh's guard) ride along
         self.max_matvecs, self.m, self.storage, self.work = max_matvecs, m, storage, work
         n, dev, f64 = op.n, op.device, torch.float64
         self.device = dev
@@ -592,10 +668,10 @@ class _Lanczos:
         self.iteration = 0
         self.iteration_of = torch.zeros(m, dtype=torch.int64)  # step number of each slot
 
-    def step(self) -> None:
-        j, B, n = self.j, self.B, self.op.n
-        self.iteration_of[j] = self.iteration
-        X = self.V[:, j].to(self.work)
+    def _apply(self, X: Tensor) -> Tensor:
+        """A X [B, n] for the active problems (the others' rows are zero or their products
+        discarded), a new contiguous tensor; counts the matvecs."""
+        B, n = self.B, self.op.n
         if self.op.apply_rows is not None and not bool(self.active.all()):
             rows = self.active.nonzero().flatten()
             W = torch.zeros_like(X)
@@ -605,10 +681,16 @@ class _Lanczos:
         if tuple(W.shape) != (B, n):
             raise ValueError(f"argument 'A': the operator returned shape {tuple(W.shape)} for an "
                              f"input of shape {(B, n) if self.op.batch else (n,)}")
-        # lanczos_step overwrites w: never hand it a tensor the operator may still hold
-        W = W.clone(memory_format=torch.contiguous_format) if not self.op.fresh else W.contiguous()
         self.matvecs += self.active
-        ops.lanczos_step(W, self.V, j, self.alpha, self.beta, self.wnorm, self.coef)
+        # lanczos_step overwrites w: never hand it a tensor the operator may still hold
+        return W.clone(memory_format=torch.contiguous_format) if not self.op.fresh else \
+            W.contiguous()
+
+    def step(self) -> None:
+        j = self.j
+        self.iteration_of[j] = self.iteration
+        W = self._apply(self.V[:, j].to(self.work))
+        ops.lanczos_step_unchecked(W, self.V, j, self.alpha, self.beta, self.wnorm, self.coef)
         self._end_step(j)
 
     def _end_step(self, j: int) -> None:
@@ -647,42 +729,47 @@ class _Lanczos:
 
     def _projected(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Host copies of T's eigen-decomposition: (theta [B, j] ascending, S [B, j, j], last
-        beta [B], relation errors [B, j], see :meth:`_relation_errors`). A NaN from the operator
-        is reported here, naming its step."""
+        beta [B], relation errors [B, j], see :meth:`_relation_errors`), float64 CPU tensors
+        sharing NumPy arrays. A NaN from the operator is reported here, naming its step."""
         j, l = self.j, self.l
-        a_h, b_h = self.alpha[:, :j].cpu(), self.beta[:, :j].cpu()
-        finite = torch.isfinite(a_h) & torch.isfinite(b_h)
-        bad = ~finite.all(1) & self.active
-        if bool(bad.any()):
-            p = int(bad.nonzero()[0, 0])
-            slot = int((~finite[p]).nonzero()[0, 0])
+        a_h, b_h = self.alpha[:, :j].cpu().numpy(), self.beta[:, :j].cpu().numpy()
+        finite = np.isfinite(a_h) & np.isfinite(b_h)
+        bad = ~finite.all(1) & self.active.numpy()
+        if bad.any():
+            p = int(np.flatnonzero(bad)[0])
+            slot = int(np.flatnonzero(~finite[p])[0])
             raise FloatingPointError(
                 f"eigsh: the operator returned NaN or infinity at Lanczos iteration "
                 f"{int(self.iteration_of[slot])} (problem {p} of the batch)")
         if self.device.type != "cpu":
-            wn_h = self.wnorm[:, :j].cpu()
-            broke = (b_h <= self.breakdown_rel * wn_h) & self.active[:, None]
+            wn_h = self.wnorm[:, :j].cpu().numpy()
+            broke = (b_h <= self.breakdown_rel * wn_h) & self.active.numpy()[:, None]
             broke[:, :l] = False
-            if bool(broke.any()):
+            if broke.any():
                 # an invariant subspace was found between two checks: continue from a fresh
                 # vector after the first breakdown and drop the later steps (their matvecs stay
                 # counted; breakdown is rare outside exactly low-rank operators)
-                first = int(broke.any(0).nonzero()[0, 0])
-                self._replace_broken(first, broke[:, first])
+                first = int(np.flatnonzero(broke.any(0))[0])
+                self._replace_broken(first, torch.from_numpy(broke[:, first]))
                 self.j = j = first + 1
-                a_h, b_h = a_h[:, :j], self.beta[:, :j].cpu()
-        T = self.arrow[:, :j, :j].clone()
-        idx = torch.arange(l, j)
+                a_h, b_h = a_h[:, :j], self.beta[:, :j].cpu().numpy()
+        T = self.arrow[:, :j, :j].numpy().copy()
+        idx = np.arange(l, j)
         T[:, idx, idx] = a_h[:, l:j]
         T[:, idx[:-1], idx[:-1] + 1] = b_h[:, l: j - 1]
         T[:, idx[:-1] + 1, idx[:-1]] = b_h[:, l: j - 1]
         if l == 0 and self.B >= _TRIDIAG_MIN_BATCH:
-            theta, S = ops.tridiag_eigh(a_h, b_h[:, : j - 1], "all")
-        else:
-            theta, S = torch.linalg.eigh(T)
-        return theta, S, b_h[:, j - 1], self._relation_errors(T, b_h, theta)
+            theta, S = ops.tridiag_eigh(torch.from_numpy(np.ascontiguousarray(a_h)),
+                                        torch.from_numpy(np.ascontiguousarray(b_h[:, : j - 1])),
+                                        "all")
+            theta, S = theta.numpy(), S.numpy()
+        else:  # torch's LAPACK call: NumPy's (OpenBLAS) took 10 ms for 41 x 41 next to torch
+            theta, S = (x.numpy() for x in torch.linalg.eigh(torch.from_numpy(T)))
+        err = self._relation_errors(T, b_h, theta)
+        return (torch.from_numpy(theta), torch.from_numpy(S),
+                torch.from_numpy(np.ascontiguousarray(b_h[:, j - 1])), torch.from_numpy(err))
 
-    def _relation_errors(self, T: Tensor, b_h: Tensor, theta: Tensor) -> Tensor:
+    def _relation_errors(self, T: np.ndarray, b_h: np.ndarray, theta: np.ndarray) -> np.ndarray:
         """Estimates [B, j] of how far each basis column is from the relation T assumes,
         ``||A v_c - sum_i T[i, c] v_i - [c = j-1] beta v_j||``, beyond the rounding of the
         arithmetic that every Lanczos relation carries.
@@ -691,21 +778,23 @@ class _Lanczos:
         T's column (non-zero when the basis lost orthogonality or normality, e.g. a start vector
         normalised inexactly, or the operator is not symmetric), less the level rounding alone
         reaches (``16 eps sqrt(j) ||A||``, ``||A||`` estimated by the largest ``||A v_c||`` and
-        Ritz value), and for a basis stored in a lower precision than
-        its arithmetic (bfloat16) the rounding of ``v_{c+1}``, ``beta_c`` times the storage's
-        unit roundoff. A kept Ritz vector carries the estimate made at the restart that kept it.
-        The residual of a Ritz pair ``(theta, s)`` is then estimated by ``|beta s_j| + ||s *
-        errors||`` rather than by the relation's ``|beta s_j|`` alone.
+        Ritz value), and for a basis stored in a lower precision than its arithmetic (bfloat16)
+        the rounding of ``v_{c+1}``, ``beta_c`` times the storage's unit roundoff. A kept Ritz
+        vector carries the estimate made at the restart that kept it. The residual of a Ritz
+        pair ``(theta, s)`` is then estimated by ``|beta s_j| + ||s * errors||`` rather than by
+        the relation's ``|beta s_j|`` alone.
         """
         j, l = self.j, self.l
-        coef = self.coef[:, :j, :j].cpu()
-        wn_h = self.wnorm[:, l:j].cpu()
+        coef = self.coef[:, l:j, :j].cpu().numpy()
+        wn_h = self.wnorm[:, l:j].cpu().numpy()
         # coef[:, c, :c+1] against T's column c (rows 0..c); entries past c are zero in both
-        dev = torch.linalg.vector_norm(coef[:, l:j] - T[:, :, l:j].transpose(1, 2).tril(l), dim=2)
-        scale = torch.maximum(wn_h.amax(1), theta.abs().amax(1))
+        dev = np.linalg.norm(coef - np.tril(T[:, :, l:j].transpose(0, 2, 1), l), axis=2)
+        scale = np.abs(theta).max(1)
+        if j > l:
+            scale = np.maximum(wn_h.max(1), scale)
         noise = 16 * 2 * self.unit_work * math.sqrt(j) * scale[:, None]
-        err = self.kept_err[:, :j].clone()
-        err[:, l:j] = (dev - noise).clamp_min(0) + self.storage_rounding * b_h[:, l:j]
+        err = self.kept_err[:, :j].numpy().copy()
+        err[:, l:j] = np.maximum(dev - noise, 0) + self.storage_rounding * b_h[:, l:j]
         return err
 
     def check(self) -> bool:
@@ -721,32 +810,40 @@ class _Lanczos:
         theta, S, last_beta, err = self._projected()
         j, k = self.j, self.k
         self._theta, self._S, self._last_beta, self._err = theta, S, last_beta, err
-        tnorm = theta.abs().amax(1)
+        theta_n, S_n, err_n = theta.numpy(), S.numpy(), err.numpy()
+        tnorm = np.abs(theta_n).max(1)
         done, doubtful = [], []
+        need = self.required
         for p in self.active.nonzero().flatten().tolist():
-            sel = _select(theta[p], min(k, j), self.which)
-            s_sel = S[p][:, sel]
-            r_rel = (last_beta[p] * s_sel[j - 1]).abs()
-            r = r_rel + torch.linalg.vector_norm(s_sel * err[p][:, None], dim=0)
-            scale = torch.maximum(theta[p, sel].abs(), self.floor_rel * tnorm[p])
-            ok = r <= self.tol * scale
-            full = sel.numel() == k
-            if (full and bool(ok.all())) or int(self.matvecs[p]) >= self.max_matvecs:
-                done.append((p, sel, r, ok))
-            elif (full and bool((r_rel <= self.tol * scale).all())
+            sel = _select_np(theta_n[p], min(k, j), self.which)
+            r_rel_all = np.abs(float(last_beta[p]) * S_n[p, j - 1])
+            r_all = r_rel_all + np.linalg.norm(S_n[p] * err_n[p][:, None], axis=0)
+            r, r_rel = r_all[sel], r_rel_all[sel]
+            scale = np.maximum(np.abs(theta_n[p, sel]), self.floor_rel * tnorm[p])
+            ok = self._accepted(theta_n[p], r_all, sel, r, scale)
+            full = sel.shape[0] == k
+            if (full and ok[:need].all()) or int(self.matvecs[p]) >= self.max_matvecs:
+                done.append((p, torch.from_numpy(sel), torch.from_numpy(r),
+                             torch.from_numpy(ok)))
+            elif (full and self._accepted(theta_n[p], r_rel_all, sel, r_rel, scale)[:need].all()
                   and self.refreshes < _MAX_REFRESHES):
-                doubtful.append((p, sel, scale))
+                doubtful.append((p, torch.from_numpy(sel), scale, r_all))
         vectors = {}
         if doubtful:
-            ps = [d[0] for d in doubtful]
+            # the true residuals of the required pairs decide; the others keep their estimates
+            ps, need = [d[0] for d in doubtful], self.required
             U = self._ritz_vectors(ps, [d[1] for d in doubtful])
-            quotients, true = self._true_residual_norms(U, ps)
-            self.matvecs[ps] += k
-            for i, (p, sel, scale) in enumerate(doubtful):
-                ok = true[i] <= self.tol * scale
-                if bool(ok.all()):
-                    done.append((p, sel, true[i], ok))
-                    vectors[p] = (U[i], quotients[i])
+            quotients, true = self._true_residual_norms(U[:, :need], ps)
+            self.matvecs[ps] += need
+            for i, (p, sel, scale, r_all) in enumerate(doubtful):
+                r = r_all[sel.numpy()].copy()
+                r[:need] = true[i].numpy()
+                values = theta[p, sel].clone()
+                values[:need] = quotients[i]
+                ok = self._accepted(theta_n[p], r_all, sel.numpy(), r, scale)
+                if ok[:need].all():
+                    done.append((p, sel, torch.from_numpy(r), torch.from_numpy(ok)))
+                    vectors[p] = (U[i], values)
                 else:
                     self.refresh_due = True
         if done:
@@ -764,6 +861,26 @@ class _Lanczos:
                 self.vecs[p, :cnt] = U[order.to(self.device)]
                 self.active[p] = False
         return not bool(self.active.any())
+
+    def _accepted(self, theta, r_all, sel, r, scale) -> np.ndarray:
+        """Which of the selected Ritz pairs (values ``theta[sel]``, residuals ``r``) meet the
+        tolerance: ``r <= tol * scale`` (residual test), or with ``eigenvalue_tol`` their
+        eigenvalue error bound ``min(r, r^2 / gap) <= eigenvalue_tol * scale``, where ``gap``
+        is the distance to the nearest other Ritz value less that value's residual ``r_all``
+        (Kato-Temple with the neighbouring eigenvalue estimated from the Ritz values,
+        REFERENCES.md §7); no positive gap leaves ``r``, which bounds the error on its own. The
+        gap needs three Ritz values or more: the second of two is no estimate of the next
+        eigenvalue (measured on a tracked digits MLP: two-step solves accepted on such gaps
+        returned eigenvalues up to 3.8e-3 off at eigenvalue_tol 1e-3, three-step ones 1.0e-3)."""
+        theta, r_all, sel, r, scale = (np.asarray(x) for x in (theta, r_all, sel, r, scale))
+        if self.eigenvalue_tol is None:
+            return r <= self.tol * scale
+        dist = np.abs(theta[sel][:, None] - theta[None, :]) - r_all[None, :]
+        dist[np.arange(sel.shape[0]), sel] = math.inf
+        gap = dist.min(1) if theta.shape[0] > 2 else np.zeros_like(r)
+        with np.errstate(divide="ignore"):
+            bound = np.where(gap > 0, np.minimum(r, r * r / np.maximum(gap, 1e-300)), r)
+        return bound <= self.eigenvalue_tol * scale
 
     def _ritz_vectors(self, ps: list[int], sels: list[Tensor]) -> Tensor:
         """Unit Ritz vectors [len(ps), k, n] of problems ``ps`` for the Ritz values ``sels``
@@ -876,7 +993,11 @@ class _Lanczos:
         ps = list(range(self.B))
         self.vals, self.res = self._true_residual_norms(self.vecs, ps)
         scale = torch.maximum(self.vals.abs(), self.floor_rel * self.vals.abs().amax(1, True))
-        self.conv = self.res <= self.tol * scale
+        everything = torch.arange(self.k)
+        # gaps among the returned pairs (the other Ritz values are gone by now)
+        self.conv = torch.from_numpy(np.stack([
+            self._accepted(self.vals[p], self.res[p], everything, self.res[p], scale[p])
+            for p in ps]))
         self.matvecs += self.k
 
 
@@ -898,11 +1019,11 @@ class _ShardedLanczos(_Lanczos):
     """
 
     def __init__(self, op: _Operator, k: int, which: str, tol: float, max_matvecs: int, m: int,
-                 x0: Tensor, seed, storage, work, group):
+                 x0: Tensor, seed, storage, work, group, **criterion):
         lo, hi = _dist.shard_range(op.n, group)
         local = _Operator(op.apply, hi - lo, op.dtype, op.device, None, fresh=op.fresh)
         super().__init__(local, 1, k, which, tol, max_matvecs, m, x0[:, lo:hi], seed, storage,
-                         work)
+                         work, **criterion)
         self.full_op, self.group, self.lo, self.hi = op, group, lo, hi
         self.current = None  # (slot, full row [1, n]) of the basis vector the next step applies
 
@@ -911,7 +1032,7 @@ class _ShardedLanczos(_Lanczos):
 
     def _norms(self, X: Tensor) -> Tensor:
         X = X.contiguous()
-        sq = self._reduce(ops.lanczos_dots(X.unsqueeze(1), X))
+        sq = self._reduce(ops.lanczos_dots_unchecked(X.unsqueeze(1), X))
         return sq.clamp_min(0).sqrt().to(X.dtype)
 
     def _true_residual_norms(self, U: Tensor, ps: list[int]) -> tuple[Tensor, Tensor]:
@@ -982,6 +1103,158 @@ class _ShardedLanczos(_Lanczos):
         self.op = self.full_op
 
 
+class _WarmDavidson:
+    """``B`` warm-started solves from blocks of previous eigenvectors: Rayleigh-Ritz on a basis
+    that starts as the block and grows by the residual of the most wanted pair not yet
+    accepted (Davidson's method without a preconditioner; each step costs one product).
+
+    The basis ``V`` and its products ``W = A V`` are both kept ([B, m, n] each, twice a Lanczos
+    basis), so the projected matrix ``V^T W`` and every Ritz residual ``W s - theta V s`` are
+    explicit: no three-term relation is assumed, which a block start would break (the block's
+    residuals are not parallel), and residuals are true ones up to rounding. A full basis
+    restarts from its ``max(k + 1, m / 2)`` most wanted Ritz vectors and their products.
+
+    From one vector the method spans the Krylov space, like Lanczos. From a block ``[y_1, y_2]``
+    of previous eigenvectors it first finds the best pair in their span (two products) and
+    then refines the top pair alone, while the second direction stays in the basis: when the
+    two eigenvalues cross, the new top pair is already there. Measured against a Lanczos start
+    from the block's column sum in bench/bench_tracking.py.
+    """
+
+    def __init__(self, op: _Operator, B: int, k: int, which: str, tol: float, max_matvecs: int,
+                 m: int, Y: Tensor, seed, work, *, eigenvalue_tol: float | None = None,
+                 required: int | None = None):
+        p = Y.shape[1]
+        self.op, self.B, self.k, self.which, self.tol = op, B, k, which, tol
+        self.eigenvalue_tol = eigenvalue_tol
+        self.required = k if required is None else required
+        self.max_matvecs, self.work, self.device = max_matvecs, work, op.device
+        self.m = max(m, p + 1)
+        n, dev, f64 = op.n, op.device, torch.float64
+        # rows past cur are never read: no zero fill (twice [B, m, n], a pass of the solve)
+        self.V = torch.empty(B, self.m, n, dtype=work, device=dev)
+        self.W = torch.empty_like(self.V)
+        self.V[:, :p] = Y
+        self.M = torch.zeros(B, self.m, self.m, dtype=f64)  # host: V^T W
+        self.cur = p
+        eps = torch.finfo(work).eps
+        self.floor_rel = eps ** (2.0 / 3.0)
+        self.gen = torch.Generator().manual_seed(int(seed) + 7919) if seed is not None else None
+        self.active = torch.ones(B, dtype=torch.bool)
+        self.matvecs = torch.zeros(B, dtype=torch.int64)
+        self.vals = torch.zeros(B, k, dtype=f64)
+        self.res = torch.zeros(B, k, dtype=f64)
+        self.conv = torch.zeros(B, k, dtype=torch.bool)
+        self.vecs = torch.zeros(B, k, n, dtype=work, device=dev)
+
+    _accepted = _Lanczos._accepted
+    _norms = _Lanczos._norms
+    _apply = _Lanczos._apply
+    _true_residual_norms = _Lanczos._true_residual_norms
+    true_residuals = _Lanczos.true_residuals
+
+    def _fill(self, lo: int, hi: int) -> None:
+        """Products of basis rows lo..hi-1 and their rows/columns of V^T W."""
+        for i in range(lo, hi):
+            self.W[:, i] = self._apply(self.V[:, i].contiguous())
+            c = _dots(self.V[:, : i + 1], self.W[:, i]).cpu()
+            if not bool(torch.isfinite(c).all()):
+                raise FloatingPointError(f"eigsh: the operator returned NaN or infinity on "
+                                         f"basis vector {i} of a warm-started solve")
+            self.M[:, : i + 1, i] = c
+            self.M[:, i, : i + 1] = c
+
+    def run(self) -> None:
+        self._fill(0, self.cur)
+        while True:
+            x = self.check()
+            if x is None:
+                return
+            if self.cur == self.m:
+                self.restart()
+            self.expand(x)
+
+    def check(self) -> Tensor | None:
+        """Rayleigh-Ritz on the basis; freezes the problems whose required pairs are accepted
+        (as :meth:`_Lanczos._accepted`, residuals from the stored products) or whose budget ran
+        out. Returns the expansion vectors [B, n] (the residual of each active problem's most
+        wanted pair not yet accepted), or None when no problem is left."""
+        cur, k, dev, work = self.cur, self.k, self.device, self.work
+        theta, S = torch.linalg.eigh(self.M[:, :cur, :cur])
+        self._theta, self._S = theta, S
+        count = min(k + 1, cur)  # the wanted pairs and the next one, whose residual bounds gaps
+        sel = torch.stack([_select(theta[b], count, self.which) for b in range(self.B)])
+        Ssel = torch.gather(S, 2, sel[:, None, :].expand(self.B, cur, count))
+        St = Ssel.transpose(1, 2).to(dev, work)
+        U = torch.bmm(St, self.V[:, :cur])
+        lam = torch.gather(theta, 1, sel)
+        R = torch.bmm(St, self.W[:, :cur]) - lam.to(dev, work)[:, :, None] * U
+        rn = self._norms(R.reshape(-1, R.shape[-1])).reshape(self.B, count).to("cpu",
+                                                                                torch.float64)
+        tnorm = theta.abs().amax(1)
+        x = torch.zeros(self.B, self.op.n, dtype=work, device=dev)
+        for p in self.active.nonzero().flatten().tolist():
+            want = min(k, cur)
+            r_all = torch.zeros(cur, dtype=torch.float64)
+            r_all[sel[p]] = rn[p]
+            scale = torch.maximum(lam[p, :want].abs(), self.floor_rel * tnorm[p])
+            ok = torch.from_numpy(self._accepted(theta[p], r_all, sel[p, :want], rn[p, :want],
+                                                 scale))
+            need = min(self.required, want)
+            if (want == k and bool(ok[:need].all())) or int(self.matvecs[p]) >= self.max_matvecs:
+                u = U[p, :want]
+                u = u / self._norms(u)
+                order = torch.argsort(lam[p, :want], descending=True, stable=True)
+                self.vals[p, :want] = lam[p, :want][order]
+                self.res[p, :want] = rn[p, :want][order]
+                self.conv[p, :want] = ok[order]
+                self.vecs[p, :want] = u[order.to(dev)]
+                self.active[p] = False
+            else:
+                first = int((~ok[:need]).nonzero()[0, 0]) if not bool(ok[:need].all()) else 0
+                x[p] = R[p, first]
+        return None if not bool(self.active.any()) else x
+
+    def expand(self, x: Tensor) -> None:
+        """Append the expansion vectors, orthonormalised against the basis, and their products.
+        A Ritz residual is orthogonal to the basis already, up to rounding: one Gram-Schmidt
+        pass, a second where the first removed more than half of it, and a random vector where
+        nothing is left."""
+        cur, work = self.cur, self.work
+        V = self.V[:, :cur]
+        first = before = _row_norms(x)
+        for _ in range(2):
+            c = _dots(V, x)
+            x = x - torch.bmm(c.to(work).unsqueeze(1), V).squeeze(1)
+            after = _row_norms(x)
+            if bool((after >= 0.5 * before).all()):
+                break
+            before = after
+        weak = (after <= 1e-3 * first) | (after == 0)
+        if bool(weak.any()):
+            r = torch.randn(self.B, self.op.n, dtype=torch.float64, generator=self.gen)
+            r, _ = _orthonormalise_against(V, r.to(self.device, work), work)
+            x = torch.where(weak.to(self.device)[:, None], r, x)
+            after = _row_norms(x)
+        self.V[:, cur] = x / after.clamp_min(1e-300).to(work)[:, None]
+        self.cur = cur + 1
+        self._fill(cur, cur + 1)
+
+    def restart(self) -> None:
+        """Keep the most wanted ``max(k + 1, m // 2)`` Ritz vectors and their products."""
+        cur, theta, S = self.cur, self._theta, self._S
+        q = min(max(self.k + 1, self.m // 2), self.m - 1)
+        keep = torch.stack([_select(theta[b], q, self.which) for b in range(self.B)])
+        Sk = torch.gather(S, 2, keep[:, None, :].expand(self.B, cur, q))
+        St = Sk.transpose(1, 2).to(self.device, self.work)
+        self.V[:, :q] = torch.bmm(St, self.V[:, :cur])
+        self.W[:, :q] = torch.bmm(St, self.W[:, :cur])
+        self.M.zero_()
+        ar = torch.arange(q)
+        self.M[:, ar, ar] = torch.gather(theta, 1, keep)
+        self.cur = q
+
+
 def _ritz(S: Tensor, V: Tensor) -> Tensor:
     """U [B, k, n] = S^T V. On the CPU, BLAS gemm beats the lanczos_ritz kernel for float32 and
     float64 bases (bench/bench_eigsh.py --kernels), so it is used there; the kernel serves
@@ -992,12 +1265,17 @@ def _ritz(S: Tensor, V: Tensor) -> Tensor:
 
 
 def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                           check_residuals, mask=None, group=None):
-    if group is None:
-        lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask)
+                           check_residuals, mask=None, group=None, block=None, **criterion):
+    if block is not None:
+        lz = _WarmDavidson(op, B, k, which, tol, max_matvecs, m, block, seed, work, **criterion)
+        lz.run()
+    elif group is None:
+        lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask,
+                      **criterion)
         lz.run()
     else:
-        lz = _ShardedLanczos(op, k, which, tol, max_matvecs, m, x0, seed, storage, work, group)
+        lz = _ShardedLanczos(op, k, which, tol, max_matvecs, m, x0, seed, storage, work, group,
+                             **criterion)
         lz.run()
         lz.gather_vectors()
     if check_residuals:
@@ -1134,11 +1412,14 @@ class SpectralDensity(NamedTuple):
     num_matvecs: int
 
 
-def _lanczos_tridiagonals(op: _Operator, P: int, m: int, x0: Tensor, seed) -> tuple[Tensor, Tensor]:
-    """m Lanczos steps (full reorthogonalisation) from each row of x0: (nodes, weights) [P, m]."""
+def _lanczos_tridiagonals(A, op: _Operator, P: int, m: int, x0: Tensor, seed
+                          ) -> tuple[Tensor, Tensor]:
+    """m Lanczos steps (full reorthogonalisation) from each row of x0: (nodes, weights) [P, m]
+    (``A`` is the caller's operator, ``op`` its wrapper)."""
     lz = _Lanczos(op, P, 1, "LA", 1.0, 10 ** 9, m, x0, seed, op.dtype, op.dtype)
-    for _ in range(m):
-        lz.step()
+    with _solve_scope(A):  # a Hessian keeps its first-order graph across the steps
+        for _ in range(m):
+            lz.step()
     theta, S, _, _ = lz._projected()
     return theta, S[:, 0, :] ** 2
 
@@ -1179,7 +1460,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | T
     m = min(num_steps, op.n)
     z = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
     x0 = z / math.sqrt(op.n)
-    nodes, weights = _lanczos_tridiagonals(op, num_probes, m, x0, seed)
+    nodes, weights = _lanczos_tridiagonals(A, op, num_probes, m, x0, seed)
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
         sigma = max(0.01 * (hi - lo), 1e-12)
@@ -1198,8 +1479,14 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | T
 
 def _rademacher(P: int, n: int, seed, device, dtype) -> Tensor:
     g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    z = torch.randint(0, 2, (P, n), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
-    return z.to(device)
+    return _rademacher_from(g, P, n, device, dtype)
+
+
+def _rademacher_from(gen, P: int, n: int, device, dtype) -> Tensor:
+    """[P, n] random signs in ``dtype`` on ``device`` from ``gen`` (torch's global generator
+    when None)."""
+    z = torch.randint(0, 2, (P, n), generator=gen, dtype=torch.int8).to(device)
+    return z.to(dtype).mul_(2).sub_(1)
 
 
 class TraceEstimate(NamedTuple):
@@ -1223,20 +1510,21 @@ def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: in
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"argument 'batch_size': must be a positive int, got {batch_size!r}")
     seed = _dist.operator_seed(A, seed)  # the same probes on every rank of a distributed A
-    z_all = None
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     samples = []
     done = 0
-    first = True
-    while done < num_probes:
-        b = min(batch_size, num_probes - done)
-        op = _wrap_operator(A, n, None, b, dtype)
-        if first:
-            z_all = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
-            first = False
-        z = z_all[done: done + b]
-        Az = op.apply(z)
-        samples.append((z.to(torch.float64) * Az.to(torch.float64)).sum(1))
-        done += b
+    op = None
+    with _solve_scope(A):  # a Hessian keeps its first-order graph across the probe blocks
+        while done < num_probes:
+            b = min(batch_size, num_probes - done)
+            if op is None or op.batch != b:
+                op = _wrap_operator(A, n, None, b, dtype)
+            # drawn block by block from one generator: the probes of the whole run, without
+            # holding them all ([num_probes, n]) at once
+            z = _rademacher_from(gen, b, op.n, op.device, op.dtype)
+            Az = op.apply(z).to(op.dtype).contiguous()
+            samples.append(_dots(z.unsqueeze(1), Az)[:, 0])
+            done += b
     est = torch.cat(samples)
     if not bool(torch.isfinite(est).all()):
         raise FloatingPointError("hutchinson_trace: the operator returned NaN or infinity")

@@ -609,3 +609,74 @@ def test_large_n_breakdown_restart(seed):
     U = res.eigenvectors.double()
     gram = U.T @ U
     assert (gram - torch.eye(4, dtype=F64)).abs().max() <= 1e-6, gram
+
+
+# ------------------------------------------------------------------ eigenvalue accuracy, guards
+
+
+@pytest.mark.parametrize("spectrum", ["separated", "clustered_top", "indefinite"])
+def test_eigenvalue_tol_bounds_the_eigenvalue_error(spectrum, gen, seed):
+    """eigenvalue_tol stops on the Kato-Temple bound r^2/gap (gap from the Ritz values): the
+    eigenvalues are that accurate, at fewer products than a residual test at the same number."""
+    A = _with_spectrum(SPECTRA[spectrum](300, gen), gen)
+    ref = _reference(A, 2, "LA")
+    tol = 1e-6
+    fast = eigsh(A, k=2, eigenvalue_tol=tol, seed=seed)
+    slow = eigsh(A, k=2, tol=tol, seed=seed)
+    assert bool(fast.converged.all())
+    assert ((fast.eigenvalues - ref).abs() <= tol * ref.abs()).all(), (fast.eigenvalues, ref)
+    assert fast.num_matvecs <= slow.num_matvecs
+    U = fast.eigenvectors
+    true = torch.linalg.vector_norm(A @ U - U * fast.eigenvalues, dim=0)
+    assert torch.allclose(fast.residuals, true, atol=1e-10, rtol=1e-6)
+
+
+def test_guard_pairs_ride_along(gen, seed):
+    """guard=g returns k + g pairs; only the first k must converge."""
+    A = _with_spectrum(SPECTRA["clustered_top"](300, gen), gen)
+    res = eigsh(A, k=1, guard=2, eigenvalue_tol=1e-8, seed=seed)
+    assert res.eigenvalues.shape == (3,) and res.eigenvectors.shape == (300, 3)
+    assert bool(res.converged[0])
+    ref = _reference(A, 3, "LA")
+    assert abs(float(res.eigenvalues[0] - ref[0])) <= 1e-8 * float(ref[0])
+    assert (res.eigenvalues[:-1] >= res.eigenvalues[1:]).all()
+    with pytest.raises(ValueError, match="'guard'"):
+        eigsh(A, guard=-1)
+    with pytest.raises(ValueError, match="'eigenvalue_tol'"):
+        eigsh(A, eigenvalue_tol=0.0)
+
+
+def _crossing(gen, delta):
+    """A with top eigenpairs (10, u1), (10 - delta, u2), and A' in which u1 and u2 swap
+    eigenvalues and every eigenvector turns a little (as between two tracked training steps)."""
+    n = 400
+    Q, R = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen))
+    Q = Q * torch.sign(torch.diagonal(R))
+    bulk = torch.rand(n - 2, dtype=F64, generator=gen) * 9
+    ev = torch.cat([torch.tensor([10.0, 10.0 - delta], dtype=F64), bulk])
+    ev_new = torch.cat([torch.tensor([10.0 - delta, 10.0], dtype=F64), bulk])
+    A = (Q * ev) @ Q.T
+    K = torch.randn(n, n, dtype=F64, generator=gen)
+    G = torch.linalg.matrix_exp(1e-3 * (K - K.T))
+    Q2 = G @ Q
+    return A, (Q2 * ev_new) @ Q2.T, Q[:, :2], Q2[:, 1]
+
+
+def test_block_warm_start_survives_a_crossing(gen, seed):
+    """Previous pair [u1, u2]; at the next step u2 is the top direction (0.6% crossing). The
+    guarded warm start (a Davidson solve from the block) returns the new top eigenvalue; so
+    does every batch member; and it costs less than a cold solve."""
+    A, A_new, previous, top_new = _crossing(gen, 0.06)
+    ref = _reference(A_new, 1, "LA")
+    tol = 1e-4
+    res = eigsh(A_new, k=1, guard=1, eigenvalue_tol=tol, v0=previous)
+    assert abs(float(res.eigenvalues[0] - ref[0])) <= tol * float(ref[0]), (res.eigenvalues, ref)
+    assert abs(float(res.eigenvectors[:, 0] @ top_new)) >= 0.99
+    assert res.num_matvecs < eigsh(A_new, k=1, guard=1, eigenvalue_tol=tol, seed=seed).num_matvecs
+    checked = eigsh(A_new, k=1, guard=1, eigenvalue_tol=tol, v0=previous, check_residuals=True)
+    assert checked.num_matvecs == res.num_matvecs + 2
+    assert torch.allclose(checked.residuals, res.residuals, atol=1e-10, rtol=1e-6)
+    # batched: two problems (the same operator twice as a dense batch) from their own blocks
+    batch = torch.stack([A_new, A_new])
+    rb = eigsh(batch, k=1, guard=1, eigenvalue_tol=tol, v0=torch.stack([previous, previous]))
+    assert torch.allclose(rb.eigenvalues[:, 0], res.eigenvalues[0].expand(2), rtol=1e-12)

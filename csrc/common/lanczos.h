@@ -56,6 +56,21 @@ struct LanczosTypes<BF16> {
   PFK_HD static BF16 store(float x) { return float_to_bf16(x); }
 };
 
+// Gram-Schmidt's second pass (w -= V c2, c2 = V^T w after the first) runs only where it would
+// change w by more than rounding: ||c2|| > kSecondPassSlack u sqrt(rows) ||w|| (u the
+// arithmetic's unit roundoff). c2 is formed anyway (on CPU while the first pass's tile is in
+// cache), so skipping saves the update's read of the basis and never leaves w less orthogonal
+// than its own rounding. Measured on digits-MLP Hessians: a Pythagorean predictor
+// ||w||^2 - ||c1||^2 >= ||w||^2 / 16 (DGKS with ratio 1/4) skipped every step and let
+// orthogonality drift over thick restarts; this test keeps it.
+constexpr double kSecondPassSlack = 8.0;
+
+PFK_HD bool lanczos_needs_second_pass(double c2_norm2, double w_norm2, double unit,
+                                      int64_t rows) {
+  const double limit = kSecondPassSlack * unit;
+  return c2_norm2 > limit * limit * static_cast<double>(rows) * w_norm2;
+}
+
 // v_{j+1} = w / beta_j; an exactly zero residual (beta_j == 0, an invariant subspace found to the
 // last bit) is written as is, i.e. zeros, and the caller replaces it with a fresh vector.
 PFK_HD double lanczos_inverse_norm(double beta) { return beta > 0.0 ? 1.0 / beta : 1.0; }

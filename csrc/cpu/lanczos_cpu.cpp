@@ -1,13 +1,14 @@
-// lanczos family, CPU: one fused Lanczos step (classical Gram-Schmidt twice) and Ritz vectors
-// for a batch of problems.
+// lanczos family, CPU: one fused Lanczos step (classical Gram-Schmidt, the second pass where
+// the first cancelled most of w) and Ritz vectors for a batch of problems.
 //
 // Work is cut into (problem, chunk of kChunk elements) tiles. Products are formed in the
 // arithmetic dtype and summed in float64, inside a tile and across tiles in tile order, so
 // results do not depend on the number of OpenMP threads and their error does not grow with n.
-// The second Gram-Schmidt pass's dot products are taken on the tile right after the first pass
-// updated it, while the tile of V is still in cache: the step reads V three times (BLAS gemv
-// composition: four).
+// The second Gram-Schmidt pass (common/lanczos.h says when) takes its dot products on the tile
+// right after the first pass updated it, while the tile of V is still in cache: the step reads
+// V twice, three times with the second pass (BLAS gemv composition: four).
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -93,25 +94,27 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
   const int64_t nc = (n + kChunk - 1) / kChunk;
   const int64_t tiles = B * nc;
   std::vector<double> part(static_cast<size_t>(tiles * slots));
-  std::vector<double> c1(static_cast<size_t>(B * rows)), c2(static_cast<size_t>(B * rows));
+  std::vector<double> c1(static_cast<size_t>(B * rows)), c2(static_cast<size_t>(B * rows), 0.0);
   std::vector<double> norm2(static_cast<size_t>(B));
+  std::vector<char> second(static_cast<size_t>(B));
   const bool par = tiles > 1 && B * n * rows >= kParallelWork;
 
-  auto reduce = [&](std::vector<double>& c, bool with_norm) {
-    for (int64_t b = 0; b < B; ++b) {
+  // problem b's sums over its tiles, in tile order: slot i < rows into c (when given), the norm
+  // slot into norm2
+  auto reduce = [&](int64_t b, double* c) {
+    if (c != nullptr) {
       for (int64_t i = 0; i < rows; ++i) {
         double s = 0;
         for (int64_t t = 0; t < nc; ++t) s += part[(b * nc + t) * slots + i];
-        c[b * rows + i] = s;
-      }
-      if (with_norm) {
-        double s = 0;
-        for (int64_t t = 0; t < nc; ++t) s += part[(b * nc + t) * slots + rows];
-        norm2[b] = s;
+        c[i] = s;
       }
     }
+    double s = 0;
+    for (int64_t t = 0; t < nc; ++t) s += part[(b * nc + t) * slots + rows];
+    norm2[b] = s;
   };
 
+  // pass 1: c1 = V^T w and ||w||^2
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
@@ -119,9 +122,12 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
     tile_dots<S>(V + b * vstride + x0, n, rows, w + b * n + x0, len, out);
     out[rows] = tile_sumsq(w + b * n + x0, len);
   }
-  reduce(c1, true);
-  for (int64_t b = 0; b < B; ++b) wnorm[b * cstride + j] = std::sqrt(norm2[b]);
+  for (int64_t b = 0; b < B; ++b) {
+    reduce(b, &c1[b * rows]);
+    wnorm[b * cstride + j] = std::sqrt(norm2[b]);
+  }
 
+  // w -= V c1, ||w||^2, and the second pass's dot products while the tile is in cache
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
@@ -129,21 +135,35 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
     A* wb = w + b * n + x0;
     tile_update<S>(Vb, n, rows, &c1[b * rows], wb, len);
     tile_dots<S>(Vb, n, rows, wb, len, &part[t * slots]);
-  }
-  reduce(c2, false);
-
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
-    A* wb = w + b * n + x0;
-    tile_update<S>(V + b * vstride + x0, n, rows, &c2[b * rows], wb, len);
     part[t * slots + rows] = tile_sumsq(wb, len);
   }
+  const double unit = static_cast<double>(std::numeric_limits<A>::epsilon()) / 2;
+  bool any_second = false;
   for (int64_t b = 0; b < B; ++b) {
-    double s = 0;
-    for (int64_t t = 0; t < nc; ++t) s += part[(b * nc + t) * slots + rows];
+    reduce(b, &c2[b * rows]);
+    double c2n = 0;
+    for (int64_t i = 0; i < rows; ++i) c2n += c2[b * rows + i] * c2[b * rows + i];
+    second[b] = lanczos_needs_second_pass(c2n, norm2[b], unit, rows);
+    if (!second[b])
+      for (int64_t i = 0; i < rows; ++i) c2[b * rows + i] = 0;
+    any_second = any_second || second[b];
+  }
+
+  if (any_second) {  // w -= V c2 where it matters, and ||w||^2 again
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t b = t / nc, x0 = (t % nc) * kChunk, len = std::min(kChunk, n - x0);
+      if (!second[b]) continue;
+      A* wb = w + b * n + x0;
+      tile_update<S>(V + b * vstride + x0, n, rows, &c2[b * rows], wb, len);
+      part[t * slots + rows] = tile_sumsq(wb, len);
+    }
+    for (int64_t b = 0; b < B; ++b)
+      if (second[b]) reduce(b, nullptr);
+  }
+  for (int64_t b = 0; b < B; ++b) {
     alpha[b * cstride + j] = c1[b * rows + j] + c2[b * rows + j];
-    beta[b * cstride + j] = std::sqrt(s);
+    beta[b * cstride + j] = std::sqrt(norm2[b]);
     if (coef != nullptr) {
       double* row = coef + b * coef_bstride + j * coef_rstride;
       for (int64_t i = 0; i < rows; ++i) row[i] = c1[b * rows + i] + c2[b * rows + i];

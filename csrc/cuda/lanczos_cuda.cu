@@ -1,5 +1,5 @@
-// lanczos family, CUDA: one fused Lanczos step (classical Gram-Schmidt twice) and Ritz vectors
-// for a batch of problems.
+// lanczos family, CUDA: one fused Lanczos step (classical Gram-Schmidt, the second pass where
+// the first cancelled most of w) and Ritz vectors for a batch of problems.
 //
 // Every pass over the basis is one bandwidth-bound kernel over a (tile, problem) grid that reads
 // each element of V[b, 0..j] once: a dot pass (each thread keeps its elements of w in registers
@@ -9,6 +9,7 @@
 // dot, reduce, update, dot, reduce, update(+norm), reduce, normalise: nothing waits on the host,
 // and alpha_j, beta_j and ||A v_j|| are written to device memory.
 #include <cstdint>
+#include <limits>
 
 #include "common/lanczos.h"
 #include "common/macros.h"
@@ -39,13 +40,14 @@ __device__ __forceinline__ void load_tile(const A* __restrict__ w, int64_t n, in
 }
 
 // partial[(b * tiles + tile) * slots + i] = <V_i, w> over the tile, i < rows; with_norm also
-// writes ||w||^2 of the tile to slot `rows`.
+// writes ||w||^2 of the tile to slot `rows`. Problems whose `run` flag is 0 are skipped.
 template <typename S>
 __global__ void dot_kernel(const S* __restrict__ V, const Arith<S>* __restrict__ w, int64_t n,
                            int64_t vstride, int64_t rows, int64_t slots, bool with_norm,
-                           double* __restrict__ partial) {
+                           double* __restrict__ partial, const double* __restrict__ run) {
   using A = Arith<S>;
   const int64_t b = blockIdx.y, tile = blockIdx.x, tiles = gridDim.x;
+  if (run != nullptr && run[b] == 0.0) return;
   const int64_t x0 = tile * kTile;
   A wr[kPerThread];
   load_tile(w + b * n, n, x0, wr);
@@ -81,25 +83,47 @@ __global__ void dot_kernel(const S* __restrict__ V, const Arith<S>* __restrict__
   }
 }
 
-// c[b * cols + i] = sum over tiles (in order) of the partials; one block per problem.
+// c[b * cols + i] = sum over tiles (in order) of the partials, zeros where `run` is 0; one
+// block per problem.
 __global__ void reduce_kernel(const double* __restrict__ partial, int64_t tiles, int64_t slots,
-                              int64_t cols, double* __restrict__ c) {
+                              int64_t cols, double* __restrict__ c,
+                              const double* __restrict__ run) {
   const int64_t b = blockIdx.x;
+  const bool skip = run != nullptr && run[b] == 0.0;
   for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) {
     double s = 0;
-    for (int64_t t = 0; t < tiles; ++t) s += partial[(b * tiles + t) * slots + i];
+    if (!skip)
+      for (int64_t t = 0; t < tiles; ++t) s += partial[(b * tiles + t) * slots + i];
     c[b * cols + i] = s;
   }
 }
 
-// w -= sum_i c_i V_i; with_norm also writes the tile's ||w||^2 to partial slot 0.
+// second[b] = 1 where Gram-Schmidt's second pass is needed (common/lanczos.h), from its
+// coefficients c2 [B, rows] and the tile norms after the first update [B, tiles]; c2 is zeroed
+// where the pass is skipped (so alpha and coef hold what was applied).
+__global__ void decide_kernel(double* __restrict__ c2, const double* __restrict__ norm1,
+                              int64_t rows, int64_t tiles, double unit,
+                              double* __restrict__ second) {
+  const int64_t b = blockIdx.x;
+  double w2 = 0, c2n = 0;
+  for (int64_t t = 0; t < tiles; ++t) w2 += norm1[b * tiles + t];
+  for (int64_t i = 0; i < rows; ++i) c2n += c2[b * rows + i] * c2[b * rows + i];
+  const bool run = lanczos_needs_second_pass(c2n, w2, unit, rows);
+  second[b] = run ? 1.0 : 0.0;
+  if (!run)
+    for (int64_t i = 0; i < rows; ++i) c2[b * rows + i] = 0.0;
+}
+
+// w -= sum_i c_i V_i and norm[b * tiles + tile] = the tile's ||w||^2 after it; problems whose
+// `run` flag is 0 are skipped.
 template <typename S>
 __global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
                               const double* __restrict__ c, int64_t n, int64_t vstride,
-                              int64_t rows, int64_t ccols, bool with_norm,
-                              double* __restrict__ partial) {
+                              int64_t rows, int64_t ccols, double* __restrict__ norm,
+                              const double* __restrict__ run) {
   using A = Arith<S>;
   const int64_t b = blockIdx.y, tile = blockIdx.x;
+  if (run != nullptr && run[b] == 0.0) return;
   const int64_t x0 = tile * kTile;
   A wr[kPerThread];
   load_tile(w + b * n, n, x0, wr);
@@ -121,7 +145,6 @@ __global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
       d += static_cast<double>(wr[e] * wr[e]);
     }
   }
-  if (!with_norm) return;
   __shared__ double sm[kWarps];
   for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
   if ((threadIdx.x & 31) == 0) sm[threadIdx.x >> 5] = d;
@@ -129,17 +152,20 @@ __global__ void update_kernel(const S* __restrict__ V, Arith<S>* __restrict__ w,
   if (threadIdx.x == 0) {
     double s = 0;
     for (int q = 0; q < kWarps; ++q) s += sm[q];
-    partial[b * gridDim.x + tile] = s;
+    norm[b * gridDim.x + tile] = s;
   }
 }
 
-// alpha_j = c1[j] + c2[j], ||A v_j|| from pass 1's norm slot, beta_j from the final partials;
-// unless coef is null, the row of both passes' coefficients. One block per problem.
+// alpha_j = c1[j] + c2[j], ||A v_j|| from pass 1's norm slot, beta_j from the norms after the
+// last pass that ran; unless coef is null, the row of both passes' coefficients. One block per
+// problem.
 __global__ void scalars_kernel(const double* __restrict__ c1, const double* __restrict__ c2,
-                               const double* __restrict__ norm_partial, int64_t tiles,
-                               int64_t rows, int64_t j, double* __restrict__ alpha,
-                               double* __restrict__ beta, double* __restrict__ wnorm,
-                               int64_t cstride, double* __restrict__ coef, int64_t coef_bstride,
+                               const double* __restrict__ norm1,
+                               const double* __restrict__ norm2,
+                               const double* __restrict__ second, int64_t tiles, int64_t rows,
+                               int64_t j, double* __restrict__ alpha, double* __restrict__ beta,
+                               double* __restrict__ wnorm, int64_t cstride,
+                               double* __restrict__ coef, int64_t coef_bstride,
                                int64_t coef_rstride) {
   const int64_t b = blockIdx.x;
   if (coef != nullptr) {
@@ -148,8 +174,9 @@ __global__ void scalars_kernel(const double* __restrict__ c1, const double* __re
       row[i] = c1[b * (rows + 1) + i] + c2[b * rows + i];
   }
   if (threadIdx.x != 0) return;
+  const double* last = second[b] != 0.0 ? norm2 : norm1;
   double s = 0;
-  for (int64_t t = 0; t < tiles; ++t) s += norm_partial[b * tiles + t];
+  for (int64_t t = 0; t < tiles; ++t) s += last[b * tiles + t];
   alpha[b * cstride + j] = c1[b * (rows + 1) + j] + c2[b * rows + j];
   wnorm[b * cstride + j] = sqrt(c1[b * (rows + 1) + rows]);
   beta[b * cstride + j] = sqrt(s);
@@ -176,30 +203,39 @@ void step_impl(void* w_ptr, void* V_ptr, int64_t B, int64_t n, int64_t vstride, 
   A* w = static_cast<A*>(w_ptr);
   S* V = static_cast<S*>(V_ptr);
   const int64_t rows = j + 1, tiles = (n + kTile - 1) / kTile;
-  // workspace: partials [B, tiles, rows + 1], c1 [B, rows + 1], c2 [B, rows]
+  // workspace: partials [B, tiles, rows + 1], c1 [B, rows + 1], c2 [B, rows], the tile norms
+  // after each update [B, tiles] x 2, the second-pass flags [B]
   double* partial = ws;
   double* c1 = partial + B * tiles * (rows + 1);
   double* c2 = c1 + B * (rows + 1);
+  double* norm1 = c2 + B * rows;
+  double* norm2 = norm1 + B * tiles;
+  double* second = norm2 + B * tiles;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
+  const unsigned nb = static_cast<unsigned>(B);
   const int rthreads = 128;
 
-  dot_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, n, vstride, rows, rows + 1, true, partial);
+  dot_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, n, vstride, rows, rows + 1, true, partial,
+                                               nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
-  reduce_kernel<<<static_cast<unsigned>(B), rthreads, 0, stream>>>(partial, tiles, rows + 1,
-                                                                    rows + 1, c1);
+  reduce_kernel<<<nb, rthreads, 0, stream>>>(partial, tiles, rows + 1, rows + 1, c1, nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
-  update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c1, n, vstride, rows, rows + 1, false,
-                                                  partial);
+  update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c1, n, vstride, rows, rows + 1, norm1,
+                                                  nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
-  dot_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, n, vstride, rows, rows, false, partial);
+  dot_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, n, vstride, rows, rows, false, partial,
+                                               nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
-  reduce_kernel<<<static_cast<unsigned>(B), rthreads, 0, stream>>>(partial, tiles, rows, rows, c2);
+  reduce_kernel<<<nb, rthreads, 0, stream>>>(partial, tiles, rows, rows, c2, nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
-  update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c2, n, vstride, rows, rows, true, partial);
+  const double unit = static_cast<double>(std::numeric_limits<A>::epsilon()) / 2;
+  decide_kernel<<<nb, 1, 0, stream>>>(c2, norm1, rows, tiles, unit, second);
   PFK_CUDA_CHECK(cudaGetLastError());
-  scalars_kernel<<<static_cast<unsigned>(B), 64, 0, stream>>>(
-      c1, c2, partial, tiles, rows, j, alpha, beta, wnorm, cstride, coef, coef_bstride,
-      coef_rstride);
+  update_kernel<S><<<grid, kThreads, 0, stream>>>(V, w, c2, n, vstride, rows, rows, norm2,
+                                                  second);
+  PFK_CUDA_CHECK(cudaGetLastError());
+  scalars_kernel<<<nb, 64, 0, stream>>>(c1, c2, norm1, norm2, second, tiles, rows, j, alpha,
+                                        beta, wnorm, cstride, coef, coef_bstride, coef_rstride);
   PFK_CUDA_CHECK(cudaGetLastError());
   const dim3 ngrid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
   normalise_kernel<S><<<ngrid, kThreads, 0, stream>>>(w, V, n, vstride, j, beta, cstride);
@@ -213,9 +249,10 @@ void dots_impl(const void* V, const void* x, int64_t B, int64_t n, int64_t vstri
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(B));
   dot_kernel<S><<<grid, kThreads, 0, stream>>>(static_cast<const S*>(V),
                                                static_cast<const Arith<S>*>(x), n, vstride, rows,
-                                               rows, false, ws);
+                                               rows, false, ws, nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
-  reduce_kernel<<<static_cast<unsigned>(B), 128, 0, stream>>>(ws, tiles, rows, rows, out);
+  reduce_kernel<<<static_cast<unsigned>(B), 128, 0, stream>>>(ws, tiles, rows, rows, out,
+                                                              nullptr);
   PFK_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -260,7 +297,7 @@ void ritz_impl(const double* Sm, const void* V, int64_t B, int64_t n, int64_t vs
 
 int64_t lanczos_workspace_words(int64_t B, int64_t n, int64_t j) {
   const int64_t rows = j + 1, tiles = (n + kTile - 1) / kTile;
-  return B * tiles * (rows + 1) + B * (rows + 1) + B * rows;
+  return B * tiles * (rows + 1) + B * (rows + 1) + B * rows + 2 * B * tiles + B;
 }
 
 int64_t lanczos_dots_workspace_words(int64_t B, int64_t n, int64_t rows) {
