@@ -292,7 +292,8 @@ def compare(run, every, steps, seed):
                   f"{row['gap12']:.3f} | ours {record['num_matvecs']} HVPs err "
                   f"{max(errors.values()):.1e} | primme_lobpcg@0.01 "
                   f"{row['primme_lobpcg@0.01']['hvps']} arpack_warm@0.01 "
-                  f"{row['arpack_warm@0.01']['hvps']} arpack_cold {row['arpack_cold@0.001']['hvps']}",
+                  f"{row['arpack_warm@0.01']['hvps']} arpack_cold "
+                  f"{row['arpack_cold@0.001']['hvps']}",
                   flush=True)
     # the first measurement is cold for every warm method: tracking is about the ones after it
     rows = rows[1:]

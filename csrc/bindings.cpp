@@ -244,7 +244,8 @@ void check_lanczos_step(const Buf& w, const Buf& V, int dtype, int64_t B, int64_
     PFK_CHECK_ARG(coef_rstride > j, "coef",
                   "row stride " + std::to_string(coef_rstride) + " does not reach column j");
     PFK_CHECK_ARG(B <= 1 || coef_bstride >= mul(j + 1, coef_rstride, "coef"), "coef",
-                  "batch stride " + std::to_string(coef_bstride) + " is shorter than the rows used");
+                  "batch stride " + std::to_string(coef_bstride) +
+                      " is shorter than the rows used");
     require(coef, batch_reach(B, coef_bstride, add(mul(j, coef_rstride, "coef"), j + 1, "coef"),
                               "coef"), "coef");
   }

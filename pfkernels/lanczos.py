@@ -547,9 +547,9 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     if shard_basis and group is None:
         raise ValueError("argument 'shard_basis': needs a distributed operator (A.process_group "
                          "is None or missing: there are no ranks to shard the basis over)")
-    if eigenvalue_tol is not None and not (isinstance(eigenvalue_tol, (int, float))
-                                           and not isinstance(eigenvalue_tol, bool)
-                                           and eigenvalue_tol > 0 and math.isfinite(eigenvalue_tol)):
+    if eigenvalue_tol is not None and not (
+            isinstance(eigenvalue_tol, (int, float)) and not isinstance(eigenvalue_tol, bool)
+            and eigenvalue_tol > 0 and math.isfinite(eigenvalue_tol)):
         raise ValueError(f"argument 'eigenvalue_tol': must be None or a positive finite number, "
                          f"got {eigenvalue_tol!r}")
     if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
@@ -918,7 +918,8 @@ class _Lanczos:
             AU = AU.to(self.work).contiguous()
             q = _dots(X.unsqueeze(1), AU)[:, 0]
             quotients[:, i] = q.to("cpu", torch.float64)
-            out[:, i] = self._norms(AU - X * q.to(self.work)[:, None])[:, 0].to("cpu", torch.float64)
+            R = AU - X * q.to(self.work)[:, None]
+            out[:, i] = self._norms(R)[:, 0].to("cpu", torch.float64)
         return quotients, out
 
     def restart(self) -> None:

@@ -55,7 +55,8 @@ PFK_LANCZOS_CLONES void tile_dots(const S* V, int64_t n, int64_t rows,
     const S* v = V + i * n;
     double acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t x = 0; x < len; ++x) acc += static_cast<double>(LanczosTypes<S>::load(v[x]) * w[x]);
+    for (int64_t x = 0; x < len; ++x)
+      acc += static_cast<double>(LanczosTypes<S>::load(v[x]) * w[x]);
     out[i] = acc;
   }
 }

@@ -1,13 +1,16 @@
-// lanczos family, CUDA: one fused Lanczos step (classical Gram-Schmidt, the second pass where
-// the first cancelled most of w) and Ritz vectors for a batch of problems.
+// lanczos family, CUDA: one fused Lanczos step (classical Gram-Schmidt, the second update only
+// where it changes w by more than rounding, common/lanczos.h) and Ritz vectors for a batch of
+// problems.
 //
 // Every pass over the basis is one bandwidth-bound kernel over a (tile, problem) grid that reads
 // each element of V[b, 0..j] once: a dot pass (each thread keeps its elements of w in registers
 // and sums its share of all j+1 dot products in float64; warp shuffles then shared memory reduce
-// them in a fixed order to one float64 partial per tile), a one-block-per-problem reduction of the tile
-// partials in tile order (deterministic, no atomics), and an update pass w -= V^T c. The step is
-// dot, reduce, update, dot, reduce, update(+norm), reduce, normalise: nothing waits on the host,
-// and alpha_j, beta_j and ||A v_j|| are written to device memory.
+// them in a fixed order to one float64 partial per tile), a one-block-per-problem reduction of
+// the tile partials in tile order (deterministic, no atomics), and an update pass w -= V^T c
+// (+ the tile norms). The step is dot, reduce, update, dot, reduce, decide, update, scalars,
+// normalise; the second update returns at once for problems whose flag (decide) says it would
+// change w by rounding only. Nothing waits on the host; alpha_j, beta_j, ||A v_j|| and the
+// coefficient rows are written to device memory.
 #include <cstdint>
 #include <limits>
 
