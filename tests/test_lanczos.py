@@ -427,14 +427,17 @@ def _true_residuals(op, res):
 @pytest.fixture(scope="module")
 def householder_diagonal():
     """A = Q diag(d) Q with Q = I - 2 q q^T (q a dense unit vector): the spectrum is exactly d
-    (top 100, 50, 49, the rest uniform in [0, 1)) and the eigenvectors Q e_i are dense."""
+    (top 100, 50, 25, the rest uniform in [0, 1)) and the eigenvectors Q e_i are dense. (With 49
+    in place of 25 a cold solve at tol 1e-4 and ncv 10 once converged to 49 before the Krylov
+    space held the 50 direction: Lanczos's missing-eigenvalue risk at a loose tolerance, which
+    this test is not about.)"""
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"householder_diagonal seed={seed}")
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(N_LARGE, dtype=F64, generator=g)
     q = (q / q.norm()).float()
     d = torch.rand(N_LARGE, generator=g)
-    d[:3] = torch.tensor([100.0, 50.0, 49.0])
+    d[:3] = torch.tensor([100.0, 50.0, 25.0])
 
     def reflect(x):
         return x - 2 * (x * q).sum(-1, keepdim=True, dtype=F64).float() * q
