@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint clean
 
 setup:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check pfkernels tests bench
 
 clean:
 	rm -rf build $(VENV)

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, write_json
 
 from pfkernels import HessianOperator, data, report
 from pfkernels.flows import CentralFlow, compare_central_flow
@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=31, help="rounds of the unit-cost timings")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -110,9 +110,8 @@ def main():
     n = sum(p.numel() for p in model.parameters())
     units = _unit_costs(model, ds.train, args.repeats, args.seed)
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-                   "thread(s); shared 2-core CPU, loaded by other jobs: times are approximate",
-        "torch": torch.__version__,
+        "setting": f"{torch.get_num_threads()} torch thread(s); shared 2-core CPU, loaded by other "
+                   "jobs: times are approximate",
         "model": f"tanh MLP 64-{args.width}-{args.width}-10, {n} parameters, MSE, float64",
         "data": f"digits, {args.n_train} training examples, full batch",
         "unit_costs": units,
@@ -146,7 +145,7 @@ def main():
     if args.toy_steps > 0:
         results["toy"] = _toy(args.toy_steps)
         print(json.dumps({"toy": results["toy"]}, indent=1))
-    (out / "central_cpu.json").write_text(json.dumps(report.to_jsonable(results), indent=1))
+    write_json("central_cpu.json", report.to_jsonable(results), out)
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def tool_comparison(args, device):
             runs = {}
             runs["pfkernels"] = sweep("pfkernels", tols, lambda t: run_pfkernels(
                 H, counted, k, t, args.seed), k, ref, counted, 10 ** 9)
-            runs["arpack"] = sweep("arpack", tols + [0.0], lambda t: run_arpack(
+            runs["arpack"] = sweep("arpack", [*tols, 0.0], lambda t: run_arpack(
                 H, counted, k, t, args.seed), k, ref, counted, 10 ** 9)
             runs["primme"] = sweep("primme", tols, lambda t: run_primme(
                 H, counted, k, t, args.seed), k, ref, counted, 10 ** 9)

@@ -18,24 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
-import statistics
-import time
 
 import torch
+from _common import time_call, write_json
 
 from pfkernels import HessianOperator, data, eigsh, flows, ops
 from pfkernels.flows import principal
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_call(fn, repeats=repeats, warmup=1)["median_s"]
 
 
 def _torch_composition(g, lam, u, h):
@@ -126,9 +118,6 @@ def main() -> int:
                for nn_ in (n, 1_000_000) for dt in (torch.float32, torch.float64)]
 
     result = {
-        "device": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "note": "2-core CPU machine shared with other jobs: absolute times are noisy; ratios come from one run",
         "model": f"digits MLP 64-{args.width}-{args.width}-10 tanh, {n} parameters, {args.examples} examples, float32",
         "k": args.k,
@@ -158,8 +147,7 @@ def main() -> int:
         "flow_kernel": kernels,
     }
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out.name, result, out.parent)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -78,7 +78,8 @@ def main() -> None:
                 "dot_fused": time_call(lambda: ops.multi_tensor_dot(a, b), repeats=args.repeats, device=device),
                 "dot_foreach": time_call(lambda: dot_foreach(a, b), repeats=args.repeats, device=device),
                 "dot_loop": time_call(lambda: dot_loop(a, b), repeats=args.repeats, device=device),
-                "axpy_fused": time_call(lambda: ops.multi_tensor_axpy(a, b, alpha), repeats=args.repeats, device=device),
+                "axpy_fused": time_call(lambda: ops.multi_tensor_axpy(a, b, alpha),
+                                        repeats=args.repeats, device=device),
                 "axpy_foreach": time_call(lambda: axpy_foreach(a, b, alpha), repeats=args.repeats, device=device),
                 "axpy_loop": time_call(lambda: axpy_loop(a, b, alpha), repeats=args.repeats, device=device),
             }

@@ -138,7 +138,7 @@ def main() -> None:
         "mlp_slq": lambda s: density_round(mlp, ds.train, args.slq_probes, args.slq_steps, s),
     }
     rounds = {name: [] for name in cases}
-    for name, run in cases.items():  # warm-up: first-call imports and allocations
+    for run in cases.values():  # warm-up: first-call imports and allocations
         run(args.seed)
     for r in range(args.rounds):
         for name, run in cases.items():

@@ -61,7 +61,8 @@ def dal(device) -> bool:
                         ops.dal_rate(sums, p, 5.0, 0.1, in_window),
                         ops.dal_rate_ref(sums, p, 5.0, 0.1, in_window), tol)
         zero = torch.zeros(3, dtype=dtype, device=device)
-        ok &= check(f"dal_rate zero gradient {dtype}", ops.dal_rate(zero, 1.0, 5.0, 0.1), ops.dal_rate_ref(zero, 1.0, 5.0, 0.1), 0)
+        ok &= check(f"dal_rate zero gradient {dtype}", ops.dal_rate(zero, 1.0, 5.0, 0.1),
+                    ops.dal_rate_ref(zero, 1.0, 5.0, 0.1), 0)
         for bufs_on in (False, True):
             x, x_ref = [t.clone() for t in h], [t.clone() for t in h]
             b = [torch.randn_like(t) for t in g] if bufs_on else []

@@ -410,7 +410,7 @@ def cross_entropy_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """
     labels = targets.dim() == 1 and not targets.is_floating_point()
     _check_arg(
-        outputs.dim() == 2 and (labels and targets.shape[0] == outputs.shape[0]
+        outputs.dim() == 2 and ((labels and targets.shape[0] == outputs.shape[0])
                                 or tuple(targets.shape) == tuple(outputs.shape)),
         "targets",
         f"must be class labels [N] or probabilities [N, k] for outputs [N, k] = "

@@ -460,8 +460,12 @@ def flow_field(
 
     Returns:
         ``(field, projections)``: ``field`` ``[n]`` complex64/complex128 (matching ``grad``) and
-        ``projections = Uᵀg`` ``[k]`` in ``grad``'s dtype. Products are accumulated in float64 in a
-        fixed order (deterministic); no host synchronisation.
+        ``projections = Uᵀg`` ``[k]`` in ``grad``'s dtype. Sums run in a fixed order
+        (deterministic, whatever the thread count); no host synchronisation. The CUDA kernel
+        accumulates every product in float64. The CPU kernel sums chunks of 2048 rows in the
+        input precision (SIMD) and adds the chunks' partials in float64, so the projections'
+        rounding error grows with the chunk, not with ``n``; it forms the field's rows in the
+        input precision from float64 coefficients rounded to it.
 
     Raises:
         ValueError naming the argument for a shape, dtype, device or layout other than these, or
@@ -693,7 +697,7 @@ def tridiag_eigh_ref(
     unbatched = alpha.dim() == 1
     a64 = (alpha[None] if unbatched else alpha).to(torch.float64)
     b64 = (beta[None] if unbatched else beta).to(torch.float64)
-    batch, m = a64.shape
+    _batch, m = a64.shape
     status = _tridiag_input_status(a64, b64)
     if check:
         _raise_on_tridiag_status(status)
@@ -985,7 +989,8 @@ def _lanczos_step_check(w, V, j, alpha, beta, wnorm, coef=None, *, real: bool = 
     "pfkernels::lanczos_step", mutates_args={"w", "V", "alpha", "beta", "wnorm", "coef"}
 )
 def _lanczos_step_op(w: Tensor, V: Tensor, j: int, alpha: Tensor, beta: Tensor,
-                     wnorm: Tensor, coef: Optional[Tensor] = None) -> None:
+                     wnorm: Tensor, coef: Optional[Tensor] = None) -> None:  # noqa: UP045
+    # (custom_op infers the schema from this annotation at run time: keep the form 3.9 evaluates)
     _lanczos_step_check(w, V, j, alpha, beta, wnorm, coef)
     _lanczos_step_launch(w, V, j, alpha, beta, wnorm, coef)
 
@@ -996,7 +1001,7 @@ def _lanczos_step_launch(w, V, j, alpha, beta, wnorm, coef) -> None:
         _warn_fallback("lanczos_step", device)
         lanczos_step_ref(w, V, j, alpha, beta, wnorm, coef)
         return
-    B, rows, n = V.shape
+    B, _rows, n = V.shape
     if B == 0 or n == 0:
         lanczos_step_ref(w, V, j, alpha, beta, wnorm, coef)
         return

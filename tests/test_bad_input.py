@@ -589,7 +589,7 @@ assert len({case[0] for case in API_CASES}) == len(API_CASES)
 
 @pytest.mark.parametrize("case", API_CASES, ids=[case[0] for case in API_CASES])
 def test_api_refuses_bad_input(case, tmp_path, monkeypatch):
-    name, setup, call, error, argument = case
+    _name, setup, call, error, argument = case
     monkeypatch.chdir(tmp_path)
     objects = setup()
     before, globals_before = _freeze(objects), _globals()

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from pfkernels import eos
+from pfkernels import data, eos
+from pfkernels.hvp import HessianOperator
+from pfkernels.lanczos import eigsh
+from pfkernels.optim import DAL, NormalizedGD
 
 # (name, factory, expected threshold, units); expected values from REFERENCES.md §3, §4 and the
 # dampening derivation in stability_thresholds' docstring.
@@ -244,11 +247,6 @@ def test_detect_eos_empty():
 
 
 # ---------------------------------------------------------------- tracker and preconditioning
-
-from pfkernels import data
-from pfkernels.hvp import HessianOperator
-from pfkernels.lanczos import eigsh
-from pfkernels.optim import DAL, NormalizedGD
 
 # Tiny problems: one intra-op thread (see tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -568,7 +566,7 @@ def test_lightning_callback_absent(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if "lightning" in name else real(name, *a))
     with pytest.raises(AttributeError, match="needs lightning"):
-        eos.SharpnessCallback
+        _ = eos.SharpnessCallback
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

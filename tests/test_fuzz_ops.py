@@ -241,7 +241,7 @@ def test_fuzz_multi_tensor_momentum_update(case):
 def _flow_case(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     dtype = draw(st.sampled_from(DTYPES))
-    n = draw(st.sampled_from(SIZES[:-1] + [3000]))
+    n = draw(st.sampled_from([*SIZES[:-1], 3000]))
     k = draw(st.integers(0, min(n, 6)))
     grad = _randn((n,), dtype, gen)
     lam = _randn((k,), dtype, gen).abs() if dtype.is_floating_point else _randn((k,), dtype, gen)

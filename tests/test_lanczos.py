@@ -334,7 +334,7 @@ def test_batched_hessian_operator_equals_unbatched(tiny_mlp_hessian, seed):
 
 
 def test_layer_sharpness_matches_dense_blocks(tiny_mlp_hessian, seed):
-    model, ds, H, M = tiny_mlp_hessian
+    model, ds, _H, M = tiny_mlp_hessian
     out = pfkernels.layer_sharpness(model, pfkernels.data.mse_loss, ds.train, k=1, tol=1e-10,
                                     hvp_dtype=F64, seed=seed)
     offset = 0
@@ -679,7 +679,7 @@ def test_block_warm_start_survives_a_crossing(gen, seed):
     """Previous pair [u1, u2]; at the next step u2 is the top direction (0.6% crossing). The
     guarded warm start (a Davidson solve from the block) returns the new top eigenvalue; so
     does every batch member; and it costs less than a cold solve."""
-    A, A_new, previous, top_new = _crossing(gen, 0.06)
+    _A, A_new, previous, top_new = _crossing(gen, 0.06)
     ref = _reference(A_new, 1, "LA")
     tol = 1e-4
     res = eigsh(A_new, k=1, guard=1, eigenvalue_tol=tol, v0=previous)

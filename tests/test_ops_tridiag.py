@@ -374,7 +374,7 @@ def test_cuda_matches_cpu(vectors, gen):
     cases.append((alpha * 2.0**700, beta * 2.0**700))
     cases.append((alpha.float(), beta.float()))
     for alpha, beta in cases:
-        cpu_e, cpu_z = ops.tridiag_eigh(alpha, beta, vectors)
+        cpu_e, _cpu_z = ops.tridiag_eigh(alpha, beta, vectors)
         gpu_e, gpu_z = ops.tridiag_eigh(alpha.cuda(), beta.cuda(), vectors)
         assert gpu_e.device.type == "cuda" and gpu_e.dtype == torch.float64
         scale = _norm(alpha, beta).cuda()
@@ -395,7 +395,7 @@ def test_cuda_non_finite_and_no_host_sync(gen):
     ops.tridiag_eigh(alpha, beta, "last_row", check=False)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:
-        evals, last = ops.tridiag_eigh(alpha, beta, "last_row", check=False)
+        evals, _last = ops.tridiag_eigh(alpha, beta, "last_row", check=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(evals.cpu(), ops.tridiag_eigh(alpha.cpu(), beta.cpu(), "none")[0],
