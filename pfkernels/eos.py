@@ -540,7 +540,7 @@ class _Sink:
     """Sends records to one destination: a JSONL path, a SummaryWriter-like object or a callable."""
 
     def __init__(self, target):
-        from .report import MetricsWriter
+        from .records import MetricsWriter
 
         self._writer = None
         self._scalars = None

@@ -1,25 +1,25 @@
-"""Metrics files (JSONL, CSV) and matplotlib figures (Agg backend, PNG).
+"""Matplotlib figures (PNG) of runs and flows, through matplotlib's object-oriented ``Figure``
+API: importing this module leaves the user's matplotlib backend as it is.
 
-Each tool keeps its figures in its own marked section below. Metrics rows are flat dicts of JSON
-scalars (numbers, strings, booleans, None) or lists of numbers; tensors and numpy scalars are
-converted on write, and non-finite floats are written as ``null`` so every line is strict JSON.
+Each tool keeps its figures in its own marked section below. The rows they draw are records
+(:mod:`pfkernels.records`); the names ``MetricsWriter``, ``read_jsonl``, ``write_csv``,
+``to_jsonable`` and ``central_flow_record`` stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
+
+from .records import MetricsWriter as MetricsWriter
+from .records import central_flow_record as central_flow_record
+from .records import read_jsonl as read_jsonl
+from .records import to_jsonable as to_jsonable
+from .records import write_csv as write_csv
 
 
 def _save_figure(fig, path: str | Path, title: str = "") -> Path:
@@ -30,14 +30,14 @@ def _save_figure(fig, path: str | Path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_spectral_density(density, path: str | Path, *, top=None, title: str = "") -> Path:
     """The SLQ density of :func:`pfkernels.spectral_density` on a log scale, with the top
     eigenvalues from an eigensolve marked (``pfkernels sharpness --density``)."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
     ax.semilogy(density.grid.cpu(), density.density.clamp_min(1e-12).cpu(), color="tab:blue")
     for value in [] if top is None else top.tolist():
         ax.axvline(value, color="tab:red", lw=0.8, ls="--")
@@ -84,7 +84,8 @@ def plot_flow_comparison(comparison, path, *, directions=None, direction_labels=
     directions = directions.to(torch.complex128)
     m = directions.shape[1]
     direction_labels = direction_labels or [f"d{i}" for i in range(m)]
-    fig, axes = plt.subplots(2, m + 1, figsize=(4.2 * (m + 1), 6.0), squeeze=False)
+    fig = Figure(figsize=(4.2 * (m + 1), 6.0))
+    axes = fig.subplots(2, m + 1, squeeze=False)
     for j in range(m):
         d = directions[:, j]
         for row, part in enumerate(("real", "imag")):
@@ -111,94 +112,8 @@ def plot_flow_comparison(comparison, path, *, directions=None, direction_labels=
 
 
 # =============================================================================================
-# metrics files and the edge-of-stability figure (pfkernels eos)
+# the edge-of-stability figure (pfkernels eos)
 # =============================================================================================
-
-def to_jsonable(value: Any) -> Any:
-    """``value`` as plain JSON: tensors and numpy values to numbers or lists, NaN/inf to None."""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"row: cannot write a value of type {type(value).__name__} as JSON")
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to a file, flushing each line (safe to ``tail -f``).
-
-    Args:
-        path: file to write; its folder is created. An existing file is truncated unless
-            ``append=True``.
-    """
-
-    def __init__(self, path: str | Path, *, append: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if append else "w", encoding="utf-8")
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        if self._file.closed:
-            raise ValueError(f"MetricsWriter: {self.path} is closed")
-        line = json.dumps(to_jsonable(row), allow_nan=False) + "\n"
-        try:
-            self._file.write(line)
-            self._file.flush()
-        except OSError as exc:  # a full disk, a vanished mount: say which file
-            # The unwritten line would fail again at close (and at garbage collection, where
-            # nobody sees it): close now; the writer is done.
-            with contextlib.suppress(OSError):
-                self._file.close()
-            raise OSError(exc.errno, f"MetricsWriter: cannot write to {self.path}: "
-                          f"{exc.strerror or exc}") from exc
-
-    __call__ = write
-
-    def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError as exc:
-            raise OSError(exc.errno, f"MetricsWriter: cannot write to {self.path}: "
-                          f"{exc.strerror or exc}") from exc
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file (blank lines skipped)."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Writes ``rows`` as CSV; columns are the union of keys in first-seen order, lists as JSON."""
-    columns: list[str] = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise TypeError(f"argument 'rows': row {i} is a {type(row).__name__}, not a mapping")
-        columns.extend(k for k in row if k not in columns)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            plain = to_jsonable(row)
-            writer.writerow(
-                {
-                    k: json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
-                    for k, v in plain.items()
-                }
-            )
 
 
 def _series(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -235,9 +150,8 @@ def plot_eos_report(
     """
     lr_steps, lrs = _series(rows, "lr")
     show_lr = len(set(lrs)) > 1
-    fig, axes = plt.subplots(
-        3 if show_lr else 2, 1, figsize=(8, 8.5 if show_lr else 6.5), sharex=True, squeeze=True
-    )
+    fig = Figure(figsize=(8, 8.5 if show_lr else 6.5))
+    axes = fig.subplots(3 if show_lr else 2, 1, sharex=True, squeeze=True)
     ax_loss, ax_sharp = axes[0], axes[1]
 
     steps, losses = _series(rows, "loss")
@@ -290,31 +204,6 @@ def plot_eos_report(
 # =============================================================================================
 
 
-def central_flow_record(comparison) -> dict[str, Any]:
-    """A :class:`pfkernels.flows.CentralFlowComparison` as plain JSON: its ``summary()`` plus
-    the per-step series (losses, distances, sharpness, tr Σ, oscillation variances)."""
-    central, stable = comparison.central, comparison.stable
-    series = {
-        "times": comparison.times,
-        "real_loss": comparison.real_loss,
-        "real_loss_smoothed": comparison.real_loss_smoothed,
-        "central_loss": central.loss,
-        "central_predicted_loss": central.predicted_loss,
-        "stable_loss": stable.loss,
-        "distance_central": comparison.distance_central,
-        "distance_stable": comparison.distance_stable,
-        "central_sharpness": central.sharpness,
-        "stable_sharpness": stable.sharpness,
-        "central_num_critical": central.num_critical,
-        "sigma_trace": central.sigma_trace,
-        "predicted_variance": comparison.predicted_variance,
-        "measured_variance": comparison.measured_variance,
-        "measured_total_variance": comparison.measured_total_variance,
-        "eos": comparison.eos,
-    }
-    return to_jsonable({"summary": comparison.summary(), "series": series})
-
-
 def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "") -> Path:
     """Four panels over optimizer steps: the three losses (the optimizer raw and smoothed, the
     central flow's predicted time average and L(w), the stable flow); the distances
@@ -326,7 +215,8 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
     names = {"gd": "GD", "rmsprop": "RMSProp", "scalar_rmsprop": "scalar RMSProp"}
     label = names[comparison.optimizer]
     stable_name = "gradient flow" if comparison.optimizer == "gd" else "stable flow"
-    fig, axes = plt.subplots(2, 2, figsize=(11.0, 7.5))
+    fig = Figure(figsize=(11.0, 7.5))
+    axes = fig.subplots(2, 2)
     eos = comparison.eos.numpy()
 
     def shade(ax):
