@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .ops import _check_arg
+from ._checks import check_arg as _check_arg
 
 __all__ = [
     "Dataset",

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import distributed as _dist
+from ._checks import check_arg, is_int
 
 __all__ = [
     "PreconditionedOperator",
@@ -139,7 +140,7 @@ def _gradient_norm(group: dict) -> float:
     grads = [p.grad for p in group["params"] if p.grad is not None]
     if not grads:
         raise ValueError(
-            "grad_norm: NormalizedGD's threshold depends on the current gradient; pass grad_norm= "
+            "argument 'grad_norm': NormalizedGD's threshold depends on the current gradient; pass grad_norm= "
             "or call it after backward() so that .grad is set"
         )
     return float(torch.sqrt(sum(g.detach().double().pow(2).sum() for g in grads)))
@@ -205,7 +206,7 @@ def stability_thresholds(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
-            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            f"argument 'optimizer': expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     if isinstance(optimizer, torch.optim.SGD):
         return [_sgd_threshold(group) for group in optimizer.param_groups]
@@ -230,7 +231,7 @@ def stability_thresholds(
             out.append(StabilityThreshold(_ratio(2.0 * norm, lr), "raw", formula, _REF_NGD))
         return out
     raise TypeError(
-        f"optimizer: no stability threshold is known for {type(optimizer).__name__}; "
+        f"argument 'optimizer': no stability threshold is known for {type(optimizer).__name__}; "
         "supported: SGD (momentum, dampening, nesterov), Adam, AdamW, RMSprop, "
         "pfkernels.optim.DAL, pfkernels.optim.NormalizedGD"
     )
@@ -255,13 +256,13 @@ def stability_threshold(
     """
     per_group = stability_thresholds(optimizer, grad_norm=grad_norm)
     if not per_group:
-        raise ValueError("optimizer: has no param groups")
+        raise ValueError("argument 'optimizer': has no param groups")
     first = per_group[0]
     for index, other in enumerate(per_group[1:], start=1):
         same = math.isclose(other.value, first.value, rel_tol=1e-12) or other.value == first.value
         if not same or other.units != first.units:
             raise ValueError(
-                f"optimizer: param groups 0 and {index} have different stability thresholds "
+                f"argument 'optimizer': param groups 0 and {index} have different stability thresholds "
                 f"({first.formula} vs {other.formula}); track them separately with params="
             )
     return first
@@ -271,7 +272,7 @@ def _operator_params(hessian_op) -> list[torch.Tensor]:
     params = hessian_op.parameters() if hasattr(hessian_op, "parameters") else []
     if not params:
         raise TypeError(
-            "hessian_op: expected a pfkernels.HessianOperator built from a model (its parameters "
+            "argument 'hessian_op': expected a pfkernels.HessianOperator built from a model (its parameters "
             "are looked up in the optimizer's state)"
         )
     return params
@@ -285,7 +286,7 @@ def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str) -> to
     state = optimizer.state.get(p, {})
     if key not in state:
         raise ValueError(
-            f"optimizer: no '{key}' in the state of a parameter of shape {tuple(p.shape)}; "
+            f"argument 'optimizer': no '{key}' in the state of a parameter of shape {tuple(p.shape)}; "
             "the preconditioner exists after the optimizer's first step"
         )
     return state[key]
@@ -335,7 +336,7 @@ def preconditioner_diagonal(
     """
     if not is_adaptive(optimizer):
         raise TypeError(
-            f"optimizer: expected Adam, AdamW or RMSprop (a diagonal preconditioner), got "
+            f"argument 'optimizer': expected Adam, AdamW or RMSprop (a diagonal preconditioner), got "
             f"{type(optimizer).__name__}"
         )
     groups = _group_of(optimizer)
@@ -345,7 +346,7 @@ def preconditioner_diagonal(
         group = groups.get(id(p))
         if group is None:
             raise ValueError(
-                f"optimizer: a parameter of shape {tuple(p.shape)} is not in any of its param "
+                f"argument 'optimizer': a parameter of shape {tuple(p.shape)} is not in any of its param "
                 "groups"
             )
         parts.append(diagonal(optimizer, p, group).reshape(-1))
@@ -476,12 +477,12 @@ def detect_eos(
     """
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise TypeError(f"records: entry {i} is a {type(record).__name__}, not a record dict")
+            raise TypeError(f"argument 'records': entry {i} is a {type(record).__name__}, not a record dict")
     if not (isinstance(band, (int, float)) and 0 < band < math.inf):
-        raise ValueError(f"band: expected a positive finite number, got {band!r}")
+        raise ValueError(f"argument 'band': expected a positive finite number, got {band!r}")
     if not (isinstance(sharpening_factor, (int, float)) and 0 < sharpening_factor < math.inf):
         raise ValueError(
-            f"sharpening_factor: expected a positive finite number, got {sharpening_factor!r}")
+            f"argument 'sharpening_factor': expected a positive finite number, got {sharpening_factor!r}")
     # Adaptive runs compare preconditioned sharpness with the threshold; their records from
     # before the optimizer's first step have the raw value only and are left out.
     key = (
@@ -553,7 +554,7 @@ class _Sink:
             self._writer = MetricsWriter(target)
         else:
             raise TypeError(
-                "sinks: each sink must be a file path (JSONL), an object with add_scalar "
+                "argument 'sinks': each sink must be a file path (JSONL), an object with add_scalar "
                 "(TensorBoard SummaryWriter) or a callable taking the record; got "
                 f"{type(target).__name__}"
             )
@@ -707,34 +708,28 @@ class SharpnessTracker:
         seed: int = 0,
         raw: bool = False,
     ):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn: expected a callable loss_fn(outputs, targets)")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every: expected a positive integer, got {every!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected a positive integer, got {k!r}")
-        if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
-            raise ValueError(f"guard: expected a non-negative integer, got {guard!r}")
-        if not isinstance(raw, bool):
-            raise TypeError(f"raw: expected a bool, got {type(raw).__name__}")
-        if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
-            raise ValueError(f"tol: expected 0 < tol < 1, got {tol!r}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if threshold is not None and optimizer is not None:
-            raise ValueError("threshold: give either threshold= or optimizer=, not both")
-        if threshold is not None and not 0 < threshold < math.inf:
-            raise ValueError(f"threshold: expected a positive finite number, got {threshold!r}")
-        if max_matvecs is not None and (isinstance(max_matvecs, bool)
-                                        or not isinstance(max_matvecs, int) or max_matvecs < 1):
-            raise ValueError(
-                f"max_matvecs: expected None or a positive integer, got {max_matvecs!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: expected an integer, got {seed!r}")
+        check_arg(isinstance(model, torch.nn.Module), "model",
+                  f"expected a torch.nn.Module, got {type(model).__name__}", TypeError)
+        check_arg(callable(loss_fn), "loss_fn", "expected a callable loss_fn(outputs, targets)",
+                  TypeError)
+        check_arg(is_int(every) and every >= 1, "every",
+                  f"expected a positive integer, got {every!r}")
+        check_arg(is_int(k) and k >= 1, "k", f"expected a positive integer, got {k!r}")
+        check_arg(is_int(guard) and guard >= 0, "guard",
+                  f"expected a non-negative integer, got {guard!r}")
+        check_arg(isinstance(raw, bool), "raw", f"expected a bool, got {type(raw).__name__}",
+                  TypeError)
+        check_arg(isinstance(tol, (int, float)) and 0.0 < tol < 1.0, "tol",
+                  f"expected 0 < tol < 1, got {tol!r}")
+        check_arg(optimizer is None or isinstance(optimizer, torch.optim.Optimizer), "optimizer",
+                  f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}", TypeError)
+        check_arg(threshold is None or optimizer is None, "threshold",
+                  "give either threshold= or optimizer=, not both")
+        check_arg(threshold is None or 0 < threshold < math.inf, "threshold",
+                  f"expected a positive finite number, got {threshold!r}")
+        check_arg(max_matvecs is None or (is_int(max_matvecs) and max_matvecs >= 1),
+                  "max_matvecs", f"expected None or a positive integer, got {max_matvecs!r}")
+        check_arg(is_int(seed), "seed", f"expected an integer, got {seed!r}")
         if optimizer is not None:
             stability_threshold(optimizer, grad_norm=0.0)
         from .hvp import HessianOperator
@@ -792,7 +787,7 @@ class SharpnessTracker:
         """
         value = None
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
-            raise ValueError(f"loss: must be a scalar (0-d) tensor, got shape {tuple(loss.shape)}")
+            raise ValueError(f"argument 'loss': must be a scalar (0-d) tensor, got shape {tuple(loss.shape)}")
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
             self.losses.append((int(step), value))

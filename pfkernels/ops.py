@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_arg as _check_arg
+from ._checks import is_number as _is_number
 from ._version import __version__
 
 try:
@@ -88,11 +90,6 @@ def _warn_fallback(op: str, device: torch.device) -> None:
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def _check_arg(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"argument '{name}': {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -887,11 +884,6 @@ def dal_rate(sums: Tensor, p: float, lr_max: float, lr: float, in_window: bool =
     _check_dal_hyperparameters(p, lr_max)
     _check_arg(_is_number(lr) and math.isfinite(lr), "lr", f"must be a finite number, got {lr!r}")
     return torch.ops.pfkernels.dal_rate(sums, float(p), float(lr_max), float(lr), bool(in_window))
-
-
-def _is_number(x) -> bool:
-    """A real Python (or NumPy) number; bools are not numbers here (``k=True`` is a mistake)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_dal_hyperparameters(p: float, lr_max: float) -> None:

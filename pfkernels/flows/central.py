@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._checks import check_arg
 from ..hvp import math_attention
 
 __all__ = [
@@ -99,30 +100,30 @@ def sdcp_operator_matrix(beta: Tensor) -> Tensor:
     return 0.5 * (B + B.T)
 
 
-_UNBOUNDED = "beta: is zero while alpha has a negative eigenvalue; the problem is unbounded"
+_UNBOUNDED = "argument 'beta': is zero while alpha has a negative eigenvalue; the problem is unbounded"
 
 
 def _check_sdcp_inputs(alpha, beta) -> tuple[Tensor, Tensor]:
     if not isinstance(alpha, Tensor):
-        raise TypeError(f"alpha: expected a torch.Tensor, got {type(alpha).__name__}")
+        raise TypeError(f"argument 'alpha': expected a torch.Tensor, got {type(alpha).__name__}")
     if not isinstance(beta, Tensor):
-        raise TypeError(f"beta: expected a torch.Tensor, got {type(beta).__name__}")
+        raise TypeError(f"argument 'beta': expected a torch.Tensor, got {type(beta).__name__}")
     if alpha.dim() != 2 or alpha.shape[0] != alpha.shape[1]:
-        raise ValueError(f"alpha: must be a square [k, k] matrix, got shape {tuple(alpha.shape)}")
+        raise ValueError(f"argument 'alpha': must be a square [k, k] matrix, got shape {tuple(alpha.shape)}")
     k = alpha.shape[0]
     if tuple(beta.shape) != (k, k, k, k):
         raise ValueError(
-            f"beta: must have shape [k, k, k, k] = {(k,) * 4}, got {tuple(beta.shape)}"
+            f"argument 'beta': must have shape [k, k, k, k] = {(k,) * 4}, got {tuple(beta.shape)}"
         )
     if not (alpha.is_floating_point() and beta.is_floating_point()):
-        raise TypeError("alpha, beta: must be floating point tensors")
+        raise TypeError("arguments 'alpha', 'beta': must be floating point tensors")
     alpha = alpha.detach().to("cpu", torch.float64)
     beta = beta.detach().to("cpu", torch.float64)
     if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
-        raise ValueError("alpha, beta: must be finite")
+        raise ValueError("arguments 'alpha', 'beta': must be finite")
     scale = alpha.abs().amax(dim=(0, 1), keepdim=True).clamp_min(1e-300) if k else 1.0
     if k and bool(((alpha - alpha.T).abs() > 1e-10 * scale).any()):
-        raise ValueError("alpha: must be symmetric")
+        raise ValueError("argument 'alpha': must be symmetric")
     return 0.5 * (alpha + alpha.T), beta
 
 
@@ -191,7 +192,7 @@ def solve_sdcp(
     b_max = b_evals[-1].clamp_min(0.0)
     if b_evals[0] < -1e-9 * max(float(b_max), 1e-300):
         raise ValueError(
-            f"beta: must be positive semidefinite on symmetric matrices (smallest eigenvalue "
+            f"argument 'beta': must be positive semidefinite on symmetric matrices (smallest eigenvalue "
             f"{float(b_evals[0]):.3e}, largest {float(b_max):.3e})"
         )
 
@@ -232,7 +233,7 @@ def solve_sdcp(
             break
         if float(torch.linalg.vector_norm(x)) > 1e12:
             raise ValueError(
-                "beta: the problem is unbounded (beta is singular along a PSD descent direction)"
+                "argument 'beta': the problem is unbounded (beta is singular along a PSD descent direction)"
             )
         if res <= newton_from:
             x_newton, newton_iters = _semismooth_newton(x, Bn, an, E, target)
@@ -248,7 +249,7 @@ def _solve_sdcp_scalar(alpha: float, beta: float) -> SDCPResult:
     """k = 1: X = max(0, −α/β), exact, so the KKT residual is that of the rounding only."""
     if beta < 0:
         raise ValueError(
-            f"beta: must be positive semidefinite on symmetric matrices, got {beta:.3e}"
+            f"argument 'beta': must be positive semidefinite on symmetric matrices, got {beta:.3e}"
         )
     if alpha >= 0:
         x = 0.0
@@ -354,7 +355,7 @@ class _FunctionObjective(_Objective):
         with torch.enable_grad(), math_attention():  # differentiated up to three times
             loss = self._f(x)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError("loss_fn: must return a 0-d tensor")
+                raise ValueError("argument 'loss_fn': must return a 0-d tensor")
             (grad,) = torch.autograd.grad(loss, x, create_graph=True)
         self._cache = (w, x, loss, grad)
         return x, loss, grad
@@ -392,11 +393,11 @@ class _ModelObjective(_Objective):
 
         model, loss, data = triple
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"loss_fn: model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(f"argument 'loss_fn': model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = copy.deepcopy(model).to(torch.float64)
         self._trainable = [p for p in self._model.parameters() if p.requires_grad]
         if not self._trainable:
-            raise ValueError("loss_fn: the model has no trainable parameters")
+            raise ValueError("argument 'loss_fn': the model has no trainable parameters")
         self._operator = HessianOperator(self._model, loss, data, dtype=torch.float64)
         start = torch.nn.utils.parameters_to_vector(self._trainable).detach().clone()
         super().__init__(start if params is None else _flat_start(params, start.numel()))
@@ -427,15 +428,15 @@ def _make_objective(loss_fn: object, params: object) -> _Objective:
     if isinstance(loss_fn, tuple):
         if len(loss_fn) != 3:
             raise ValueError(
-                f"loss_fn: a tuple must be (model, loss, data), got {len(loss_fn)} items"
+                f"argument 'loss_fn': a tuple must be (model, loss, data), got {len(loss_fn)} items"
             )
         return _ModelObjective(loss_fn, params)
     if callable(loss_fn):
         if params is None:
-            raise ValueError("params: the starting point is required when loss_fn is a function")
+            raise ValueError("argument 'params': the starting point is required when loss_fn is a function")
         return _FunctionObjective(loss_fn, _flat_start(params, None))
     raise TypeError(
-        f"loss_fn: must be a function of a flat vector or a (model, loss, data) tuple, "
+        f"argument 'loss_fn': must be a function of a flat vector or a (model, loss, data) tuple, "
         f"got {type(loss_fn).__name__}"
     )
 
@@ -449,16 +450,16 @@ def _flat_start(params: object, n: int | None) -> Tensor:
         start = torch.cat([p.detach().reshape(-1) for p in params])
     else:
         raise TypeError(
-            f"params: must be a flat tensor or a list of tensors, got {type(params).__name__}"
+            f"argument 'params': must be a flat tensor or a list of tensors, got {type(params).__name__}"
         )
     if start.dim() != 1 or start.numel() == 0:
-        raise ValueError(f"params: must be a non-empty flat vector, got shape {tuple(start.shape)}")
+        raise ValueError(f"argument 'params': must be a non-empty flat vector, got shape {tuple(start.shape)}")
     if not start.is_floating_point():
-        raise TypeError(f"params: must be floating point, got {start.dtype}")
+        raise TypeError(f"argument 'params': must be floating point, got {start.dtype}")
     if n is not None and start.numel() != n:
-        raise ValueError(f"params: has {start.numel()} entries, the model has {n} trainable ones")
+        raise ValueError(f"argument 'params': has {start.numel()} entries, the model has {n} trainable ones")
     if not bool(torch.isfinite(start).all()):
-        raise ValueError("params: must be finite")
+        raise ValueError("argument 'params': must be finite")
     return start.detach().to(torch.float64).clone()
 
 
@@ -541,11 +542,11 @@ def _is_count(value: object) -> bool:
 
 def _check_positive(value: object, name: str, *, integer: bool = False) -> None:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        kind_name = "an int" if integer else "a number"
-        raise TypeError(f"{name}: must be {kind_name}, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: must be positive and finite, got {value}")
+    check_arg(not isinstance(value, bool) and isinstance(value, kind), name,
+              f"must be {'an int' if integer else 'a number'}, got {type(value).__name__}",
+              TypeError)
+    check_arg(value > 0 and math.isfinite(value), name,
+              f"must be positive and finite, got {value}")
 
 
 class CentralFlow:
@@ -609,28 +610,28 @@ class CentralFlow:
         seed: int = 0,
     ) -> None:
         if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer: must be one of {_OPTIMIZERS}, got {optimizer!r}")
+            raise ValueError(f"argument 'optimizer': must be one of {_OPTIMIZERS}, got {optimizer!r}")
         _check_positive(lr, "lr")
         _check_positive(substeps, "substeps", integer=True)
         _check_positive(k_max, "k_max", integer=True)
         _check_positive(eig_tol, "eig_tol")
         if isinstance(beta2, bool) or not isinstance(beta2, (int, float)) or not 0 < beta2 < 1:
-            raise ValueError(f"beta2: must be in (0, 1), got {beta2!r}")
+            raise ValueError(f"argument 'beta2': must be in (0, 1), got {beta2!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
-            raise ValueError(f"eps: must be a non-negative finite number, got {eps!r}")
+            raise ValueError(f"argument 'eps': must be a non-negative finite number, got {eps!r}")
         _check_positive(track_threshold, "track_threshold")
         _check_positive(critical_threshold, "critical_threshold")
         if not track_threshold <= critical_threshold <= EDGE:
             raise ValueError(
-                f"critical_threshold: must satisfy track_threshold <= critical_threshold <= "
+                f"argument 'critical_threshold': must satisfy track_threshold <= critical_threshold <= "
                 f"{EDGE}, "
                 f"got {track_threshold} and {critical_threshold}"
             )
         if not _is_count(dense_max):
-            raise ValueError(f"dense_max: must be a non-negative int, got {dense_max!r}")
+            raise ValueError(f"argument 'dense_max': must be a non-negative int, got {dense_max!r}")
         if not _is_count(max_warmup_steps):
             raise ValueError(
-                f"max_warmup_steps: must be a non-negative int, got {max_warmup_steps!r}"
+                f"argument 'max_warmup_steps': must be a non-negative int, got {max_warmup_steps!r}"
             )
         self._objective = _make_objective(loss_fn, params)
         self.optimizer, self.lr = optimizer, float(lr)
@@ -653,15 +654,15 @@ class CentralFlow:
 
     def _check_nu0(self, nu0: object) -> Tensor:
         if self.optimizer == "gd":
-            raise ValueError("nu0: gradient descent has no ν")
+            raise ValueError("argument 'nu0': gradient descent has no ν")
         nu = torch.as_tensor(nu0, dtype=torch.float64, device=self._objective.device).clone()
         want = () if self.optimizer == "scalar_rmsprop" else (self.n,)
         if tuple(nu.shape) != want:
             raise ValueError(
-                f"nu0: must have shape {want} for {self.optimizer}, got {tuple(nu.shape)}"
+                f"argument 'nu0': must have shape {want} for {self.optimizer}, got {tuple(nu.shape)}"
             )
         if not bool(torch.isfinite(nu).all()) or bool((nu < 0).any()):
-            raise ValueError("nu0: must be finite and non-negative")
+            raise ValueError("argument 'nu0': must be finite and non-negative")
         return nu
 
     # -------------------------------------------------------------------- optimizer pieces
@@ -827,7 +828,7 @@ class CentralFlow:
         rows have ``substeps`` 0 and Σ = 0. Calling ``run`` again continues from where it stopped.
         """
         if not _is_count(num_steps):
-            raise ValueError(f"num_steps: must be a non-negative int, got {num_steps!r}")
+            raise ValueError(f"argument 'num_steps': must be a non-negative int, got {num_steps!r}")
         before = dict(self._objective.counts)
         start, rows = self.t, []
         for i in range(num_steps + 1):
@@ -1062,12 +1063,12 @@ def compare_central_flow(
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
         0 <= smoothing < math.inf
     ):
-        raise ValueError(f"smoothing: must be a non-negative finite number, got {smoothing!r}")
+        raise ValueError(f"argument 'smoothing': must be a non-negative finite number, got {smoothing!r}")
     common = dict(lr=lr, beta2=beta2, eps=eps, **flow_kwargs)
     central_flow = CentralFlow(loss_fn, params, optimizer, **common)
     stable_flow = StableFlow(loss_fn, params, optimizer, **common)
     if not _is_count(num_steps):
-        raise ValueError(f"num_steps: must be a non-negative int, got {num_steps!r}")
+        raise ValueError(f"argument 'num_steps': must be a non-negative int, got {num_steps!r}")
     central = central_flow.run(num_steps, record_eigenvectors=True)
     stable = stable_flow.run(num_steps)
     real_w, real_loss = _run_optimizer(

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import ops
+from .._checks import check_arg
 from .dal import check_params, step_kernels
 
 
@@ -34,7 +34,7 @@ class NormalizedGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float) -> None:
-        ops._check_arg(
+        check_arg(
             isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0,
             "lr",
             f"must be a finite number > 0, got {lr!r}",
@@ -63,7 +63,7 @@ class NormalizedGD(torch.optim.Optimizer):
                 continue
             gs = [p.grad for p in ps]
             for i, g in enumerate(gs):
-                ops._check_arg(
+                check_arg(
                     g.layout == torch.strided, "params", f"parameter {i} has a sparse gradient"
                 )
             dot, _, update = step_kernels()
@@ -87,17 +87,17 @@ def sqrt_loss(loss: Tensor, min_loss: float = 0.0) -> Tensor:
         ValueError naming ``loss`` when ``loss < min_loss`` or it is not finite. The check reads
         the loss on the host (one sync).
     """
-    ops._check_arg(
+    check_arg(
         isinstance(loss, Tensor) and loss.numel() == 1, "loss", "must be a one-element tensor"
     )
-    ops._check_arg(
+    check_arg(
         isinstance(min_loss, (int, float)) and math.isfinite(min_loss),
         "min_loss",
         f"must be a finite number, got {min_loss!r}",
     )
     value = float(loss.detach())
-    ops._check_arg(math.isfinite(value), "loss", f"must be finite, got {value}")
-    ops._check_arg(
+    check_arg(math.isfinite(value), "loss", f"must be finite, got {value}")
+    check_arg(
         value >= min_loss,
         "loss",
         f"{value!r} is below min_loss={min_loss!r}; √(L − min L) needs L ≥ min L",

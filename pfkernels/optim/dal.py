@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import distributed as _dist
 from .. import ops
+from .._checks import check_arg, is_number
 from ..hvp import math_attention
 from ._closure import finite_difference_hvp, gradients, hessian_vector_products, run_closure
 
@@ -55,12 +56,12 @@ def dal_learning_rate(
     """
     ops._check_dal_hyperparameters(p, lr_max)
     for name, value in (("grad_sqnorm", grad_sqnorm), ("hvp_sqnorm", hvp_sqnorm)):
-        ops._check_arg(ops._is_number(value) or (isinstance(value, Tensor)
+        check_arg(is_number(value) or (isinstance(value, Tensor)
                                                  and not value.is_complex()), name,
                        f"must be a number or a real tensor, got {type(value).__name__}")
     as_float = not isinstance(grad_sqnorm, Tensor) and not isinstance(hvp_sqnorm, Tensor)
     if p == 0:
-        ops._check_arg(
+        check_arg(
             lr is not None, "lr", "is required for p = 0 (plain GD at the base rate)"
         )
         return float(lr) if as_float else torch.full_like(
@@ -100,7 +101,7 @@ def _check_window(window) -> tuple[int, int | None] | None:
         and window[0] >= 0
         and (window[1] is None or (isinstance(window[1], int) and window[1] >= window[0]))
     )
-    ops._check_arg(
+    check_arg(
         ok, "window", f"must be None or (start, stop) with 0 <= start <= stop, got {window!r}"
     )
     return (window[0], window[1])
@@ -118,8 +119,8 @@ def check_group(group: dict, who: str) -> None:
     """Validates DAL's per-group hyperparameters and that a group has one dtype and device."""
     ops._check_dal_hyperparameters(group["p"], group["lr_max"])
     lr = group["lr"]
-    ops._check_arg(
-        ops._is_number(lr) and math.isfinite(lr) and lr >= 0,
+    check_arg(
+        is_number(lr) and math.isfinite(lr) and lr >= 0,
         "lr",
         f"must be a finite number >= 0, got {lr!r}",
     )
@@ -128,8 +129,8 @@ def check_group(group: dict, who: str) -> None:
 
 
 def _check_momentum(m) -> None:
-    ops._check_arg(
-        ops._is_number(m) and 0 <= m < 1, "momentum", f"must be a number in [0, 1), got {m!r}"
+    check_arg(
+        is_number(m) and 0 <= m < 1, "momentum", f"must be a number in [0, 1), got {m!r}"
     )
 
 
@@ -187,7 +188,7 @@ def check_loaded_state(state_dict, optimizer: torch.optim.Optimizer, buffer_keys
                     ok = value.numel() == 1 and not value.is_complex()
                     ok = ok and value.layout == torch.strided
                 else:
-                    ok = ops._is_number(value)
+                    ok = is_number(value)
                 if not ok:
                     fail(f"{where} must be a number or a one-element tensor, got {value!r}")
                 continue
@@ -204,19 +205,19 @@ def check_loaded_state(state_dict, optimizer: torch.optim.Optimizer, buffer_keys
 def check_params(params: list[Tensor], who: str, arg: str = "params") -> None:
     """One dtype (float32/float64) and one device per group, contiguous: what the fused ops need."""
     for i, t in enumerate(params):
-        ops._check_arg(
+        check_arg(
             t.dtype in (torch.float32, torch.float64),
             arg,
             f"{who} supports float32 and float64 parameters; parameter {i} is {t.dtype}",
         )
-        ops._check_arg(
+        check_arg(
             t.dtype == params[0].dtype and t.device == params[0].device,
             arg,
             f"a parameter group must have one dtype and device; parameter {i} is "
             f"{t.dtype} on {t.device}, parameter 0 is {params[0].dtype} on {params[0].device} "
             "(put them in separate groups)",
         )
-        ops._check_arg(t.is_contiguous(), arg, f"parameter {i} is not contiguous")
+        check_arg(t.is_contiguous(), arg, f"parameter {i} is not contiguous")
 
 
 class DAL(torch.optim.Optimizer):
@@ -291,8 +292,8 @@ class DAL(torch.optim.Optimizer):
         process_group="default",
     ) -> None:
         self._group = _dist.resolve_group(process_group)
-        ops._check_arg(hvp in _HVP_METHODS, "hvp", f"must be one of {_HVP_METHODS}, got {hvp!r}")
-        ops._check_arg(
+        check_arg(hvp in _HVP_METHODS, "hvp", f"must be one of {_HVP_METHODS}, got {hvp!r}")
+        check_arg(
             isinstance(fd_eps, (int, float)) and math.isfinite(fd_eps) and fd_eps > 0,
             "fd_eps",
             f"must be a finite number > 0, got {fd_eps!r}",
@@ -337,7 +338,7 @@ class DAL(torch.optim.Optimizer):
         check_group(group, "DAL")
         _check_momentum(group["momentum"])
         step = group.get("step", 0)
-        ops._check_arg(isinstance(step, int) and not isinstance(step, bool) and step >= 0, "step",
+        check_arg(isinstance(step, int) and not isinstance(step, bool) and step >= 0, "step",
                        f"must be an int >= 0, got {step!r}")
 
     def state_dict(self) -> dict:
@@ -360,7 +361,7 @@ class DAL(torch.optim.Optimizer):
         ok = isinstance(lrs, (list, tuple)) and len(lrs) in (0, len(self.param_groups)) and all(
             r is None or (isinstance(r, Tensor) and r.numel() == 1 and r.is_floating_point())
             for r in lrs)
-        ops._check_arg(ok, "state_dict", "'dal' must be {'last_lrs': [...]} with one 0-d "
+        check_arg(ok, "state_dict", "'dal' must be {'last_lrs': [...]} with one 0-d "
                        "floating tensor (or None) per param group")
         super().load_state_dict(state_dict)
         for group in self.param_groups:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import distributed as _dist
 from .. import ops
+from .._checks import check_arg, is_number
 from ..hvp import math_attention
 from ._closure import gradients, hessian_vector_products, run_closure
 from .dal import _check_window, check_loaded_state, check_params, in_window, step_kernels
@@ -91,7 +92,7 @@ def _check_base_group(group: dict) -> None:
     """What DALScaler reads from a base optimizer's group: ``lr``, the base rate."""
     lr = group["lr"]
     value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    ops._check_arg(ops._is_number(value) and math.isfinite(value) and value >= 0, "lr",
+    check_arg(is_number(value) and math.isfinite(value) and value >= 0, "lr",
                    f"must be a finite number >= 0, got {lr!r}")
 
 
@@ -179,18 +180,18 @@ class DALScaler:
         the base optimizer's groups (sizes, a finite ``lr >= 0``) and its state buffers' shapes
         against their parameters (for SGD, Adam, AdamW and RMSprop, whose state DALScaler reads).
         Raises ValueError naming ``state_dict`` and the entry before anything changes."""
-        ops._check_arg(
+        check_arg(
             isinstance(state_dict, dict) and isinstance(state_dict.get("dal"), dict)
             and "base" in state_dict,
             "state_dict", "must be {'base': ..., 'dal': {...}} as DALScaler.state_dict() returns")
         dal = state_dict["dal"]
         try:
-            ops._check_arg(not {"p", "lr_max", "window", "step_count"} - set(dal), "dal",
+            check_arg(not {"p", "lr_max", "window", "step_count"} - set(dal), "dal",
                            f"needs p, lr_max, window and step_count, got {sorted(dal)}")
             ops._check_dal_hyperparameters(dal["p"], dal["lr_max"])
             window = _check_window(dal["window"])
             count = dal["step_count"]
-            ops._check_arg(isinstance(count, int) and not isinstance(count, bool) and count >= 0,
+            check_arg(isinstance(count, int) and not isinstance(count, bool) and count >= 0,
                            "step_count", f"must be an int >= 0, got {count!r}")
         except ValueError as exc:
             raise ValueError(f"argument 'state_dict': 'dal': {exc}") from None
