@@ -438,6 +438,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("tridiag_workspace_words", &pfk::cuda::tridiag_workspace_words, py::arg("batch"),
         py::arg("n"), py::arg("mode"));
+  m.def("flow_workspace_words", &pfk::cuda::flow_workspace_words, py::arg("n"), py::arg("k"));
+  m.def(
+      "multi_tensor_dot_workspace_words",
+      [](const Sizes& sizes) {
+        return pfk::cuda::multi_tensor_dot_workspace_words(sizes.data(),
+                                                           static_cast<int64_t>(sizes.size()));
+      },
+      py::arg("sizes"));
 
   m.def(
       "tridiag_eigh_cuda",
@@ -459,10 +467,7 @@ PYBIND11_MODULE(_C, m) {
          bool column_major, double h, int dtype, const Buf& field, const Buf& projections,
          const Buf& workspace, uintptr_t stream) {
         check_flow(grad, eigenvalues, eigenvectors, n, k, dtype, field, projections);
-        const int64_t rows = pfk::cuda::kFlowRowsPerBlock;
-        const int64_t blocks = (n + rows - 1) / rows;
-        require(workspace, add(mul(blocks, k, "workspace"), mul(2, k, "workspace"), "workspace"),
-                "workspace");
+        require(workspace, pfk::cuda::flow_workspace_words(n, k), "workspace");
         pfk::cuda::flow_field(ptr<const void>(grad), ptr<const void>(eigenvalues),
                               ptr<const void>(eigenvectors), n, k, column_major, h, dtype,
                               ptr<void>(field), ptr<void>(projections), ptr<double>(workspace),
@@ -480,11 +485,10 @@ PYBIND11_MODULE(_C, m) {
         check_list(b, b_n, a_n, "b");
         check_dtype(dtype, false, "a");
         require(out, 3, "out");
-        const int64_t kChunk = pfk::cuda::kMultiTensorChunk;
-        int64_t chunks = 0;
-        for (int64_t s : a_n)
-          chunks = add(chunks, (s + kChunk - 1) / kChunk, "workspace");
-        require(workspace, mul(3, chunks, "workspace"), "workspace");
+        require(workspace,
+                pfk::cuda::multi_tensor_dot_workspace_words(a_n.data(),
+                                                            static_cast<int64_t>(a_n.size())),
+                "workspace");
         auto pa = as_pointers<const void*>(a);
         auto pb = as_pointers<const void*>(b);
         pfk::cuda::multi_tensor_dot(pa.data(), pb.data(), a_n.data(),

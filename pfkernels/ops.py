@@ -238,9 +238,8 @@ def _multi_tensor_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
     if device.type == "cpu":
         _C.multi_tensor_dot_cpu(pa, na, pb, nb, code, _buf(out))
     else:
-        chunk = _BUILD["multi_tensor_chunk"]
-        nchunks = sum(math.ceil(n / chunk) for n in na)
-        workspace = torch.empty(max(3 * nchunks, 1), dtype=torch.float64, device=device)
+        words = _C.multi_tensor_dot_workspace_words(na)
+        workspace = torch.empty(max(words, 1), dtype=torch.float64, device=device)
         _C.multi_tensor_dot_cuda(pa, na, pb, nb, code, _buf(out), _buf(workspace),
                                  _stream(device))
     return out
@@ -368,11 +367,6 @@ def _pf_coefficients_real(x: Tensor) -> Tensor:
     return torch.complex(re, im)
 
 
-def _flow_workspace_size(n: int, k: int) -> int:
-    rows = _BUILD["flow_rows_per_block"]
-    return max(math.ceil(n / rows) * k + 2 * k, 1)
-
-
 def _check_flow(grad: Tensor, eigenvalues: Tensor, eigenvectors: Tensor, h: float) -> int:
     """The launch checks of ``flow_field``; returns k."""
     _check_tensor(grad, "grad", grad.device)
@@ -425,7 +419,8 @@ def _flow_field_op(
     if device.type == "cpu":
         _C.flow_field_cpu(*args)
     else:
-        workspace = torch.empty(_flow_workspace_size(n, k), dtype=torch.float64, device=device)
+        workspace = torch.empty(max(_C.flow_workspace_words(n, k), 1), dtype=torch.float64,
+                                device=device)
         _C.flow_field_cuda(*args, _buf(workspace), _stream(device))
     return field, projections
 

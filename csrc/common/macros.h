@@ -1,4 +1,5 @@
-// Shared by every backend: host+device qualifiers, dtype codes and the one argument-check macro.
+// Shared by every backend: host+device qualifiers, dtype codes, the one argument-check macro and
+// the one dtype dispatch.
 #pragma once
 
 #include <cstdint>
@@ -33,3 +34,40 @@ inline const char* dtype_name(int code) {
   do {                                                                                  \
     if (!(cond)) throw std::invalid_argument(std::string("argument '") + (name) + "': " + (msg)); \
   } while (0)
+
+// The one dtype dispatch (every backend entry point that takes a dtype code goes through it):
+// runs the lambda (the last argument) with `scalar_t` bound to the storage type of `dtype`, and
+// refuses any other code with an argument error naming `name`.
+//
+//     PFK_DISPATCH_FLOAT(dtype, "x", [&] { axpy_impl<scalar_t>(...); });
+//     PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16, [&] { step_impl<scalar_t>(...); });
+//
+// The second form adds bfloat16 storage; `bf16_type` is the backend's own 16-bit type (the CPU
+// and CUDA backends spell it differently).
+#define PFK_DISPATCH_CASE_(code, type, ...) \
+  case code: {                              \
+    using scalar_t = type;                  \
+    return (__VA_ARGS__)();                 \
+  }
+#define PFK_DISPATCH_UNSUPPORTED_(dtype, name) \
+  default:                                     \
+    PFK_CHECK_ARG(false, name, std::string("unsupported dtype ") + ::pfk::dtype_name(dtype));
+
+#define PFK_DISPATCH_FLOAT(dtype, name, ...)                   \
+  [&] {                                                        \
+    switch (dtype) {                                           \
+      PFK_DISPATCH_CASE_(::pfk::kFloat32, float, __VA_ARGS__)  \
+      PFK_DISPATCH_CASE_(::pfk::kFloat64, double, __VA_ARGS__) \
+      PFK_DISPATCH_UNSUPPORTED_(dtype, name)                   \
+    }                                                          \
+  }()
+
+#define PFK_DISPATCH_FLOAT_BF16(dtype, name, bf16_type, ...)       \
+  [&] {                                                            \
+    switch (dtype) {                                               \
+      PFK_DISPATCH_CASE_(::pfk::kFloat32, float, __VA_ARGS__)      \
+      PFK_DISPATCH_CASE_(::pfk::kFloat64, double, __VA_ARGS__)     \
+      PFK_DISPATCH_CASE_(::pfk::kBFloat16, bf16_type, __VA_ARGS__) \
+      PFK_DISPATCH_UNSUPPORTED_(dtype, name)                       \
+    }                                                              \
+  }()

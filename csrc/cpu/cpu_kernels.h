@@ -57,6 +57,7 @@ void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n,
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U);
 
+// Runtime queries (runtime_cpu.cpp): the OpenMP threads the kernels run on (1 without OpenMP).
 int max_threads();
 
 }  // namespace pfk::cpu

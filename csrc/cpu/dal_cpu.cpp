@@ -18,11 +18,8 @@ void rate_impl(const void* sums, double p, double lr_max, double lr, bool in_win
 
 void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
               void* out) {
-  switch (dtype) {
-    case kFloat32: return rate_impl<float>(sums, p, lr_max, lr, in_window, out);
-    case kFloat64: return rate_impl<double>(sums, p, lr_max, lr, in_window, out);
-    default: PFK_CHECK_ARG(false, "sums", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "sums",
+                     [&] { rate_impl<scalar_t>(sums, p, lr_max, lr, in_window, out); });
 }
 
 }  // namespace pfk::cpu

@@ -18,6 +18,7 @@
 #include "common/lanczos.h"
 #include "common/macros.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/simd.h"
 
 namespace pfk::cpu {
 namespace {
@@ -38,17 +39,11 @@ int64_t step_tile(int64_t rows) {
   return tile;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define PFK_LANCZOS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PFK_LANCZOS_CLONES
-#endif
-
 // out[i] = <V_i, w> over one tile for the rows 0..rows-1 (V_i starts at V + i * n). Products
 // are formed in the arithmetic dtype and summed in float64: a float sum over a tile's 16384
 // elements left norms off by ~1e-5 (measured), which broke the Lanczos relation at that level.
 template <typename S>
-PFK_LANCZOS_CLONES void tile_dots(const S* V, int64_t n, int64_t rows,
+PFK_SIMD_CLONES void tile_dots(const S* V, int64_t n, int64_t rows,
                                   const typename LanczosTypes<S>::Arith* w, int64_t len,
                                   double* out) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -63,7 +58,7 @@ PFK_LANCZOS_CLONES void tile_dots(const S* V, int64_t n, int64_t rows,
 
 // w -= sum_i c_i V_i over one tile.
 template <typename S>
-PFK_LANCZOS_CLONES void tile_update(const S* V, int64_t n, int64_t rows, const double* c,
+PFK_SIMD_CLONES void tile_update(const S* V, int64_t n, int64_t rows, const double* c,
                                     typename LanczosTypes<S>::Arith* w, int64_t len) {
   using A = typename LanczosTypes<S>::Arith;
   for (int64_t i = 0; i < rows; ++i) {
@@ -75,7 +70,7 @@ PFK_LANCZOS_CLONES void tile_update(const S* V, int64_t n, int64_t rows, const d
 }
 
 template <typename A>
-PFK_LANCZOS_CLONES double tile_sumsq(const A* w, int64_t len) {
+PFK_SIMD_CLONES double tile_sumsq(const A* w, int64_t len) {
   double acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t x = 0; x < len; ++x) acc += static_cast<double>(w[x] * w[x]);
@@ -213,7 +208,7 @@ void dots_impl(const void* V_ptr, const void* x_ptr, int64_t B, int64_t n, int64
 constexpr int64_t kRitzChunk = 256;
 
 template <typename S>
-PFK_LANCZOS_CLONES void ritz_tile(const double* Sm, const S* V, int64_t n, int64_t rows, int64_t k,
+PFK_SIMD_CLONES void ritz_tile(const double* Sm, const S* V, int64_t n, int64_t rows, int64_t k,
                                   typename LanczosTypes<S>::Arith* U, int64_t len) {
   using A = typename LanczosTypes<S>::Arith;
   for (int64_t r = 0; r < k; ++r) {
@@ -251,38 +246,22 @@ void ritz_impl(const double* Sm, const void* V_ptr, int64_t B, int64_t n, int64_
 void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vstride, int64_t j,
                   double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
                   int64_t coef_bstride, int64_t coef_rstride) {
-  switch (dtype) {
-    case kFloat32:
-      return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
-                              coef_bstride, coef_rstride);
-    case kFloat64:
-      return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
-                               coef_bstride, coef_rstride);
-    case kBFloat16:
-      return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
-                             coef_bstride, coef_rstride);
-    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16, [&] {
+    step_impl<scalar_t>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef, coef_bstride,
+                        coef_rstride);
+  });
 }
 
 void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n, int64_t vstride,
                   int64_t rows, double* out) {
-  switch (dtype) {
-    case kFloat32: return dots_impl<float>(V, x, B, n, vstride, rows, out);
-    case kFloat64: return dots_impl<double>(V, x, B, n, vstride, rows, out);
-    case kBFloat16: return dots_impl<BF16>(V, x, B, n, vstride, rows, out);
-    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16,
+                          [&] { dots_impl<scalar_t>(V, x, B, n, vstride, rows, out); });
 }
 
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U) {
-  switch (dtype) {
-    case kFloat32: return ritz_impl<float>(S, V, B, n, vstride, rows, k, U);
-    case kFloat64: return ritz_impl<double>(S, V, B, n, vstride, rows, k, U);
-    case kBFloat16: return ritz_impl<BF16>(S, V, B, n, vstride, rows, k, U);
-    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16,
+                          [&] { ritz_impl<scalar_t>(S, V, B, n, vstride, rows, k, U); });
 }
 
 }  // namespace pfk::cpu

@@ -7,12 +7,8 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "common/dal.h"
 #include "common/macros.h"
+#include "common/numeric.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/simd.h"
 
@@ -141,40 +137,20 @@ void momentum_update_impl(void* const* params, const void* const* grads, void* c
 
 void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
                       int64_t count, int dtype, void* out) {
-  switch (dtype) {
-    case kFloat32: return dot_impl<float>(a, b, sizes, count, out);
-    case kFloat64: return dot_impl<double>(a, b, sizes, count, out);
-    default: PFK_CHECK_ARG(false, "a", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "a", [&] { dot_impl<scalar_t>(a, b, sizes, count, out); });
 }
 
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha) {
-  switch (dtype) {
-    case kFloat32: return axpy_impl<float>(x, y, sizes, count, alpha);
-    case kFloat64: return axpy_impl<double>(x, y, sizes, count, alpha);
-    default: PFK_CHECK_ARG(false, "x", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "x", [&] { axpy_impl<scalar_t>(x, y, sizes, count, alpha); });
 }
 
 void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
                                   const int64_t* sizes, int64_t count, int dtype, const void* rate,
                                   double momentum) {
-  switch (dtype) {
-    case kFloat32:
-      return momentum_update_impl<float>(params, grads, bufs, sizes, count, rate, momentum);
-    case kFloat64:
-      return momentum_update_impl<double>(params, grads, bufs, sizes, count, rate, momentum);
-    default: PFK_CHECK_ARG(false, "params", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
+  PFK_DISPATCH_FLOAT(dtype, "params", [&] {
+    momentum_update_impl<scalar_t>(params, grads, bufs, sizes, count, rate, momentum);
+  });
 }
 
 }  // namespace pfk::cpu

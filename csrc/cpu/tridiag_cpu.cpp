@@ -15,25 +15,20 @@
 
 #include "common/tridiag.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/simd.h"
 
 namespace pfk::cpu {
 namespace {
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define PFK_TRIDIAG_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PFK_TRIDIAG_CLONES
-#endif
-
 // With full vectors the time goes into rotating pairs of z rows, a streaming loop that AVX2
 // runs twice as wide; this view type routes tridiag::rotate_rows to the overload below, which
-// picks the instruction set at load time. (No FMA, so results match the baseline build.)
+// picks the instruction set at load time (cpu/simd.h; no FMA, so results match the baseline).
 struct RowsView {
   double* p;
   double& operator[](int64_t i) const { return p[i]; }
 };
 
-PFK_TRIDIAG_CLONES void rotate_rows(RowsView z, int64_t a, int64_t b, int n, double c,
+PFK_SIMD_CLONES void rotate_rows(RowsView z, int64_t a, int64_t b, int n, double c,
                                     double s) {
   double* __restrict x = z.p + a;
   double* __restrict y = z.p + b;

@@ -7,9 +7,14 @@
 
 namespace pfk::cuda {
 
+// Every entry point makes its tensors' device current (DeviceGuard, cuda_check.cuh) before it
+// launches. Workspaces are float64 buffers the caller allocates on that device; each family that
+// needs one exports its size as <family>[_<op>]_workspace_words.
+
 // Elements handled by one block of the multi-tensor launch; the reduction workspace holds
 // 3 doubles per chunk: 3 * sum_i ceil(sizes[i] / kMultiTensorChunk).
 constexpr int64_t kMultiTensorChunk = 65536;
+int64_t multi_tensor_dot_workspace_words(const int64_t* sizes, int64_t count);
 
 void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
                       int64_t count, int dtype, void* out, double* workspace, void* stream);
@@ -19,6 +24,7 @@ void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* size
 // flow: as pfk::cpu::flow_field. Rows of U handled by one block of the projection pass; the
 // float64 workspace holds k * ceil(n / kFlowRowsPerBlock) partials plus 2 * k weights.
 constexpr int64_t kFlowRowsPerBlock = 1024;
+int64_t flow_workspace_words(int64_t n, int64_t k);
 void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
                 int64_t k, bool column_major, double h, int dtype, void* field, void* projections, double* workspace,
                 void* stream);
@@ -49,6 +55,8 @@ void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n,
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U, void* stream);
 
+// Runtime queries (runtime_cuda.cu): devices visible to this build's CUDA runtime, 0 without a
+// driver.
 int device_count();
 
 }  // namespace pfk::cuda

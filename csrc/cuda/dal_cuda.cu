@@ -28,12 +28,10 @@ void rate_impl(const void* sums, double p, double lr_max, double lr, bool in_win
 
 void dal_rate(const void* sums, int dtype, double p, double lr_max, double lr, bool in_window,
               void* out, void* stream) {
+  const DeviceGuard guard(out);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: return rate_impl<float>(sums, p, lr_max, lr, in_window, out, s);
-    case kFloat64: return rate_impl<double>(sums, p, lr_max, lr, in_window, out, s);
-    default: PFK_CHECK_ARG(false, "sums", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "sums",
+                     [&] { rate_impl<scalar_t>(sums, p, lr_max, lr, in_window, out, s); });
 }
 
 }  // namespace pfk::cuda

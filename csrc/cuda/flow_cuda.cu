@@ -123,24 +123,21 @@ void flow_field_impl(const T* g, const T* lambda, const T* u, int64_t n, int64_t
 
 }  // namespace
 
+int64_t flow_workspace_words(int64_t n, int64_t k) {
+  return ((n + kFlowRowsPerBlock - 1) / kFlowRowsPerBlock) * k + 2 * k;
+}
+
 void flow_field(const void* grad, const void* eigenvalues, const void* eigenvectors, int64_t n,
                 int64_t k, bool column_major, double h, int dtype, void* field, void* projections,
                 double* workspace, void* stream) {
+  const DeviceGuard guard(field);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return flow_field_impl(static_cast<const float*>(grad), static_cast<const float*>(eigenvalues),
-                             static_cast<const float*>(eigenvectors), n, k, column_major, h,
-                             static_cast<float*>(field), static_cast<float*>(projections),
-                             workspace, s);
-    case kFloat64:
-      return flow_field_impl(static_cast<const double*>(grad),
-                             static_cast<const double*>(eigenvalues),
-                             static_cast<const double*>(eigenvectors), n, k, column_major, h,
-                             static_cast<double*>(field), static_cast<double*>(projections),
-                             workspace, s);
-    default: PFK_CHECK_ARG(false, "grad", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "grad", [&] {
+    flow_field_impl(static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(eigenvalues),
+                    static_cast<const scalar_t*>(eigenvectors), n, k, column_major, h,
+                    static_cast<scalar_t*>(field), static_cast<scalar_t*>(projections), workspace,
+                    s);
+  });
 }
 
 }  // namespace pfk::cuda

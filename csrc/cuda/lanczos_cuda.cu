@@ -311,43 +311,30 @@ void lanczos_step(void* w, void* V, int dtype, int64_t B, int64_t n, int64_t vst
                   double* alpha, double* beta, double* wnorm, int64_t cstride, double* coef,
                   int64_t coef_bstride, int64_t coef_rstride, double* workspace, void* stream) {
   if (B == 0 || n == 0) return;
+  const DeviceGuard guard(V);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return step_impl<float>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
-                              coef_bstride, coef_rstride, workspace, s);
-    case kFloat64:
-      return step_impl<double>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
-                               coef_bstride, coef_rstride, workspace, s);
-    case kBFloat16:
-      return step_impl<BF16>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef,
-                             coef_bstride, coef_rstride, workspace, s);
-    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16, [&] {
+    step_impl<scalar_t>(w, V, B, n, vstride, j, alpha, beta, wnorm, cstride, coef, coef_bstride,
+                        coef_rstride, workspace, s);
+  });
 }
 
 void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n, int64_t vstride,
                   int64_t rows, double* out, double* workspace, void* stream) {
   if (B == 0 || n == 0 || rows == 0) return;
+  const DeviceGuard guard(out);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: return dots_impl<float>(V, x, B, n, vstride, rows, out, workspace, s);
-    case kFloat64: return dots_impl<double>(V, x, B, n, vstride, rows, out, workspace, s);
-    case kBFloat16: return dots_impl<BF16>(V, x, B, n, vstride, rows, out, workspace, s);
-    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16,
+                          [&] { dots_impl<scalar_t>(V, x, B, n, vstride, rows, out, workspace, s); });
 }
 
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U, void* stream) {
   if (B == 0 || n == 0 || k == 0) return;
+  const DeviceGuard guard(U);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: return ritz_impl<float>(S, V, B, n, vstride, rows, k, U, s);
-    case kFloat64: return ritz_impl<double>(S, V, B, n, vstride, rows, k, U, s);
-    case kBFloat16: return ritz_impl<BF16>(S, V, B, n, vstride, rows, k, U, s);
-    default: PFK_CHECK_ARG(false, "V", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "V", BF16,
+                          [&] { ritz_impl<scalar_t>(S, V, B, n, vstride, rows, k, U, s); });
 }
 
 }  // namespace pfk::cuda

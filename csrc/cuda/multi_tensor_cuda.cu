@@ -4,8 +4,8 @@
 // deterministic: blocks write float64 partials to a workspace, and one block adds them in order.
 #include <cstdint>
 
-#include "common/dal.h"
 #include "common/macros.h"
+#include "common/numeric.h"
 #include "cuda/cuda_check.cuh"
 #include "cuda/cuda_kernels.h"
 
@@ -260,44 +260,33 @@ void momentum_update_impl(void* const* params, const void* const* grads, void* c
 
 void multi_tensor_dot(const void* const* a, const void* const* b, const int64_t* sizes,
                       int64_t count, int dtype, void* out, double* workspace, void* stream) {
+  const DeviceGuard guard(out);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: return dot_impl<float>(a, b, sizes, count, out, workspace, s);
-    case kFloat64: return dot_impl<double>(a, b, sizes, count, out, workspace, s);
-    default: PFK_CHECK_ARG(false, "a", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "a",
+                     [&] { dot_impl<scalar_t>(a, b, sizes, count, out, workspace, s); });
 }
 
 void multi_tensor_axpy(void* const* x, const void* const* y, const int64_t* sizes, int64_t count,
                        int dtype, const void* alpha, void* stream) {
+  const DeviceGuard guard(alpha);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: return axpy_impl<float>(x, y, sizes, count, alpha, s);
-    case kFloat64: return axpy_impl<double>(x, y, sizes, count, alpha, s);
-    default: PFK_CHECK_ARG(false, "x", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "x", [&] { axpy_impl<scalar_t>(x, y, sizes, count, alpha, s); });
 }
 
 void multi_tensor_momentum_update(void* const* params, const void* const* grads, void* const* bufs,
                                   const int64_t* sizes, int64_t count, int dtype, const void* rate,
                                   double momentum, void* stream) {
+  const DeviceGuard guard(rate);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return momentum_update_impl<float>(params, grads, bufs, sizes, count, rate, momentum, s);
-    case kFloat64:
-      return momentum_update_impl<double>(params, grads, bufs, sizes, count, rate, momentum, s);
-    default: PFK_CHECK_ARG(false, "params", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT(dtype, "params", [&] {
+    momentum_update_impl<scalar_t>(params, grads, bufs, sizes, count, rate, momentum, s);
+  });
 }
 
-int device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
+int64_t multi_tensor_dot_workspace_words(const int64_t* sizes, int64_t count) {
+  int64_t chunks = 0;
+  for (int64_t t = 0; t < count; ++t) chunks += (sizes[t] + kMultiTensorChunk - 1) / kMultiTensorChunk;
+  return 3 * chunks;
 }
 
 }  // namespace pfk::cuda

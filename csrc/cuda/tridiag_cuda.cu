@@ -47,6 +47,7 @@ int64_t tridiag_workspace_words(int64_t batch, int64_t n, int mode) {
 
 void tridiag_eigh(const double* alpha, const double* beta, int64_t batch, int64_t n, int mode,
                   double* evals, double* vecs, int32_t* status, double* workspace, void* stream) {
+  const DeviceGuard guard(evals);
   auto s = static_cast<cudaStream_t>(stream);
   switch (mode) {
     case tridiag::kNone:
