@@ -28,6 +28,7 @@ import torch
 
 from . import distributed as _dist
 from ._checks import check_arg, is_int
+from .optim.preconditioner import adam_diagonal, rmsprop_diagonal
 
 __all__ = [
     "PreconditionedOperator",
@@ -298,16 +299,16 @@ def _adam_diagonal(optimizer, p: torch.Tensor, group: dict) -> torch.Tensor:
     t = float(_state_of(optimizer, p, "step"))
     key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
     nu = _state_of(optimizer, p, key).detach().double()
-    return (1.0 - beta1**t) * ((nu / (1.0 - beta2**t)).sqrt() + eps)
+    return adam_diagonal(nu, t, beta1, beta2, eps)
 
 
 def _rmsprop_diagonal(optimizer, p: torch.Tensor, group: dict) -> torch.Tensor:
     eps = float(group["eps"])
     square_avg = _state_of(optimizer, p, "square_avg").detach().double()
+    grad_avg = None
     if group.get("centered", False):
         grad_avg = _state_of(optimizer, p, "grad_avg").detach().double()
-        square_avg = square_avg - grad_avg * grad_avg
-    return square_avg.sqrt() + eps
+    return rmsprop_diagonal(square_avg, grad_avg, eps)
 
 
 def is_adaptive(optimizer: torch.optim.Optimizer | None) -> bool:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_arg
+from ..eos import PreconditionedOperator
 from ..hvp import math_attention
 
 __all__ = [
@@ -463,17 +464,18 @@ def _flat_start(params: object, n: int | None) -> Tensor:
     return start.detach().to(torch.float64).clone()
 
 
-class _EffectiveHessian:
-    """P^{-1/2} H P^{-1/2} as an operator for :func:`pfkernels.eigsh` (``s``: P^{-1/2} diagonal)."""
+class _HessianAt:
+    """H(w) of an objective as an operator for :func:`pfkernels.eigsh`; the effective Hessian
+    P^{-1/2} H P^{-1/2} is :class:`pfkernels.eos.PreconditionedOperator` over it."""
 
-    def __init__(self, objective: _Objective, w: Tensor, s: Tensor) -> None:
-        self._objective, self._w, self._s = objective, w, s
+    def __init__(self, objective: _Objective, w: Tensor) -> None:
+        self._objective, self._w = objective, w
         self.shape = (objective.n, objective.n)
         self.dtype = torch.float64
         self.device = objective.device
 
     def matvec(self, v: Tensor) -> Tensor:
-        return self._s * self._objective.matvec(self._w, self._s * v)
+        return self._objective.matvec(self._w, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,7 +701,7 @@ class CentralFlow:
         else:
             from ..lanczos import eigsh
 
-            operator = _EffectiveHessian(obj, self.w, s)
+            operator = PreconditionedOperator(_HessianAt(obj, self.w), s)
             k = min(self._k_track, cap)
             while True:
                 result = eigsh(operator, k=k, which="LA", tol=self.eig_tol, v0=self._V,

@@ -26,6 +26,7 @@ from .._checks import check_arg, is_number
 from ..hvp import math_attention
 from ._closure import gradients, hessian_vector_products, run_closure
 from .dal import _check_window, check_loaded_state, check_params, in_window, step_kernels
+from .preconditioner import adam_diagonal, rmsprop_diagonal
 
 
 def _adam_preconditioner(opt, group: dict, p: Tensor, g: Tensor) -> Tensor:
@@ -47,9 +48,7 @@ def _adam_preconditioner(opt, group: dict, p: Tensor, g: Tensor) -> Tensor:
     nu = (1 - beta2) * g * g if nu is None else beta2 * nu + (1 - beta2) * g * g
     if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
         nu = torch.maximum(state["max_exp_avg_sq"], nu)
-    bc1 = 1 - beta1**t
-    bc2 = 1 - beta2**t
-    return bc1 * (nu.sqrt() / bc2**0.5 + group["eps"])
+    return adam_diagonal(nu, t, beta1, beta2, group["eps"])
 
 
 def _rmsprop_preconditioner(opt, group: dict, p: Tensor, g: Tensor) -> Tensor:
@@ -60,11 +59,11 @@ def _rmsprop_preconditioner(opt, group: dict, p: Tensor, g: Tensor) -> Tensor:
         g = g + group["weight_decay"] * p.detach()
     sq = state.get("square_avg")
     sq = (1 - alpha) * g * g if sq is None else alpha * sq + (1 - alpha) * g * g
+    avg = None
     if group["centered"]:
         avg = state.get("grad_avg")
         avg = (1 - alpha) * g if avg is None else alpha * avg + (1 - alpha) * g
-        sq = sq - avg * avg
-    return sq.sqrt() + group["eps"]
+    return rmsprop_diagonal(sq, avg, group["eps"])
 
 
 def _preconditioner(opt: torch.optim.Optimizer):
