@@ -350,6 +350,15 @@ def multi_tensor_axpy_ref(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tenso
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
+def _log_one_minus_real(x: Tensor) -> Tensor:
+    """log(1 - x) for real float64 ``x`` on the principal branch, as complex128: log1p below 1
+    (exact for small |x|), log|x - 1| + iπ above, -inf at 1. The one real form of the PF's log;
+    ``pfkernels.flows.principal`` uses it for real eigenvalues."""
+    below = x < 1
+    re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
+    return torch.complex(re, (x > 1).to(re.dtype) * math.pi)
+
+
 def _pf_coefficients_real(x: Tensor) -> Tensor:
     """r = log(1 - x)/x for real float64 ``x = h·λ`` on the principal branch, as complex128.
 
@@ -357,8 +366,7 @@ def _pf_coefficients_real(x: Tensor) -> Tensor:
     -1, x = 1 gives -inf + 0i, x > 1 gives (log(x - 1) + iπ)/x, |x| = inf gives the limit 0, and
     log1p keeps small |x| exact.
     """
-    below = x < 1
-    re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
+    re = _log_one_minus_real(x).real
     re = torch.where(x == 0, -1.0, re / torch.where(x == 0, 1.0, x))
     re = torch.where(x == 1, -math.inf, re)
     re = torch.where(torch.isinf(x), 0.0, re)
@@ -897,7 +905,8 @@ def _check_dal_hyperparameters(p: float, lr_max: float) -> None:
 def dal_rule(grad_sqnorm: Tensor, hvp_sqnorm: Tensor, p: float, lr_max: float) -> Tensor:
     """``min(2 (‖g‖²/‖Hg‖²)^(p/2), lr_max)`` elementwise in float64, ``lr_max`` where either norm
     is 0, NaN where either input is not finite. The rule of ``csrc/common/dal.h`` for ``p > 0``
-    inside the window, in torch."""
+    inside the window, in torch: the one torch form of the DAL rule, behind :func:`dal_rate_ref`
+    and :func:`pfkernels.optim.dal_learning_rate` (which adds the argument checks and ``p = 0``)."""
     g2, h2 = grad_sqnorm.double(), hvp_sqnorm.double()
     h = 2.0 * (g2 / h2) ** (0.5 * p)
     h = torch.where((g2 == 0) | (h2 == 0), torch.full_like(h, lr_max), torch.clamp(h, max=lr_max))

@@ -99,7 +99,7 @@ def _log_one_minus(x: Tensor, continuous: bool = False) -> Tensor:
     the flow would run backwards there.
     """
     if not x.is_complex():
-        return _log_real(x)
+        return ops._log_one_minus_real(x)
     small = x.abs() < 0.5
     # A signed zero decides the branch of log on the negative axis: 1 − x must carry +0i when x is
     # real-valued, so that hλ > 1 gives +iπ as on the real path.
@@ -109,13 +109,6 @@ def _log_one_minus(x: Tensor, continuous: bool = False) -> Tensor:
         wrap = (w.real < 0) & (w.imag < 0)
         big = torch.where(wrap, torch.complex(big.real, big.imag + 2 * math.pi), big)
     return torch.where(small, torch.log1p(-torch.where(small, x, 0)), big)
-
-
-def _log_real(x: Tensor) -> Tensor:
-    below = x < 1
-    re = torch.where(below, torch.log1p(-torch.where(below, x, 0.0)), torch.log((x - 1).abs()))
-    im = (x > 1).to(re.dtype) * math.pi
-    return torch.complex(re, im)
 
 
 def _h_lambda(eigenvalues: Tensor, h: float) -> Tensor:
@@ -225,7 +218,7 @@ def stability_coefficients(eigenvalues: Tensor, h: float) -> StabilityCoefficien
     x = h * eigenvalues.double()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("argument 'eigenvalues': must be finite")
-    values = _log_real(x).real / h
+    values = ops._log_one_minus_real(x).real / h
     classes = []
     for xi in x.tolist():
         if xi < 0:
