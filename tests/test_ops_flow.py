@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from pfkernels import ops
-
-DEVICES = ["cpu"] + (["cuda"] if ops.backend_info()["cuda_available"] else [])
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 DTYPES = [torch.float32, torch.float64]
