@@ -1,16 +1,18 @@
 // The one SIMD policy of the CPU kernels: function multi-versioning of the hot loops. Each
-// PFK_SIMD_CLONES function gets an AVX-512F clone, an AVX2 clone and the portable baseline; the
-// loader picks the widest the CPU has. Wheels stay portable (no -march=native) while the loops
-// still run 8 doubles / 16 floats wide where the hardware allows.
+// PFK_SIMD_CLONES function gets an x86-64-v4 clone (AVX-512), an x86-64-v3 clone (AVX2 + FMA)
+// and the portable baseline; the loader picks the best the CPU has. Wheels stay portable (no
+// -march=native) while the loops still run 4-8 doubles wide where the hardware allows.
 //
-// The FMA rule, one for every clone: no contraction. CMakeLists.txt compiles the C++ sources with
-// -ffp-contract=off, so a clone never fuses a * b + c into an FMA: every product is rounded before
-// it is added, as in the baseline. A clone's vector width changes the order of a sum only where a
-// loop says so (the `omp simd reduction`s of the Lanczos dot products, which sum in float64).
+// The FMA rule, one for every clone: the compiler may contract a * b + c into an FMA (GCC's
+// default, -ffp-contract=fast); both clones have FMA, the baseline has none. A clone's result can
+// therefore differ from the baseline's in the last bits, and a machine always runs the same
+// clone. (With contraction off, bench_multi_tensor.py's float32 multi_tensor_dot ran about 1.6x
+// slower, A/B against the FMA clones on a shared 2-core x86 machine, December 2026.)
 #pragma once
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define PFK_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define PFK_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PFK_SIMD_CLONES
 #endif

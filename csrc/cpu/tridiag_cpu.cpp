@@ -22,7 +22,7 @@ namespace {
 
 // With full vectors the time goes into rotating pairs of z rows, a streaming loop that AVX2
 // runs twice as wide; this view type routes tridiag::rotate_rows to the overload below, which
-// picks the instruction set at load time (cpu/simd.h; no FMA, so results match the baseline).
+// picks the instruction set at load time (cpu/simd.h, whose FMA rule applies here too).
 struct RowsView {
   double* p;
   double& operator[](int64_t i) const { return p[i]; }
