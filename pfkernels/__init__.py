@@ -4,7 +4,7 @@ Hessian-vector products, batched Lanczos eigensolves, edge-of-stability tracking
 flow, central flows and the DAL learning rate. See README.md and docs/.
 """
 
-from . import data, distributed, flows, optim
+from . import data, distributed, flows, losses, optim
 from ._version import __version__
 from .eos import (
     SharpnessTracker,
@@ -13,6 +13,13 @@ from .eos import (
     preconditioned_operator,
     stability_threshold,
     stability_thresholds,
+)
+from .curvature import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    MCFisherOperator,
+    curvature_operator,
 )
 from .hvp import HessianOperator
 from .lanczos import (
@@ -28,14 +35,19 @@ from .lanczos import (
 from .ops import backend_info
 
 __all__ = [
+    "CurvatureOperator",
     "EigResult",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
+    "MCFisherOperator",
     "SharpnessTracker",
     "SpectralDensity",
     "StabilityThreshold",
     "TraceEstimate",
     "__version__",
     "backend_info",
+    "curvature_operator",
     "data",
     "detect_eos",
     "distributed",
@@ -43,6 +55,7 @@ __all__ = [
     "flows",
     "hutchinson_trace",
     "layer_sharpness",
+    "losses",
     "optim",
     "preconditioned_operator",
     "sharpness",

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from . import ops
+from .curvature import CurvatureOperator
 from .hvp import HessianOperator
 
 __all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
@@ -162,7 +163,7 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         op_dtype = op_dtype if isinstance(op_dtype, torch.dtype) else None
         op_device = getattr(A, "device", None)
         mv = A.matvec
-        fresh = isinstance(A, HessianOperator)  # its matvec returns a new tensor
+        fresh = isinstance(A, CurvatureOperator)  # its matvec returns a new tensor
     elif callable(A):
         if n_kw is not None:
             n = int(n_kw)
