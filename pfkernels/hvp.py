@@ -49,6 +49,7 @@ restored, attention routed to its math path per thread by :func:`math_attention`
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -205,6 +206,12 @@ class HessianOperator(CurvatureOperator):
                                  process_group=process_group)
         super().__init__(source, check_finite=check_finite)
         self._method = _AUTO_METHOD if method == "auto" else method
+        if getattr(source, "loss_fn", True) is None and source.dtype == torch.float64:
+            warnings.warn(
+                "loss_fn=None with dtype=torch.float64: a Hugging Face model's own loss casts "
+                "the logits to float32, so the Hessian is not float64 where it matters; pass "
+                "loss_fn=pfkernels.losses.causal_lm_loss (or classification_loss)",
+                UserWarning, stacklevel=2)
         cache_graph = bool(cache_graph)
         _check_arg(
             not cache_graph or source.in_memory,

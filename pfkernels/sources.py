@@ -400,7 +400,8 @@ class ModelSource:
         self.data_source = data
         self.cached: list[tuple[Any, Any, int]] | None = None
         self._data_checked = False
-        if isinstance(data, Mapping) or _is_one_batch(data):
+        # With loss_fn=None batches are mappings, so a pair of them is two batches.
+        if isinstance(data, Mapping) or (loss_fn is not None and _is_one_batch(data)):
             self.cached = [self._prepare(data, 0, check=True)]
         elif isinstance(data, (tuple, list)):
             _check_arg(len(data) > 0, "data", "is an empty list of batches")
@@ -412,15 +413,16 @@ class ModelSource:
                 "must be a batch (inputs, targets) or an iterable of batches, got "
                 f"{type(data).__name__}",
             )
-            _check_arg(
-                iter(data) is not data,
-                "data",
-                "is a one-shot iterator; pass a re-iterable (a list of batches or a DataLoader)",
-            )
             # A DataLoader's batches are read only at the first product: look at the first one
             # now, so a batch of the wrong form fails here, named, and not deep in a solve.
-            # The global RNG is restored: a shuffling loader draws its order from it.
+            # The global RNG is restored: a loader draws its seeds and order from it.
             with torch.random.fork_rng(devices=[]):
+                _check_arg(
+                    iter(data) is not data,
+                    "data",
+                    "is a one-shot iterator; pass a re-iterable (a list of batches or a "
+                    "DataLoader)",
+                )
                 first = next(iter(data), None)
             _check_arg(first is not None, "data", "yielded no batches")
             self._prepare(first, 0, check=False)
