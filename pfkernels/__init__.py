@@ -21,6 +21,7 @@ from .curvature import (
     MCFisherOperator,
     curvature_operator,
 )
+from .estimators import DiagonalEstimate, hutchinson_diagonal, hutchpp_trace
 from .hvp import HessianOperator
 from .lanczos import (
     EigResult,
@@ -36,6 +37,7 @@ from .ops import backend_info
 
 __all__ = [
     "CurvatureOperator",
+    "DiagonalEstimate",
     "EigResult",
     "EmpiricalFisherOperator",
     "GGNOperator",
@@ -53,7 +55,9 @@ __all__ = [
     "distributed",
     "eigsh",
     "flows",
+    "hutchinson_diagonal",
     "hutchinson_trace",
+    "hutchpp_trace",
     "layer_sharpness",
     "losses",
     "optim",

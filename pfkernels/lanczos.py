@@ -1502,10 +1502,21 @@ class TraceEstimate(NamedTuple):
 
 @_generator_untouched_on_error
 def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: int | None = None,
-                     n: int | None = None, dtype: torch.dtype | None = None) -> TraceEstimate:
+                     n: int | None = None, dtype: torch.dtype | None = None,
+                     method: str = "hutchinson") -> TraceEstimate:
     """Hutchinson's estimator ``tr(A) ~ (1/P) sum_p z_p^T A z_p`` with Rademacher probes
     (Hutchinson 1990; PyHessian's ``trace()``), applying A to blocks of ``batch_size`` probes
-    at once ([b, n] -> [b, n]; a SciPy operator is applied row by row)."""
+    at once ([b, n] -> [b, n]; a SciPy operator is applied row by row).
+
+    ``method="hutch++"`` spends the same ``num_probes`` products on Hutch++
+    (:func:`pfkernels.estimators.hutchpp_trace`): far lower variance when a few eigenvalues
+    dominate."""
+    if method == "hutch++":
+        from .estimators import hutchpp_trace
+
+        return hutchpp_trace(A, num_probes, batch_size=batch_size, seed=seed, n=n, dtype=dtype)
+    if method != "hutchinson":
+        raise ValueError(f"argument 'method': must be 'hutchinson' or 'hutch++', got {method!r}")
     if not _is_int(num_probes) or num_probes < 1:
         raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
     _check_seed(seed)
