@@ -495,6 +495,12 @@ def _add_sharpness(sub) -> None:
     p.add_argument("--model", required=True, metavar="MODULE:FUNCTION")
     p.add_argument("--k", type=int, default=5, help="number of top eigenvalues")
     p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--curvature", choices=["hessian", "ggn", "fisher"], default="hessian",
+                   help="the matrix: the loss Hessian (default), the generalised Gauss-Newton "
+                   "matrix, or the Monte-Carlo Fisher (labels sampled from the model, seed --seed)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the solve (default: torch's own setting; 1 is "
+                   "often fastest for small models on a busy machine, where threads contend)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--density", action="store_true",
@@ -529,29 +535,40 @@ def _load_problem(spec: str):
 
 
 def _run_sharpness(args) -> int:
+    import torch
+
     path = list(sys.path)  # _load_problem puts the working folder first for the command only
+    threads = torch.get_num_threads()
     try:
         return _sharpness(args)
     finally:
         sys.path[:] = path
+        torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
 def _sharpness(args) -> int:
     import time
 
-    from .hvp import HessianOperator
+    import torch
+
+    from .curvature import curvature_operator
     from .lanczos import eigsh
 
     _check_at_least(args, 1, "--k", "--probes", "--steps")
     _check_positive(args.tol, "--tol")
     _check_at_least(args, 0, "--seed")
+    if args.threads is not None:
+        _check_at_least(args, 1, "--threads")
+        torch.set_num_threads(args.threads)
     _check_out(args.out)
     model, loss_fn, batches = _load_problem(args.model)
+    extra = {"seed": args.seed} if args.curvature == "fisher" else {}
     try:
-        op = HessianOperator(model, loss_fn, batches)
+        op = curvature_operator(args.curvature, model, loss_fn, batches, **extra)
     except (TypeError, ValueError) as exc:
-        raise _OptionError("--model", f"{args.model} returned a problem the Hessian operator "
-                           f"rejects: {exc}") from None
+        option = "--model" if args.curvature == "hessian" else "--curvature"
+        raise _OptionError(option, f"{args.model} returned a problem the {args.curvature} "
+                           f"operator rejects: {exc}") from None
     _require(args.k <= op.shape[0], "--k", f"the model has {op.shape[0]} parameters, got {args.k}")
     folder = None if args.out is None else _make_out(args.out)
     start = time.perf_counter()
@@ -559,6 +576,8 @@ def _sharpness(args) -> int:
     elapsed = time.perf_counter() - start
     out = {
         "model": args.model,
+        "curvature": args.curvature,
+        "threads": torch.get_num_threads(),
         "num_parameters": op.shape[0],
         "eigenvalues": [float(v) for v in result.eigenvalues],
         "residuals": [float(v) for v in result.residuals],

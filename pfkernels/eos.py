@@ -675,7 +675,15 @@ class SharpnessTracker:
             with ``add_scalar(tag, value, step)`` (TensorBoard's SummaryWriter; tags ``eos/...``),
             or a callable taking the record.
         max_matvecs: cap on HVPs per solve.
-        method, dtype, mode: passed to :class:`pfkernels.HessianOperator`.
+        method, dtype, mode: passed to :class:`pfkernels.HessianOperator` (``method`` to it
+            alone).
+        curvature: the matrix whose top eigenvalues are tracked: ``"hessian"`` (default),
+            ``"ggn"``, ``"fisher"`` (Monte-Carlo Fisher) or ``"empirical-fisher"`` (see
+            :func:`pfkernels.curvature_operator`); :attr:`hessian` is that operator. The
+            stability threshold compares with the Hessian's sharpness: the GGN's top eigenvalue
+            approximates it from below where the residuals are small, the Fisher's is another
+            quantity. Piggybacking (``step(i, loss=loss)``) applies to the Hessian only; other
+            curvatures call ``loss.backward()`` and measure on ``data``.
         seed: seed of the random start vector of the first solve.
         raw: with an adaptive optimizer, also solve for the raw sharpness λ_max(H) at every
             measurement. By default only the preconditioned sharpness, the one compared with
@@ -708,11 +716,12 @@ class SharpnessTracker:
         mode: str = "eval",
         seed: int = 0,
         raw: bool = False,
+        curvature: str = "hessian",
     ):
         check_arg(isinstance(model, torch.nn.Module), "model",
                   f"expected a torch.nn.Module, got {type(model).__name__}", TypeError)
-        check_arg(callable(loss_fn), "loss_fn", "expected a callable loss_fn(outputs, targets)",
-                  TypeError)
+        check_arg(loss_fn is None or callable(loss_fn), "loss_fn",
+                  "expected a callable loss_fn(outputs, targets) or None", TypeError)
         check_arg(is_int(every) and every >= 1, "every",
                   f"expected a positive integer, got {every!r}")
         check_arg(is_int(k) and k >= 1, "k", f"expected a positive integer, got {k!r}")
@@ -733,12 +742,13 @@ class SharpnessTracker:
         check_arg(is_int(seed), "seed", f"expected an integer, got {seed!r}")
         if optimizer is not None:
             stability_threshold(optimizer, grad_norm=0.0)
-        from .hvp import HessianOperator
+        from .curvature import curvature_operator
 
         # One operator for the whole run: it reads the live parameters at every product, and
         # in-memory data is converted and checked once.
-        self.hessian = HessianOperator(
-            model, loss_fn, data, params=params, method=method, dtype=dtype, mode=mode
+        self.curvature = curvature
+        self.hessian = curvature_operator(
+            curvature, model, loss_fn, data, params=params, method=method, dtype=dtype, mode=mode
         )
         n = self.hessian.shape[0]
         if k > n:
@@ -804,7 +814,8 @@ class SharpnessTracker:
         return self.measure(step, loss=value)
 
     def _can_piggyback(self) -> bool:
-        return self.hessian.process_group is None and all(
+        # The differentiated gradient's graph gives Hessian products only.
+        return self.curvature == "hessian" and self.hessian.process_group is None and all(
             p.dtype == self.hessian.dtype for p in self.hessian.parameters())
 
     def _gradient_graph(self, loss: torch.Tensor) -> _GradientGraphHessian:

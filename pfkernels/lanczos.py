@@ -36,8 +36,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from . import ops
-from .curvature import CurvatureOperator
-from .hvp import HessianOperator
+from .curvature import CurvatureOperator, curvature_operator
 
 __all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
            "layer_sharpness", "sharpness", "spectral_density"]
@@ -422,7 +421,8 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Args:
-        A: a :class:`pfkernels.HessianOperator`, any object with ``matvec`` and ``shape``
+        A: a curvature operator (:class:`pfkernels.HessianOperator`, ``GGNOperator``, the
+            Fisher operators), any object with ``matvec`` and ``shape``
             (``(n, n)``; ``dtype``/``device`` attributes are used when present), a callable
             ``v -> A v`` (then pass ``n=`` or ``v0``), a dense symmetric tensor [n, n] (or
             [B, n, n], a batch), or a SciPy ``LinearOperator`` (float64 numpy in and out).
@@ -1293,8 +1293,8 @@ def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, stora
 
 
 def sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, params=None,
-              method: str = "auto", hvp_dtype: torch.dtype | None = None, **eigsh_kwargs
-              ) -> EigResult:
+              method: str = "auto", hvp_dtype: torch.dtype | None = None,
+              curvature: str = "hessian", **eigsh_kwargs) -> EigResult:
     """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model(inputs), targets)`` (the sharpness
     is ``eigenvalues[0]``, in raw units: GD is stable below ``2/lr``).
 
@@ -1302,8 +1302,11 @@ def sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, params=Non
     dtype=hvp_dtype)`` and returns ``eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)`` (pass
     ``v0=previous.eigenvectors`` to warm start, ``seed=``, ``ncv=``, ``max_matvecs=``, ...).
     Eigenvectors are flat over the selected parameters in ``model.named_parameters()`` order.
+    ``curvature``: another matrix instead of the Hessian (``"ggn"``, ``"fisher"``,
+    ``"empirical-fisher"``; :func:`pfkernels.curvature_operator`).
     """
-    H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    H = curvature_operator(curvature, model, loss_fn, data, params=params, method=method,
+                           dtype=hvp_dtype)
     return eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)
 
 
@@ -1321,7 +1324,8 @@ def _parameter_blocks(names: list[str], numels: list[int], by: str) -> list[tupl
 def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: str = "parameter",
                     params=None, method: str = "auto", hvp_dtype: torch.dtype | None = None,
                     ncv: int | None = None, max_matvecs: int | None = None,
-                    seed: int | None = None) -> dict[str, EigResult]:
+                    seed: int | None = None, curvature: str = "hessian"
+                    ) -> dict[str, EigResult]:
     """Top-``k`` eigenpairs of each diagonal block ``H_bb`` of the loss Hessian: one block per
     parameter tensor (``by="parameter"``) or per module (``by="module"``: a layer's weight and
     bias together).
@@ -1335,17 +1339,18 @@ def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: 
 
     Returns ``{block label: EigResult}`` with eigenvectors over the block's own coordinates
     ([n_b, k_b], ``k_b = min(k, n_b)``) and ``num_matvecs`` the batched products that block
-    took part in.
+    took part in. ``curvature``: the blocks of another matrix (``"ggn"``, ``"fisher"``,
+    ``"empirical-fisher"``; :func:`pfkernels.curvature_operator`).
     """
     if by not in ("parameter", "module"):
         raise ValueError(f"argument 'by': must be 'parameter' or 'module', got {by!r}")
     if not _is_int(k) or k < 1:
         raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
     _check_seed(seed)
-    H = HessianOperator(model, loss_fn, data, params=params, method=method, dtype=hvp_dtype)
+    H = curvature_operator(curvature, model, loss_fn, data, params=params, method=method,
+                           dtype=hvp_dtype)
     seed = _dist.operator_seed(H, seed)  # the same start vectors on every rank of a distributed H
-    named = dict(model.named_parameters())
-    blocks = _parameter_blocks(H.param_names, [named[n].numel() for n in H.param_names], by)
+    blocks = _parameter_blocks(H.param_names, [p.numel() for p in H.parameters()], by)
     n, dev = H.shape[0], H.device
     work = torch.float64 if H.dtype == torch.float64 else torch.float32
     ncv_of = lambda size: min(max(2 * k + 1, 20) if ncv is None else ncv, size)

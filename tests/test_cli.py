@@ -160,3 +160,47 @@ def test_sharpness_command(tmp_path, monkeypatch, capsys):
     assert lo == pytest.approx(float(all_eigs[0]), abs=1e-4)
     assert hi == pytest.approx(float(all_eigs[-1]), rel=1e-4)
     assert saved["density"]["num_matvecs"] == 4 * 30
+
+
+def test_sharpness_curvature_and_threads(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ggn_problem.py").write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+
+        def problem():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)
+            ).double()
+            x, y = torch.randn(40, 3, dtype=torch.float64), torch.randint(0, 4, (40,))
+            return model, F.cross_entropy, (x, y)
+
+        def user_loss():
+            model, _, batch = problem()
+            return model, lambda out, t: F.cross_entropy(out, t), batch
+    """))
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    assert cli.main(["sharpness", "--model", "ggn_problem:problem", "--k", "2", "--json",
+                     "--curvature", "ggn", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert torch.get_num_threads() == threads and out["threads"] == 1
+    import ggn_problem
+
+    from pfkernels import GGNOperator
+
+    op = GGNOperator(*ggn_problem.problem())
+    dense = op @ torch.eye(op.shape[0], dtype=torch.float64)
+    want = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    assert out["curvature"] == "ggn"
+    assert out["eigenvalues"] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-6)
+    assert cli.main(["sharpness", "--model", "ggn_problem:problem", "--k", "1", "--json",
+                     "--curvature", "fisher"]) == 0
+    fisher = json.loads(capsys.readouterr().out)
+    assert fisher["curvature"] == "fisher" and fisher["eigenvalues"][0] > 0
+    for argv, option in [(["--model", "ggn_problem:user_loss", "--curvature", "fisher"],
+                           "--curvature"),
+                          (["--model", "ggn_problem:problem", "--threads", "0"], "--threads")]:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["sharpness", *argv])
+        assert exc.value.code == 2 and option in capsys.readouterr().err

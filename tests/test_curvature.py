@@ -272,3 +272,34 @@ def test_cross_entropy_hessian_product_rows():
         losses.cross_entropy_hessian_product(logits, U, t, reduction="none")
     with pytest.raises(ValueError, match="U"):
         losses.cross_entropy_hessian_product(logits, U[:, :4], t)
+
+
+def test_tracker_layer_sharpness_and_density_take_other_curvatures(seed):
+    model, x, y = problem(seed, n=20, width=6, classes=True)
+    G = dense_of(GGNOperator(model, F.cross_entropy, (x, y)))
+    top = float(torch.linalg.eigvalsh(G)[-1])
+    tracker = pfkernels.SharpnessTracker(model, F.cross_entropy, (x, y), curvature="ggn",
+                                         threshold=100.0, tol=1e-6, every=1)
+    record = tracker.step(0)
+    assert isinstance(tracker.hessian, GGNOperator)
+    assert record["sharpness"] == pytest.approx(top, rel=1e-5)
+    # piggybacking is for the Hessian only: the loss is backpropagated, the GGN measured on data
+    loss = F.cross_entropy(model(x), y)
+    record = tracker.step(1, loss=loss)
+    assert record["sharpness"] == pytest.approx(top, rel=1e-5)
+    assert all(p.grad is not None for p in model.parameters())
+    blocks = pfkernels.layer_sharpness(model, F.cross_entropy, (x, y), curvature="ggn",
+                                       by="module", tol=1e-8)
+    offset = 0
+    for label, res in blocks.items():
+        size = sum(p.numel() for name, p in model.named_parameters()
+                   if name.rsplit(".", 1)[0] == label)
+        block = G[offset:offset + size, offset:offset + size]
+        assert float(res.eigenvalues[0]) == pytest.approx(
+            float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+        offset += size
+    density = pfkernels.spectral_density(GGNOperator(model, F.cross_entropy, (x, y)),
+                                         num_probes=2, num_steps=10, seed=0)
+    assert float(density.nodes.min()) > -1e-8 * top  # a PSD matrix's Ritz values
+    res = pfkernels.sharpness(model, F.cross_entropy, (x, y), curvature="ggn", tol=1e-8)
+    assert float(res.eigenvalues[0]) == pytest.approx(top, rel=1e-6)
