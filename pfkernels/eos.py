@@ -957,52 +957,10 @@ class SharpnessTracker:
             sink.close()
 
 
-def _lightning_callback_class():
-    import importlib.util
-
-    if importlib.util.find_spec("lightning") is not None:
-        from lightning.pytorch import Callback
-    elif importlib.util.find_spec("pytorch_lightning") is not None:
-        from pytorch_lightning import Callback
-    else:
-        raise AttributeError(
-            "SharpnessCallback needs lightning (pip install lightning); it is not importable here"
-        )
-
-    class SharpnessCallback(Callback):
-        """Lightning callback: a :class:`SharpnessTracker` stepped after every training batch.
-
-        ``SharpnessCallback(loss_fn, data, **tracker_kwargs)``; the tracker is built at the first
-        batch from the LightningModule and the trainer's first optimizer (unless ``optimizer=``
-        or ``threshold=`` is given), and each record is logged with ``pl_module.log_dict`` under
-        ``eos/...``. ``callback.tracker`` holds it (history, summary).
-        """
-
-        def __init__(self, loss_fn: Callable, data, **tracker_kwargs):
-            super().__init__()
-            self.loss_fn, self.data, self.tracker_kwargs = loss_fn, data, tracker_kwargs
-            self.tracker: SharpnessTracker | None = None
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.tracker is None:
-                kwargs = dict(self.tracker_kwargs)
-                if "threshold" not in kwargs and "optimizer" not in kwargs and trainer.optimizers:
-                    kwargs["optimizer"] = trainer.optimizers[0]
-                self.tracker = SharpnessTracker(pl_module, self.loss_fn, self.data, **kwargs)
-            record = self.tracker.step(trainer.global_step)
-            if record is not None:
-                scalars = {
-                    f"eos/{key}": float(record[key])
-                    for key in _SCALARS
-                    if record[key] is not None
-                }
-                pl_module.log_dict(scalars)
-
-    return SharpnessCallback
-
-
 def __getattr__(name: str):
     # Defined lazily: importing lightning costs seconds and it is an optional dependency.
-    if name == "SharpnessCallback":
+    if name == "SharpnessCallback":  # lives in pfkernels.integrations
+        from .integrations import _lightning_callback_class
+
         return _lightning_callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
