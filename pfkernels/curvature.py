@@ -362,15 +362,16 @@ class CurvatureOperator:
 # ---------------------------------------------------------------------------------------------
 
 
-def _jvp_rows(forward: Callable[[Tensor], Tensor], theta: Tensor, v: Tensor) -> Tensor:
-    """``J v`` (``[*out]``) or ``J v_i`` stacked (``[B, *out]``) by forward-mode AD."""
-    def one(u: Tensor) -> Tensor:
-        return torch.func.jvp(forward, (theta,), (u,))[1]
-
+def _jvp_rows(forward: Callable[[Tensor], Tensor], theta: Tensor, v: Tensor
+              ) -> tuple[Tensor, Tensor]:
+    """The outputs (detached) and ``J v`` (``[*out]``) or ``J v_i`` stacked (``[B, *out]``), by
+    forward-mode AD: no graph is kept."""
+    outputs, rows = None, []
     with FORWARD_AD:
-        if v.dim() == 1:
-            return one(v)
-        return torch.stack([one(u) for u in v])
+        for u in (v,) if v.dim() == 1 else v:
+            outputs, jv = torch.func.jvp(forward, (theta,), (u,))
+            rows.append(jv)
+    return outputs.detach(), rows[0] if v.dim() == 1 else torch.stack(rows)
 
 
 class _OutputOperator(CurvatureOperator):
@@ -391,16 +392,18 @@ class _OutputOperator(CurvatureOperator):
         super().__init__(source, check_finite=check_finite)
         self._output_loss = _losses.output_hessian(source.model, source.loss_fn)
 
-    def _prepare_batch(self, batch: BatchTerms, theta: Tensor) -> tuple:
-        """``(θ leaf, outputs with their forward graph, per-batch context)``."""
-        th = theta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = batch.outputs(th)
+    def _check_outputs(self, out: Tensor) -> None:
         _check_arg(out.is_floating_point(), "model",
                    f"returned {out.dtype} outputs; the Gauss-Newton/Fisher operators need "
                    "floating outputs")
-        ctx = self._output_context(out.detach(), batch.targets, batch)
-        return th, out, ctx
+
+    def _prepare_batch(self, batch: BatchTerms, theta: Tensor) -> tuple:
+        """``(θ leaf, outputs with their forward graph, per-batch context)``, kept in a solve."""
+        th = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = batch.outputs(th)
+        self._check_outputs(out)
+        return th, out, self._output_context(out.detach(), batch.targets, batch)
 
     def _output_context(self, outputs: Tensor, targets: Any, batch: BatchTerms) -> Any:
         return None
@@ -409,21 +412,41 @@ class _OutputOperator(CurvatureOperator):
                          batch: BatchTerms) -> Tensor:
         raise NotImplementedError
 
-    def _batch_product(self, batch: BatchTerms, theta: Tensor, v: Tensor) -> Tensor:
-        th, out, ctx = self._prepare_batch(batch, theta)
-        return self._through_outputs(batch, theta, th, out, ctx, v, retain=False)
-
-    def _through_outputs(self, batch, theta, th, out, ctx, v, retain) -> Tensor:
-        if not out.requires_grad:
-            return torch.zeros_like(v)
-        jv = _jvp_rows(batch.outputs, theta.detach(), v)
-        single = v.dim() == 1
-        rows = jv.unsqueeze(0) if single else jv
-        m = self._output_products(ctx, out.detach(), batch.targets, rows, batch)
+    @staticmethod
+    def _transposed_jacobian(out: Tensor, th: Tensor, m: Tensor, like: Tensor, single: bool,
+                             retain: bool) -> Tensor:
+        """``Jᵀ m_i`` for each row of ``m`` by reverse passes through ``out``'s graph."""
         last = m.shape[0] - 1
-        result = [_or_zeros(_derivative(out, th, r, retain_graph=retain or i < last), theta)
+        result = [_or_zeros(_derivative(out, th, r, retain_graph=retain or i < last), like)
                   for i, r in enumerate(m)]
         return result[0] if single else torch.stack(result)
+
+    def _batch_product(self, batch: BatchTerms, theta: Tensor, v: Tensor) -> Tensor:
+        # The JVP runs first and is freed before the forward graph for the reverse pass is
+        # built: the peak is the larger of the two, not their sum.
+        outputs, jv = _jvp_rows(batch.outputs, theta.detach(), v)
+        self._check_outputs(outputs)
+        ctx = self._output_context(outputs, batch.targets, batch)
+        single = v.dim() == 1
+        m = self._output_products(ctx, outputs, batch.targets,
+                                  jv.unsqueeze(0) if single else jv, batch)
+        del jv
+        th = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = batch.outputs(th)
+        if not out.requires_grad:
+            return torch.zeros_like(v)
+        return self._transposed_jacobian(out, th, m, theta, single, retain=False)
+
+    def _through_outputs(self, batch, theta, th, out, ctx, v) -> Tensor:
+        """A product from a kept forward graph (inside :meth:`reuse_graph`)."""
+        if not out.requires_grad:
+            return torch.zeros_like(v)
+        _, jv = _jvp_rows(batch.outputs, theta.detach(), v)
+        single = v.dim() == 1
+        m = self._output_products(ctx, out.detach(), batch.targets,
+                                  jv.unsqueeze(0) if single else jv, batch)
+        return self._transposed_jacobian(out, th, m, theta, single, retain=True)
 
     def _product(self, v: Tensor) -> Tensor:
         if not self._reusing:
@@ -441,7 +464,7 @@ class _OutputOperator(CurvatureOperator):
         total, count = None, 0
         with src.evaluation():
             for batch, th, out, ctx in self._kept_state(build):
-                part = self._through_outputs(batch, theta, th, out, ctx, v, retain=True)
+                part = self._through_outputs(batch, theta, th, out, ctx, v)
                 total = part * batch.count if total is None else total.add_(
                     part, alpha=batch.count)
                 count += batch.count
