@@ -17,11 +17,11 @@ Per model:
   does: the forward graph kept, so a product is the JVP and the reverse pass).
 - peak memory: each operator in a fresh subprocess; after one product (one-time costs), the
   peak RSS is reset (``/proc/self/clear_refs``) and the peak over three more products, whose
-  results are kept, minus the RSS before them is reported. hessian-eigenthings' ``matvec`` returns its result
-  attached to the autograd graph of the model's parameters (each result holds its graph: a
-  Lanczos basis of such vectors grows until the process runs out of memory), so the bench
-  detaches its products; the attached variant, six results kept as a basis keeps them, is
-  measured too.
+  results are kept, minus the RSS before them is reported. hessian-eigenthings' ``matvec``
+  returns its result attached to the autograd graph of the model's parameters (each result
+  holds its graph: a Lanczos basis of such vectors grows until the process runs out of
+  memory), so the bench detaches its products; the attached variant, six results kept as a
+  basis keeps them, is measured too.
 - top-5 eigenvalues: ``pfkernels.eigsh(k=5)`` on each operator (the same solver, the peers'
   products wrapped as a callable), and the largest relative difference to ours.
 

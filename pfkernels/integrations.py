@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from .eos import _SCALARS, SharpnessTracker
 
-__all__ = ["SharpnessCallback", "SharpnessTrainerCallback"]
+__all__ = ["SharpnessCallback", "SharpnessTrainerCallback"]  # noqa: F822 (module __getattr__)
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:

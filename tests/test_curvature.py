@@ -53,7 +53,7 @@ def dense_ggn(model, loss_fn, batches):
         jac, f0 = dense_jacobian(model, x)
         m = f0.numel()
         hl = torch.autograd.functional.hessian(
-            lambda f: loss_fn(f.view(f0.shape), y), f0.reshape(-1))
+            lambda f, f0=f0, y=y: loss_fn(f.view(f0.shape), y), f0.reshape(-1))
         J = jac.reshape(m, -1)
         out = out + x.shape[0] * (J.T @ hl.reshape(m, m) @ J)
     return out / total
@@ -66,7 +66,7 @@ def dense_empirical_fisher(model, per_example_loss, batches):
     for x, y in batches:
         for i in range(x.shape[0]):
             g = torch.autograd.functional.jacobian(
-                lambda t, i=i: per_example_loss(f(t, x[i:i + 1]), y[i:i + 1]), theta0)
+                lambda t, i=i, x=x, y=y: per_example_loss(f(t, x[i:i + 1]), y[i:i + 1]), theta0)
             out = out + torch.outer(g, g)
     return out / total
 
@@ -254,7 +254,8 @@ def test_causal_lm_loss_ggn_matches_jacobian_product(seed):
     assert rel(dense_of(op), ref) < 1e-10
     with torch.no_grad():
         logits = model(ids)
-    assert abs(float(losses.causal_lm_loss(logits, labels) - reference_loss(logits, labels))) < 1e-14
+    difference = losses.causal_lm_loss(logits, labels) - reference_loss(logits, labels)
+    assert abs(float(difference)) < 1e-14
 
 
 def test_cross_entropy_hessian_product_rows():
@@ -265,7 +266,8 @@ def test_cross_entropy_hessian_product_rows():
     for reduction in ("mean", "sum"):
         out = losses.cross_entropy_hessian_product(logits, U, t, reduction=reduction)
         hl = torch.autograd.functional.hessian(
-            lambda f: F.cross_entropy(f.view(6, 5), t, reduction=reduction), logits.reshape(-1))
+            lambda f, r=reduction: F.cross_entropy(f.view(6, 5), t, reduction=r),
+            logits.reshape(-1))
         assert rel(out.reshape(-1), hl @ U.reshape(-1)) < 1e-12
         assert torch.equal(out[2], torch.zeros(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="reduction"):

@@ -75,9 +75,9 @@ def test_hf_dataloader_of_dicts_and_bad_batches(gpt2):
     v = torch.randn(op.shape[0])
     assert rel(op @ v, listed @ v) < 1e-5
     # Wrong forms fail at construction, naming the argument, not at the first product.
-    with pytest.raises(ValueError, match="'data'.*mappings"):
+    with pytest.raises(ValueError, match=r"'data'.*mappings"):
         HessianOperator(model, None, (batch["input_ids"], batch["labels"]))
-    with pytest.raises(ValueError, match="'data'.*labels"):
+    with pytest.raises(ValueError, match=r"'data'.*labels"):
         HessianOperator(model, losses.causal_lm_loss, {"input_ids": batch["input_ids"]})
     bad_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(batch["input_ids"]),
                                              batch_size=2)
