@@ -805,7 +805,15 @@ class SharpnessTracker:
         measuring = step % self.every == 0
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             if measuring and self._can_piggyback():
-                record = self.measure(step, loss=value, hessian=self._gradient_graph(loss))
+                graph = self._gradient_graph(loss)
+                try:
+                    record = self.measure(step, loss=value, hessian=graph)
+                except RuntimeError as exc:
+                    # The caller's forward ran fused attention (no double backward): .grad is
+                    # set; measure on data, where attention takes its math path.
+                    if "derivative for" not in str(exc):
+                        raise
+                    record = self.measure(step, loss=value)
                 self._forbid_second_backward(loss)
                 return record
             loss.backward()

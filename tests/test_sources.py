@@ -208,3 +208,15 @@ def test_sdpa_math_routing_in_output_operators(gpt2):
     v = torch.randn(op.shape[0])
     assert torch.isfinite(op @ v).all()
 
+
+
+def test_tracker_piggyback_on_fused_attention_measures_on_data(gpt2):
+    """The caller's loss ran SDPA's fused kernel (not twice differentiable): the piggybacked
+    measurement falls back to the data, whose products route attention to the math path."""
+    model, batch = gpt2
+    tracker = pfkernels.SharpnessTracker(model, None, batch, threshold=10.0, tol=1e-2)
+    reference = pfkernels.SharpnessTracker(model, None, batch, threshold=10.0, tol=1e-2)
+    loss = model(**batch).loss
+    record = tracker.step(0, loss=loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert record["sharpness"] == pytest.approx(reference.step(0)["sharpness"], rel=1e-2)
