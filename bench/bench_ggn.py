@@ -15,7 +15,7 @@ Per model:
   per-round ratios peer / ours. "ours" is a product at a new point (forward-mode JVP, loss
   Hessian, reverse pass); "ours, in a solve" is a product inside ``reuse_graph`` (what eigsh
   does: the forward graph kept, so a product is the JVP and the reverse pass).
-- peak memory: each operator in a fresh subprocess; after one product (one-time costs), the
+- peak memory: each operator in fresh subprocesses (median of three); after one product (one-time costs), the
   peak RSS is reset (``/proc/self/clear_refs``) and the peak over three more products, whose
   results are kept, minus the RSS before them is reported. hessian-eigenthings' ``matvec``
   returns its result attached to the autograd graph of the model's parameters (each result
@@ -164,11 +164,18 @@ def memory_child(model_name: str, lib: str, args) -> dict:
 
 
 def measure_memory(model_name: str, lib: str, args) -> dict:
+    """The child's figure in ``args.memory_repeats`` fresh processes, and their median (RSS at
+    page granularity moves by tens of MB from run to run with the allocator's reuse)."""
     cmd = [sys.executable, __file__, "--child", model_name, lib, *sys.argv[1:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(args.memory_repeats):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    values = [r["peak_minus_before_bytes"] for r in runs]
+    return {"peak_minus_before_bytes": statistics.median(values), "runs_bytes": values,
+            "products": runs[0]["products"]}
 
 
 def top_eigenvalues(ops, n, k, tol, seed):
@@ -273,6 +280,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-repeats", type=int, default=3)
     p.add_argument("--no-eigs", action="store_true")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -430,7 +430,7 @@ class _OutputOperator(CurvatureOperator):
         single = v.dim() == 1
         m = self._output_products(ctx, outputs, batch.targets,
                                   jv.unsqueeze(0) if single else jv, batch)
-        del jv
+        del jv, outputs, ctx
         th = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             out = batch.outputs(th)

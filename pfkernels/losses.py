@@ -39,7 +39,10 @@ _REDUCTIONS = ("mean", "sum")
 def _ce_hessian_torch(logits: Tensor, U: Tensor, targets: Tensor | None, ignore_index: int,
                       reduction: str) -> Tensor:
     p = torch.softmax(logits, dim=-1)
-    out = p * U - p * (p * U).sum(-1, keepdim=True)
+    # p ⊙ (u − p·u) with the row dots by a batched matmul: two [N, V] tensors live, not four
+    dots = torch.bmm(p.unsqueeze(1), U.unsqueeze(2)).squeeze(2)  # [N, 1]
+    out = (U - dots).mul_(p)
+    del p
     if targets is not None:
         keep = targets != ignore_index
         out = out * keep.unsqueeze(-1).to(out.dtype)
