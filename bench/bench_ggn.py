@@ -15,7 +15,8 @@ Per model:
   per-round ratios peer / ours. "ours" is a product at a new point (forward-mode JVP, loss
   Hessian, reverse pass); "ours, in a solve" is a product inside ``reuse_graph`` (what eigsh
   does: the forward graph kept, so a product is the JVP and the reverse pass).
-- peak memory: each operator in fresh subprocesses (median of three); after one product (one-time costs), the
+- peak memory: each operator in fresh subprocesses (median of three, glibc's mmap threshold
+  fixed at 128 KiB so that the RSS follows the live tensors); after one product (one-time costs), the
   peak RSS is reset (``/proc/self/clear_refs``) and the peak over three more products, whose
   results are kept, minus the RSS before them is reported. hessian-eigenthings' ``matvec``
   returns its result attached to the autograd graph of the model's parameters (each result
@@ -164,12 +165,15 @@ def memory_child(model_name: str, lib: str, args) -> dict:
 
 
 def measure_memory(model_name: str, lib: str, args) -> dict:
-    """The child's figure in ``args.memory_repeats`` fresh processes, and their median (RSS at
-    page granularity moves by tens of MB from run to run with the allocator's reuse)."""
+    """The child's figure in ``args.memory_repeats`` fresh processes, and their median."""
     cmd = [sys.executable, __file__, "--child", model_name, lib, *sys.argv[1:]]
+    # Every allocation above 128 KiB mapped and unmapped at once (a fixed threshold also stops
+    # glibc from raising it as it goes): the RSS then follows the live tensors, not the heap's
+    # caching, which moved the figures by up to 3x from process to process.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     runs = []
     for _ in range(args.memory_repeats):
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
