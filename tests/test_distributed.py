@@ -196,6 +196,14 @@ def _agreement_worker(rank, init_file, out_dir):
         out[name] = {"hv": op @ v_, "block": op @ block_, "grad": op.gradient(),
                      "loss": op.loss(), "third": op.third_derivative(u_, v_),
                      "world": pfd.world_size(op.process_group)}
+    for name, cls in [("ggn", pfkernels.GGNOperator),
+                      ("empirical_fisher", pfkernels.EmpiricalFisherOperator)]:
+        ref_op = cls(model, mse_loss, (x, y), process_group=None)
+        op = cls(model, mse_loss, data1)
+        with op.reuse_graph():  # the kept forward graphs, then the reduction
+            kept = op @ block
+        out[name] = {"hv": op @ v, "block": op @ block, "kept": kept, "ref_hv": ref_op @ v,
+                     "ref_block": ref_op @ block, "world": pfd.world_size(op.process_group)}
     op = pfkernels.HessianOperator(model, mse_loss, (xs, ys))
     res = pfkernels.eigsh(op, k=3, tol=1e-10)  # no seed: rank 0's is broadcast
     out["eigsh"] = {"vals": res.eigenvalues, "vecs": res.eigenvectors}
@@ -288,6 +296,17 @@ def test_operator_equals_single_process_on_the_union(results, config, quantity):
         assert float((got.double() - want).abs().max()) <= tol * float(scale), (rank, config)
         # the reduced result is the same bits on every rank
         assert torch.equal(got, results[0][config][quantity])
+
+
+@pytest.mark.parametrize("name", ["ggn", "empirical_fisher"])
+def test_output_operators_equal_single_process_on_the_union(results, name):
+    for rank in range(WORLD):
+        got = results[rank][name]
+        assert got["world"] == WORLD
+        for quantity, want in [("hv", "ref_hv"), ("block", "ref_block"), ("kept", "ref_block")]:
+            scale = got[want].abs().max()
+            assert float((got[quantity] - got[want]).abs().max()) <= 1e-12 * float(scale)
+            assert torch.equal(got[quantity], results[0][name][quantity])
 
 
 def test_eigsh_matches_single_process_and_is_identical_across_ranks(results):

@@ -220,3 +220,16 @@ def test_tracker_piggyback_on_fused_attention_measures_on_data(gpt2):
     record = tracker.step(0, loss=loss)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert record["sharpness"] == pytest.approx(reference.step(0)["sharpness"], rel=1e-2)
+
+
+def test_fisher_operators_on_hf_causal_lm(gpt2):
+    model, batch = gpt2
+    batch["labels"][0, 3] = -100
+    v = torch.randn(2, sum(p.numel() for p in model.parameters()))
+    for op in (pfkernels.MCFisherOperator(model, None, batch, mc_samples=2, seed=1),
+               pfkernels.EmpiricalFisherOperator(model, None, batch)):
+        fv = op @ v
+        assert torch.equal(fv, op @ v)
+        assert float((fv * v).sum(1).min()) >= 0
+        # symmetric: u·(F v) = v·(F u)
+        assert abs(float(v[0] @ fv[1] - v[1] @ fv[0])) < 1e-4 * float(fv.norm() * v.norm())
