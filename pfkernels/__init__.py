@@ -6,6 +6,13 @@ flow, central flows and the DAL learning rate. See README.md and docs/.
 
 from . import data, distributed, flows, losses, optim
 from ._version import __version__
+from .curvature import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    MCFisherOperator,
+    curvature_operator,
+)
 from .eos import (
     SharpnessTracker,
     StabilityThreshold,
@@ -13,13 +20,6 @@ from .eos import (
     preconditioned_operator,
     stability_threshold,
     stability_thresholds,
-)
-from .curvature import (
-    CurvatureOperator,
-    EmpiricalFisherOperator,
-    GGNOperator,
-    MCFisherOperator,
-    curvature_operator,
 )
 from .estimators import DiagonalEstimate, hutchinson_diagonal, hutchpp_trace
 from .hvp import HessianOperator
