@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from . import losses as _losses
-from .ops import _check_arg
+from ._checks import check_arg as _check_arg
 from .sources import FORWARD_AD, BatchTerms, FunctionSource, ModelSource
 
 __all__ = [

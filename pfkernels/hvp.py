@@ -55,8 +55,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .curvature import CurvatureOperator, _derivative, _or_zeros
 from ._checks import check_arg as _check_arg
+from .curvature import CurvatureOperator, _derivative, _or_zeros
 from .sources import FORWARD_AD, FunctionSource, ModelSource, math_attention
 
 __all__ = ["HessianOperator", "math_attention"]

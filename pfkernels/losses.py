@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import _check_arg
+from ._checks import check_arg as _check_arg
 from .sources import model_outputs_tensor
 
 __all__ = [

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import distributed as _dist
-from .ops import _check_arg
+from ._checks import check_arg as _check_arg
 
 __all__ = ["FunctionSource", "ModelSource", "math_attention"]
 
