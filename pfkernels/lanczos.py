@@ -555,6 +555,13 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
                          f"got {eigenvalue_tol!r}")
     if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
         raise ValueError(f"argument 'guard': must be a non-negative int, got {guard!r}")
+    vector_group = getattr(A, "vector_group", None)
+    if vector_group is not None:
+        if batch is not None:
+            raise ValueError("argument 'batch': an operator on sharded vectors (FSDP2) solves "
+                             "one problem at a time")
+        return _eigsh_on_shards(A, vector_group, k, which, tol, max_matvecs, ncv, v0, seed,
+                                dtype, check_residuals, eigenvalue_tol)
     seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
@@ -596,6 +603,55 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     _warn_unconverged(conv[:, :required], tol if eigenvalue_tol is None else eigenvalue_tol,
                       max_matvecs, "tol" if eigenvalue_tol is None else "eigenvalue_tol")
     return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
+
+
+def _eigsh_on_shards(A, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
+                     check_residuals, eigenvalue_tol) -> EigResult:
+    """:func:`eigsh` for an operator whose vectors are sharded over ``group`` (``A.vector_group``,
+    FSDP2: each rank holds the local shards of its parameters): the basis, the start vector and
+    the eigenvectors are this rank's shards, inner products are all-reduced, and no full vector
+    is ever formed. ``shard_basis`` is implied."""
+    op = _wrap_operator(A, None, v0, None, dtype)
+    sizes = _dist.all_reduce_sum(torch.tensor([float(op.n)], dtype=torch.float64), group)
+    N = int(sizes[0])
+    if k > N:
+        raise ValueError(f"argument 'k': {k} exceeds the operator's size n={N}")
+    ncv = max(2 * k + 1, 20) if ncv is None else ncv
+    if not _is_int(ncv) or ncv <= k or ncv >= N:
+        raise ValueError(f"argument 'ncv': must be an int with k={k} < ncv < n={N} for an "
+                         f"operator on sharded vectors, got {ncv!r}")
+    if max_matvecs is None:
+        max_matvecs = max(1000, 30 * ncv)
+    elif not _is_int(max_matvecs) or max_matvecs < 1:
+        raise ValueError(f"argument 'max_matvecs': must be a positive int, got {max_matvecs!r}")
+    work = op.dtype
+    storage = dtype if dtype is not None else work
+    if storage == torch.float64 and work == torch.float32:
+        work = torch.float64
+        op = _in_dtype(op, work)
+    rank = _dist.rank(group)
+    if v0 is None:
+        # a different stream on every rank: the shards of one random vector
+        x = _random_vectors(1, op.n, None if seed is None else int(seed) + 1_000_003 * rank,
+                            op.device, work)
+    else:
+        if not isinstance(v0, Tensor) or tuple(v0.shape) != (op.n,):
+            raise ValueError(f"argument 'v0': expected this rank's shard, shape [{op.n}], got "
+                             f"{tuple(v0.shape) if isinstance(v0, Tensor) else type(v0)}")
+        x = v0.detach().to(op.device, work).reshape(1, -1)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("argument 'v0': contains NaN or infinity")
+    lz = _LocalShardLanczos(op, k, which, tol, max_matvecs, ncv, x, seed, storage, work, group,
+                            eigenvalue_tol=eigenvalue_tol, required=k)
+    with _solve_scope(A):
+        lz.run()
+        if check_residuals:
+            lz.true_residuals()
+    _warn_unconverged(lz.conv[:, :k], tol if eigenvalue_tol is None else eigenvalue_tol,
+                      max_matvecs, "tol" if eigenvalue_tol is None else "eigenvalue_tol")
+    dev = op.device
+    return _finish(lz.vals.to(dev), lz.vecs.transpose(1, 2), lz.res.to(dev), lz.matvecs,
+                   lz.conv.to(dev), False)
 
 
 def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int, name: str = "tol") -> None:
@@ -1103,6 +1159,59 @@ class _ShardedLanczos(_Lanczos):
         """Full Ritz vectors (one all_gather) and the full operator, e.g. for true_residuals."""
         self.vecs = _dist.all_gather_shards(self.vecs, self.full_op.n, self.group)
         self.op = self.full_op
+
+
+class _LocalShardLanczos(_Lanczos):
+    """One thick-restart Lanczos process over an operator whose vectors are sharded over the
+    ranks of a group (``A.vector_group``, FSDP2): the operator takes and returns this rank's shard,
+    so the basis, the Ritz vectors and the restarts are local, and only inner products are
+    all-reduced: CGS2's two coefficient passes and each norm, a few scalars per step, no vector
+    ever gathered. Every rank builds ``T`` from the same reduced scalars, so all take the same
+    decisions. The step is plain torch (the fused ``lanczos_step`` kernel reduces internally)."""
+
+    def __init__(self, op: _Operator, k, which, tol, max_matvecs, m, x0: Tensor, seed, storage,
+                 work, group, **criterion):
+        self.group = group
+        super().__init__(op, 1, k, which, tol, max_matvecs, m, x0, seed, storage, work,
+                         **criterion)
+        norm = self._norms(x0)
+        if not bool((norm > 0).all()):
+            raise ValueError("argument 'v0': is zero")
+        self.V[:, 0] = (x0 / norm).to(storage)
+
+    def _reduce(self, c: Tensor) -> Tensor:
+        return _dist.all_reduce_sum(c, self.group)
+
+    def _norms(self, X: Tensor) -> Tensor:
+        X = X.contiguous()
+        sq = self._reduce(ops.lanczos_dots_unchecked(X.unsqueeze(1), X))
+        return sq.clamp_min(0).sqrt().to(X.dtype)
+
+    def step(self) -> None:
+        j = self.j
+        self.iteration_of[j] = self.iteration
+        W = self._apply(self.V[:, j].to(self.work))
+        self.wnorm[:, j] = self._norms(W)[:, 0].to(torch.float64)
+        w, h = _orthonormalise_against(self.V[:, : j + 1], W, self.work, self._reduce)
+        b = self._reduce(ops.lanczos_dots_unchecked(w.unsqueeze(1), w)).clamp_min(0).sqrt()[:, 0]
+        self.alpha[:, j] = h[:, j]
+        self.coef[:, j, : j + 1] = h
+        self.beta[:, j] = b
+        inv = torch.where(b > 0, 1 / torch.where(b > 0, b, torch.ones_like(b)), 1.0)
+        self.V[:, j + 1] = (w * inv.to(self.work)[:, None]).to(self.storage)
+        self._end_step(j)
+
+    def _true_residual_norms(self, U: Tensor, ps: list[int]) -> tuple[Tensor, Tensor]:
+        quotients = torch.zeros(len(ps), U.shape[1], dtype=torch.float64)
+        out = torch.zeros_like(quotients)
+        for i in range(U.shape[1]):
+            X = U[:, i].contiguous()
+            AX = self.op.apply(X).to(self.work).contiguous()
+            q = self._reduce(_dots(X.unsqueeze(1), AX))[:, 0]
+            quotients[:, i] = q.to("cpu", torch.float64)
+            out[:, i] = self._norms(AX - X * q.to(self.work)[:, None])[:, 0].to(
+                "cpu", torch.float64)
+        return quotients, out
 
 
 class _WarmDavidson:
