@@ -577,7 +577,7 @@ def test_bad_vectors(seed):
 def test_bad_constructor_arguments(seed):
     model, x, y = tiny_problem(seed)
     with pytest.raises(ValueError, match="'method'"):
-        HessianOperator(model, mse_loss, (x, y), method="finite-difference")
+        HessianOperator(model, mse_loss, (x, y), method="finite-differences")
     with pytest.raises(ValueError, match="'mode'"):
         HessianOperator(model, mse_loss, (x, y), mode="training")
     with pytest.raises(ValueError, match="'dtype'"):
