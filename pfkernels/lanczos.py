@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
+from . import progress as _progress
 from . import ops
 from .curvature import CurvatureOperator, curvature_operator
 
@@ -417,7 +418,8 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
           ncv: int | None = None, v0: Tensor | None = None, seed: int | None = None,
           dtype: torch.dtype | None = None, *, batch: int | None = None, n: int | None = None,
           check_residuals: bool = False, shard_basis: bool = False,
-          eigenvalue_tol: float | None = None, guard: int = 0) -> EigResult:
+          eigenvalue_tol: float | None = None, guard: int = 0, progress: bool = False
+          ) -> EigResult:
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Args:
@@ -482,7 +484,14 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
             ``1/R`` of the basis), with the dot products all-reduced. Per step: one all_gather
             of ``n`` elements and 2 all-reduces of at most ``ncv`` scalars on top of the
             operator's own product. Eigenvalues and eigenvectors (returned full, [n, k], the same
-            on every rank) agree with the replicated solve to rounding.
+            on every rank) agree with the replicated solve to rounding. An operator whose
+            vectors are themselves sharded (``A.vector_group`` not None: a
+            :class:`HessianOperator` or :class:`pfkernels.finite_difference.GradientHessian` on
+            an FSDP2 model) always solves on its shards: the basis, ``v0`` and the returned
+            eigenvectors are this rank's shards, only inner products are all-reduced.
+        progress: show a tqdm bar of products done (against ``max_matvecs``), the current top
+            Ritz value and its residual estimate, updated at every convergence check (rank 0
+            only under a process group; see :mod:`pfkernels.progress`).
 
     Returns:
         :class:`EigResult`; eigenvalues descending. Tensors live on A's device.
@@ -555,13 +564,14 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
                          f"got {eigenvalue_tol!r}")
     if isinstance(guard, bool) or not isinstance(guard, int) or guard < 0:
         raise ValueError(f"argument 'guard': must be a non-negative int, got {guard!r}")
+    _progress.check_progress(progress)
     vector_group = getattr(A, "vector_group", None)
     if vector_group is not None:
         if batch is not None:
             raise ValueError("argument 'batch': an operator on sharded vectors (FSDP2) solves "
                              "one problem at a time")
         return _eigsh_on_shards(A, vector_group, k, which, tol, max_matvecs, ncv, v0, seed,
-                                dtype, check_residuals, eigenvalue_tol)
+                                dtype, check_residuals, eigenvalue_tol, progress)
     seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
@@ -596,17 +606,19 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         conv = res <= (tol if eigenvalue_tol is None else eigenvalue_tol) * scale + 1e-300
         return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
-    with _solve_scope(A):
+    bar = _progress.Progress(progress, max_matvecs, "eigsh", getattr(A, "process_group", None))
+    with _solve_scope(A), bar:
         vals, vecs, res, nmv, conv = _thick_restart_lanczos(
             op, B, k, which, tol, max_matvecs, ncv, x0, seed, storage, work, check_residuals,
-            group=group, block=block, eigenvalue_tol=eigenvalue_tol, required=required)
+            group=group, block=block, eigenvalue_tol=eigenvalue_tol, required=required,
+            progress=bar)
     _warn_unconverged(conv[:, :required], tol if eigenvalue_tol is None else eigenvalue_tol,
                       max_matvecs, "tol" if eigenvalue_tol is None else "eigenvalue_tol")
     return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
 
 def _eigsh_on_shards(A, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
-                     check_residuals, eigenvalue_tol) -> EigResult:
+                     check_residuals, eigenvalue_tol, progress) -> EigResult:
     """:func:`eigsh` for an operator whose vectors are sharded over ``group`` (``A.vector_group``,
     FSDP2: each rank holds the local shards of its parameters): the basis, the start vector and
     the eigenvectors are this rank's shards, inner products are all-reduced, and no full vector
@@ -643,7 +655,8 @@ def _eigsh_on_shards(A, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
             raise ValueError("argument 'v0': contains NaN or infinity")
     lz = _LocalShardLanczos(op, k, which, tol, max_matvecs, ncv, x, seed, storage, work, group,
                             eigenvalue_tol=eigenvalue_tol, required=k)
-    with _solve_scope(A):
+    lz.progress = _progress.Progress(progress, max_matvecs, "eigsh", group)
+    with _solve_scope(A), lz.progress:
         lz.run()
         if check_residuals:
             lz.true_residuals()
@@ -724,6 +737,7 @@ class _Lanczos:
         self.next_check = max(1, min(k, m))
         self.iteration = 0
         self.iteration_of = torch.zeros(m, dtype=torch.int64)  # step number of each slot
+        self.top = (None, None)  # (most wanted Ritz value, residual) of problem 0, last check
 
     def _apply(self, X: Tensor) -> Tensor:
         """A X [B, n] for the active problems (the others' rows are zero or their products
@@ -876,6 +890,8 @@ class _Lanczos:
             r_rel_all = np.abs(float(last_beta[p]) * S_n[p, j - 1])
             r_all = r_rel_all + np.linalg.norm(S_n[p] * err_n[p][:, None], axis=0)
             r, r_rel = r_all[sel], r_rel_all[sel]
+            if p == 0:  # what a progress bar shows
+                self.top = (float(theta_n[p, sel[0]]), float(r[0]))
             scale = np.maximum(np.abs(theta_n[p, sel]), self.floor_rel * tnorm[p])
             ok = self._accepted(theta_n[p], r_all, sel, r, scale)
             full = sel.shape[0] == k
@@ -915,7 +931,8 @@ class _Lanczos:
                 self.vals[p, :cnt] = values[order]
                 self.res[p, :cnt] = r[order]
                 self.conv[p, :cnt] = ok[order]
-                self.vecs[p, :cnt] = U[order.to(self.device)]
+                for i, o in enumerate(order.tolist()):  # row by row: no k x n gathered copy
+                    self.vecs[p, i] = U[o]
                 self.active[p] = False
         return not bool(self.active.any())
 
@@ -952,8 +969,8 @@ class _Lanczos:
         U = _ritz(Ssel.to(self.device), Vs)
         flat = U.reshape(-1, U.shape[-1])
         norms = self._norms(flat)
-        flat = flat / torch.where(norms > 0, norms, torch.ones_like(norms))
-        return flat.reshape(U.shape)
+        flat.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: k x n
+        return U
 
     def _true_residual_norms(self, U: Tensor, ps: list[int]) -> tuple[Tensor, Tensor]:
         """For the unit rows U [len(ps), k, n] of problems ``ps``: their Rayleigh quotients
@@ -988,8 +1005,7 @@ class _Lanczos:
         m, lk = self.m, self.n_keep
         keep = [_select(theta[p], lk, self.which) for p in range(self.B)]
         Sk = torch.stack([S[p][:, keep[p]] for p in range(self.B)])  # [B, m, lk]
-        Uk = _ritz(Sk.to(self.device), self.V)
-        self.V[:, :lk] = Uk.to(self.storage)
+        _ritz_in_place(Sk.to(self.device), self.V)
         self.V[:, lk] = self.V[:, m]
         self.arrow.zero_()
         ar = torch.arange(lk)
@@ -1031,12 +1047,19 @@ class _Lanczos:
         steps = self.j - self.cycle_start
         self.next_check = min(self.m, self.j + max(1, steps // 8))
 
+    progress = None  # a pfkernels.progress.Progress, set by eigsh
+
     def run(self) -> None:
         while True:
             self.step()
+            if self.progress is not None:
+                self.progress.update(int(self.matvecs.max()))
             if not self.due():
                 continue
-            if self.check():
+            finished = self.check()
+            if self.progress is not None:
+                self.progress.update(int(self.matvecs.max()), *self.top)
+            if finished:
                 return
             if self.refresh_due:
                 self.refresh()
@@ -1375,18 +1398,40 @@ def _ritz(S: Tensor, V: Tensor) -> Tensor:
     return ops.lanczos_ritz(S, V)
 
 
+# Elements of the basis one chunk of an in-place restart reads (16 MB of float32): the temporary
+# Ritz block is then lk x chunk, not lk x n (at n = 1e8 and lk = 13 that was 5.2 GB, more than
+# a bfloat16 basis of 21 vectors).
+_RESTART_CHUNK = 1 << 22
+
+
+def _ritz_in_place(S: Tensor, V: Tensor) -> None:
+    """``V[:, :lk] = S^T V[:, :m]`` (S [B, m, lk], lk <= m) chunk of columns by chunk of columns:
+    each output column depends only on the same column of the input, so a chunk is computed
+    from a contiguous copy of its slice and written back before the next is read. Same
+    arithmetic as :func:`_ritz` (float32/float64 sums, rounded once to the storage dtype)."""
+    m, lk, n = S.shape[1], S.shape[2], V.shape[-1]
+    chunk = max(1, _RESTART_CHUNK // (m + 1))
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        block = V[:, :m, lo:hi].contiguous()
+        V[:, :lk, lo:hi] = _ritz(S, block).to(V.dtype)
+
+
 def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                           check_residuals, mask=None, group=None, block=None, **criterion):
+                           check_residuals, mask=None, group=None, block=None, progress=None,
+                           **criterion):
     if block is not None:
         lz = _WarmDavidson(op, B, k, which, tol, max_matvecs, m, block, seed, work, **criterion)
         lz.run()
     elif group is None:
         lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask,
                       **criterion)
+        lz.progress = progress
         lz.run()
     else:
         lz = _ShardedLanczos(op, k, which, tol, max_matvecs, m, x0, seed, storage, work, group,
                              **criterion)
+        lz.progress = progress
         lz.run()
         lz.gather_vectors()
     if check_residuals:
@@ -1528,14 +1573,17 @@ class SpectralDensity(NamedTuple):
     num_matvecs: int
 
 
-def _lanczos_tridiagonals(A, op: _Operator, P: int, m: int, x0: Tensor, seed
-                          ) -> tuple[Tensor, Tensor]:
+def _lanczos_tridiagonals(A, op: _Operator, P: int, m: int, x0: Tensor, seed,
+                          progress: bool = False) -> tuple[Tensor, Tensor]:
     """m Lanczos steps (full reorthogonalisation) from each row of x0: (nodes, weights) [P, m]
     (``A`` is the caller's operator, ``op`` its wrapper)."""
     lz = _Lanczos(op, P, 1, "LA", 1.0, 10 ** 9, m, x0, seed, op.dtype, op.dtype)
-    with _solve_scope(A):  # a Hessian keeps its first-order graph across the steps
-        for _ in range(m):
+    bar = _progress.Progress(progress, P * m, "SLQ", getattr(A, "process_group", None))
+    # a Hessian keeps its first-order graph across the steps
+    with _solve_scope(A), bar:
+        for i in range(m):
             lz.step()
+            bar.update(P * (i + 1))
     theta, S, _, _ = lz._projected()
     return theta, S[:, 0, :] ** 2
 
@@ -1543,7 +1591,8 @@ def _lanczos_tridiagonals(A, op: _Operator, P: int, m: int, x0: Tensor, seed
 @_generator_untouched_on_error
 def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | Tensor = 1000,
                      sigma: float | None = None, *, seed: int | None = None,
-                     n: int | None = None, dtype: torch.dtype | None = None) -> SpectralDensity:
+                     n: int | None = None, dtype: torch.dtype | None = None,
+                     progress: bool = False) -> SpectralDensity:
     """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature (Ghorbani,
     Krishnan & Xiao, ICML 2019, Sec. 3; Ubaru, Chen & Saad 2017), as in PyHessian's
     ``density()``.
@@ -1563,7 +1612,9 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | T
             or a 1-D tensor of points.
         sigma: broadening; default ``0.01 * (max theta - min theta)`` (at least 1e-12).
         seed: probes are drawn from ``Generator().manual_seed(seed)``.
+        progress: a tqdm bar of products done (:mod:`pfkernels.progress`).
     """
+    _progress.check_progress(progress)
     if not _is_int(num_probes) or num_probes < 1:
         raise ValueError(f"argument 'num_probes': must be a positive int, got {num_probes!r}")
     _check_seed(seed)
@@ -1576,7 +1627,7 @@ def spectral_density(A, num_probes: int = 10, num_steps: int = 80, grid: int | T
     m = min(num_steps, op.n)
     z = _rademacher(num_probes, op.n, seed, op.device, op.dtype)
     x0 = z / math.sqrt(op.n)
-    nodes, weights = _lanczos_tridiagonals(A, op, num_probes, m, x0, seed)
+    nodes, weights = _lanczos_tridiagonals(A, op, num_probes, m, x0, seed, progress)
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
         sigma = max(0.01 * (hi - lo), 1e-12)
@@ -1617,14 +1668,16 @@ class TraceEstimate(NamedTuple):
 @_generator_untouched_on_error
 def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: int | None = None,
                      n: int | None = None, dtype: torch.dtype | None = None,
-                     method: str = "hutchinson") -> TraceEstimate:
+                     method: str = "hutchinson", progress: bool = False) -> TraceEstimate:
     """Hutchinson's estimator ``tr(A) ~ (1/P) sum_p z_p^T A z_p`` with Rademacher probes
     (Hutchinson 1990; PyHessian's ``trace()``), applying A to blocks of ``batch_size`` probes
-    at once ([b, n] -> [b, n]; a SciPy operator is applied row by row).
+    at once ([b, n] -> [b, n]; a SciPy operator is applied row by row). ``progress=True``
+    shows a tqdm bar of probes done and the running estimate (:mod:`pfkernels.progress`).
 
     ``method="hutch++"`` spends the same ``num_probes`` products on Hutch++
     (:func:`pfkernels.estimators.hutchpp_trace`): far lower variance when a few eigenvalues
     dominate."""
+    _progress.check_progress(progress)
     if method == "hutch++":
         from .estimators import hutchpp_trace
 
@@ -1641,7 +1694,8 @@ def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: in
     samples = []
     done = 0
     op = None
-    with _solve_scope(A):  # a Hessian keeps its first-order graph across the probe blocks
+    bar = _progress.Progress(progress, num_probes, "trace", getattr(A, "process_group", None))
+    with _solve_scope(A), bar:  # a Hessian keeps its first-order graph across the probe blocks
         while done < num_probes:
             b = min(batch_size, num_probes - done)
             if op is None or op.batch != b:
@@ -1652,6 +1706,7 @@ def hutchinson_trace(A, num_probes: int = 100, *, batch_size: int = 32, seed: in
             Az = op.apply(z).to(op.dtype).contiguous()
             samples.append(_dots(z.unsqueeze(1), Az)[:, 0])
             done += b
+            bar.update(done, float(torch.cat(samples).mean()))
     est = torch.cat(samples)
     if not bool(torch.isfinite(est).all()):
         raise FloatingPointError("hutchinson_trace: the operator returned NaN or infinity")
