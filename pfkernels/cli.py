@@ -508,6 +508,22 @@ def _add_sharpness(sub) -> None:
                    "quadrature (Ghorbani et al. 2019)")
     p.add_argument("--probes", type=int, default=8, help="SLQ probes (with --density)")
     p.add_argument("--steps", type=int, default=60, help="Lanczos steps per probe (with --density)")
+    p.add_argument("--method", default="auto",
+                   choices=["auto", "double-backward", "forward-over-reverse", "finite-difference"],
+                   help="how each Hessian-vector product is taken (finite-difference: central "
+                   "differences of gradients, two gradients per product, no graph kept)")
+    p.add_argument("--ncv", type=int, default=None,
+                   help="Lanczos basis size (default max(2k + 1, 20)); memory is (ncv + 1) "
+                   "vectors of the parameters' size in the basis dtype")
+    p.add_argument("--basis-dtype", choices=["float32", "float64", "bfloat16"], default=None,
+                   help="storage of the Lanczos basis (default: the parameters' dtype; bfloat16 "
+                   "halves a float32 basis)")
+    p.add_argument("--max-matvecs", type=int, default=None,
+                   help="budget of Hessian-vector products (default max(1000, 30 ncv)); "
+                   "unconverged pairs are reported as such")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (by default a bar on stderr shows HVPs done, the top "
+                   "Ritz value and its residual)")
     p.add_argument("--out", default=None,
                    help="folder for sharpness.json and, with --density, density.png")
     p.set_defaults(func=_run_sharpness)
@@ -560,20 +576,34 @@ def _sharpness(args) -> int:
     if args.threads is not None:
         _check_at_least(args, 1, "--threads")
         torch.set_num_threads(args.threads)
+    if args.max_matvecs is not None:
+        _check_at_least(args, 1, "--max-matvecs")
+    if args.ncv is not None:
+        _require(args.ncv > args.k, "--ncv", f"must exceed --k={args.k}, got {args.ncv}")
+    _require(args.method == "auto" or args.curvature == "hessian", "--method",
+             f"chooses how Hessian products are taken; --curvature {args.curvature} has its own")
     _check_out(args.out)
     model, loss_fn, batches = _load_problem(args.model)
     extra = {"seed": args.seed} if args.curvature == "fisher" else {}
     try:
+        if args.curvature == "hessian":
+            extra["method"] = args.method
         op = curvature_operator(args.curvature, model, loss_fn, batches, **extra)
     except (TypeError, ValueError) as exc:
         option = "--model" if args.curvature == "hessian" else "--curvature"
+        option = "--method" if "'method'" in str(exc) else option
         raise _OptionError(option, f"{args.model} returned a problem the {args.curvature} "
                            f"operator rejects: {exc}") from None
     _require(args.k <= op.shape[0], "--k", f"the model has {op.shape[0]} parameters, got {args.k}")
     folder = None if args.out is None else _make_out(args.out)
+    basis_dtype = None if args.basis_dtype is None else getattr(torch, args.basis_dtype)
     start = time.perf_counter()
-    result = eigsh(op, k=args.k, which="LA", tol=args.tol, seed=args.seed)
+    result = eigsh(op, k=args.k, which="LA", tol=args.tol, seed=args.seed, ncv=args.ncv,
+                   max_matvecs=args.max_matvecs, dtype=basis_dtype,
+                   progress=not args.no_progress)
     elapsed = time.perf_counter() - start
+    ncv = min(op.shape[0], args.ncv if args.ncv is not None else max(2 * args.k + 1, 20))
+    storage = basis_dtype if basis_dtype is not None else op.dtype
     out = {
         "model": args.model,
         "curvature": args.curvature,
@@ -584,13 +614,18 @@ def _sharpness(args) -> int:
         "converged": [bool(v) for v in result.converged],
         "num_matvecs": int(result.num_matvecs),
         "time": elapsed,
+        "method": getattr(op, "method", args.curvature),
+        "ncv": ncv,
+        "basis_dtype": str(storage).replace("torch.", ""),
+        "basis_bytes": (ncv + 1) * op.shape[0] * storage.itemsize,
+        "peak_rss_bytes": _peak_rss_bytes(),
     }
     if args.density:
         from .lanczos import spectral_density
 
         start = time.perf_counter()
         density = spectral_density(op, num_probes=args.probes, num_steps=args.steps,
-                                   seed=args.seed, grid=400)
+                                   seed=args.seed, grid=400, progress=not args.no_progress)
         out["density"] = {
             "grid": density.grid.tolist(),
             "density": density.density.tolist(),
@@ -619,7 +654,24 @@ def _sharpness(args) -> int:
             print(f"  density: support [{d['support'][0]:.4g}, {d['support'][1]:.4g}] from "
                   f"{d['num_probes']} probes x {d['num_steps']} steps ({d['num_matvecs']} HVPs, "
                   f"{d['time']:.2f} s)")
+        done = sum(out["converged"])
+        peak = out["peak_rss_bytes"]
+        print(f"summary: sharpness {out['eigenvalues'][0]:.6g}, {done}/{len(out['converged'])} "
+              f"pairs converged at tol {args.tol:g}, {out['num_matvecs']} HVPs "
+              f"({out['method']}) in {elapsed:.1f} s; basis {ncv + 1} x {op.shape[0]} "
+              f"{out['basis_dtype']} = {out['basis_bytes'] / 2**30:.2f} GiB"
+              + ("" if peak is None else f", process peak RSS {peak / 2**30:.2f} GiB"))
     return 0
+
+
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident set so far (Linux and macOS), or None where unknown."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def _add_pf(sub) -> None:

@@ -204,3 +204,46 @@ def test_sharpness_curvature_and_threads(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exc:
             cli.main(["sharpness", *argv])
         assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_sharpness_command_solver_options_and_summary(tmp_path, monkeypatch, capsys):
+    (tmp_path / "wide_problem.py").write_text(textwrap.dedent("""
+        import torch
+
+        def problem():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(
+                torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+            ).double()
+            x, y = torch.randn(60, 6).double(), torch.randn(60, 2).double()
+            loss_fn = lambda out, target: 0.5 * ((out - target) ** 2).sum(1).mean()
+            return model, loss_fn, (x, y)
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import wide_problem
+
+    from pfkernels import HessianOperator
+
+    op = HessianOperator(*wide_problem.problem())
+    dense = torch.stack([op.matvec(e) for e in torch.eye(op.shape[0], dtype=torch.float64)])
+    top = float(torch.linalg.eigvalsh(dense).max())
+    base = ["sharpness", "--model", "wide_problem:problem", "--k", "1", "--tol", "1e-6"]
+    assert cli.main([*base, "--method", "finite-difference", "--ncv", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["method"] == "finite-difference" and out["ncv"] == 8
+    assert out["eigenvalues"][0] == pytest.approx(top, rel=1e-8)
+    assert out["basis_bytes"] == 9 * op.shape[0] * 8
+    assert "HVP" in captured.err  # the progress bar, on by default
+    assert cli.main([*base, "--basis-dtype", "float32", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "summary: sharpness" in captured.out and "HVP" not in captured.err
+    with pytest.warns(RuntimeWarning, match="max_matvecs=3"):
+        assert cli.main([*base, "--max-matvecs", "3", "--no-progress", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_matvecs"] <= 3 + 1 and not all(out["converged"])
+    for bad, option in ((["--ncv", "1"], "--ncv"), (["--max-matvecs", "0"], "--max-matvecs")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*base, *bad])
+        assert exit_.value.code == 2 and option in capsys.readouterr().err
