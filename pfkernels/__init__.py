@@ -4,7 +4,7 @@ Hessian-vector products, batched Lanczos eigensolves, edge-of-stability tracking
 flow, central flows and the DAL learning rate. See README.md and docs/.
 """
 
-from . import data, distributed, flows, losses, optim
+from . import data, distributed, finite_difference, flows, losses, optim
 from ._version import __version__
 from .curvature import (
     CurvatureOperator,
@@ -22,6 +22,7 @@ from .eos import (
     stability_thresholds,
 )
 from .estimators import DiagonalEstimate, hutchinson_diagonal, hutchpp_trace
+from .finite_difference import GradientHessian
 from .hvp import HessianOperator
 from .lanczos import (
     EigResult,
@@ -41,6 +42,7 @@ __all__ = [
     "EigResult",
     "EmpiricalFisherOperator",
     "GGNOperator",
+    "GradientHessian",
     "HessianOperator",
     "MCFisherOperator",
     "SharpnessTracker",
@@ -54,6 +56,7 @@ __all__ = [
     "detect_eos",
     "distributed",
     "eigsh",
+    "finite_difference",
     "flows",
     "hutchinson_diagonal",
     "hutchinson_trace",
