@@ -12,9 +12,12 @@ Step size. With unit roundoff ``u`` of the parameters' dtype,
 the classical balance of a central difference: the truncation error is ``ε² ‖v‖³ |∇⁴E| / 6``
 (relative: ``O(u^(2/3))``), the rounding error of the two gradients divided by ``2ε`` is
 ``O(u ‖g‖ / ε)`` (relative: ``O(u^(2/3))`` too at this ε), so the relative error of a product is
-``O(u^(2/3))``: about 2e-5 in float32 and 4e-11 in float64 times problem constants. Measured
-(tests/test_finite_difference.py, bench/bench_hvp.py --finite-difference): see those files'
-results; pass ``eps=`` to override. Only float32 and float64 parameters are accepted: in bfloat16
+``O(u^(2/3))`` times problem constants (u^(2/3) = 2.4e-5 in float32, 1.9e-11 in float64).
+Measured (bench/bench_finite_difference.py, bench/results/finite_difference_cpu.json: digits
+MLP, 55,210 parameters, against float64 double backward): products 2.1e-5 (float32) and 7.4e-11
+(float64) relative error, median of 8 directions; top-2 eigenvalues 5e-5 / 2e-4 (float32) and
+2e-10 (float64); a product cost 0.75-0.81 of a fresh double-backward one. Pass ``eps=`` to
+override the step. Only float32 and float64 parameters are accepted: in bfloat16
 or float16 ``u^(1/3)`` is 0.2 or 0.1, no derivative at all.
 
 Parameters are perturbed in place (that is what lets any engine's own forward and backward see
