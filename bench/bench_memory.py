@@ -39,6 +39,15 @@ CASES = ["backward", "hvp", "eigsh_k1_f32", "eigsh_k1_bf16", "eigsh_k10_f32", "e
          "eigsh_k1_bf16_fd", "arpack_k1", "arpack_k10", "eigenthings_k1", "eigenthings_k10"]
 
 
+# glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
+# vector-sized temporaries of a 1e6-1e7-parameter model come from the heap and their pages stay
+# resident after being freed: peak RSS then measures the allocator's history, not live memory
+# (the same diagonal-operator solve at n = 4e6 peaked up to 2x higher after a different
+# warm-up). A fixed 1 MiB threshold keeps every large block in its own mapping,
+# returned to the system when freed. Vectors of 1e8 parameters are mmapped either way.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def _status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -152,7 +161,7 @@ def run_case(model: str, case: str, ncv: int, max_matvecs: int, rss_limit: float
            "--max-matvecs", str(max_matvecs)]
     load = Path("/proc/loadavg").read_text().split()[:3]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **MALLOC})
     killed = None
     while proc.poll() is None:
         try:
