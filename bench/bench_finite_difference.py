@@ -19,11 +19,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import write_json
 
 import pfkernels
 from pfkernels.data import digits, mlp, mse_loss
-
-from _common import write_json
 
 
 def main() -> None:

@@ -59,10 +59,8 @@ def child(model_name: str, case: str, ncv: int, max_matvecs: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from bench.memory_models import MODELS
-
     import pfkernels
-
+    from bench.memory_models import MODELS
     from pfkernels.data import mlp, mse_loss
 
     # First use maps library code (torch, LAPACK, SciPy) into the process: run every code path
