@@ -243,6 +243,8 @@ def _plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in records if "peak_above_baseline_bytes" in r})
+    if not models:
+        return
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for case in CASES for r in records

@@ -75,6 +75,17 @@ def check_eps(eps: Any, arg: str = "eps") -> None:
                arg, f"must be None or a positive finite number, got {eps!r}")
 
 
+_NORM_CHUNK = 1 << 22  # elements per float64 partial sum: no float64 copy of a whole vector
+
+
+def sum_of_squares(t: Tensor) -> float:
+    """``Σ t_i²`` accumulated in float64, chunk by chunk (a float64 copy of a 124M-parameter
+    vector would be 1 GB on top of the solve)."""
+    flat = t.detach().reshape(-1)
+    return sum(float(torch.linalg.vector_norm(flat[i: i + _NORM_CHUNK], dtype=torch.float64)) ** 2
+               for i in range(0, flat.numel(), _NORM_CHUNK))
+
+
 def finite_difference_eps(dtype: torch.dtype, theta_norm: float, v_norm: float,
                           eps: float | None = None) -> float:
     """The step ε of a central difference along ``v`` at ``θ`` (see the module docstring):
@@ -287,8 +298,8 @@ class GradientHessian:
 
     def _norms(self, v: Tensor) -> tuple[float, float]:
         """(‖θ‖, ‖v‖) over whole vectors (one all-reduce when sharded)."""
-        theta_sq = sum(float(t.double().pow(2).sum()) for t in self._locals())
-        sq = torch.tensor([theta_sq, float(v.double().pow(2).sum())], dtype=torch.float64)
+        theta_sq = sum(sum_of_squares(t) for t in self._locals())
+        sq = torch.tensor([theta_sq, sum_of_squares(v)], dtype=torch.float64)
         if self._vector_group is not None:
             sq = _dist.all_reduce_sum(sq, self._vector_group)
         return math.sqrt(float(sq[0])), math.sqrt(float(sq[1]))
