@@ -367,3 +367,79 @@ def module_mode(model: torch.nn.Module, training: bool):
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+class ShardedModelSource:
+    """The source of a :class:`pfkernels.HessianOperator` over a model sharded by FSDP2 (its
+    parameters are DTensors): what the operator core reads (``n``, ``dtype``, ``device``,
+    ``group``, ``names``, ``point()``, ``mean()``) describes this rank's local shards, and the
+    products come from :attr:`hessian`, a :class:`GradientHessian` over the model's own forward
+    and backward (:func:`module_gradient_fn`). Batches are one ``(inputs, targets)`` pair or a
+    list of them, moved to the parameters' device."""
+
+    in_memory = True
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Any,
+                 *, params: Any = None, dtype: torch.dtype | None = None, mode: str = "eval",
+                 method: str = "finite-difference", eps: float | None = None,
+                 check_finite: bool = True) -> None:
+        _check_arg(method == "finite-difference", "method",
+                   "the parameters are sharded (DTensor, torch FSDP2): double backward through "
+                   "FSDP's hooks is not supported by torch (autograd reports the sharded "
+                   "parameters unused); use method='finite-difference'")
+        _check_arg(dtype is None, "dtype", "cannot convert sharded (FSDP2) parameters; cast the "
+                   "model before fully_shard")
+        _check_arg(mode in ("eval", "train"), "mode",
+                   f"must be 'eval' or 'train' for a sharded (FSDP2) model, got {mode!r}")
+        _check_arg(callable(loss_fn), "loss_fn", "must be callable for a sharded (FSDP2) model")
+        _check_arg(_dist.is_distributed("default"), "model",
+                   "has sharded (DTensor, FSDP2) parameters but torch.distributed has no "
+                   "initialised process group")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if params is not None:
+            chosen = set(params) if not callable(params) else {n for n, _ in named if params(n)}
+            named = [(n, p) for n, p in named if n in chosen]
+        _check_arg(len(named) > 0, "params", "selects no trainable parameters")
+        tensors = [p for _, p in named]
+        probe = GradientHessian(lambda: None, tensors, eps=eps)  # checks params: one mesh, dtype
+        self.model = model
+        self.names = [n for n, _ in named]
+        self.dtype, self.device = probe.dtype, probe.device
+        self.group = probe.vector_group
+        self.vector_group = probe.vector_group
+        self.shapes = [_local(p.detach()).shape for p in tensors]
+        self.numels = [s.numel() for s in self.shapes]
+        self.n = sum(self.numels)
+        self.loss_fn = loss_fn
+        self.mode = mode
+        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+            data = [data]
+        _check_arg(isinstance(data, (tuple, list)) and len(data) > 0, "data",
+                   "must be one batch (inputs, targets) or a non-empty list of them for a "
+                   "sharded (FSDP2) model")
+        self.batches = []
+        for i, batch in enumerate(data):
+            _check_arg(isinstance(batch, (tuple, list)) and len(batch) == 2
+                       and isinstance(batch[0], Tensor) and batch[0].dim() > 0, "data",
+                       f"batch {i} must be a pair (inputs tensor, targets)")
+            x, y = (t.to(self.device) if isinstance(t, Tensor) else t for t in batch)
+            self.batches.append((x, y, x.shape[0]))
+        gradient = module_gradient_fn(model, loss_fn, self.batches, mode == "train", self.group)
+        self.hessian = GradientHessian(gradient, tensors, eps=eps, check_finite=check_finite)
+        self._tensors = tensors
+
+    def point(self) -> Tensor:
+        return self.hessian.flat_parameters()
+
+    def parameters(self) -> list[Tensor]:
+        return list(self._tensors)
+
+    def mean(self, total: Tensor, count: int) -> Tensor:
+        return _dist.weighted_mean(total, count, self.group)
+
+    def loss(self) -> Tensor:
+        """The global example-weighted mean loss, a 0-d tensor (the same on every rank)."""
+        with torch.no_grad(), module_mode(self.model, self.mode == "train"):
+            total = sum(n * self.loss_fn(self.model(x), y).detach().to(self.dtype)
+                        for x, y, n in self.batches)
+        return self.mean(total, sum(n for _, _, n in self.batches))

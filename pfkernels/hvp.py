@@ -15,6 +15,17 @@ Two ways to take a product (``method``):
   product.
 - ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(E), (θ,), (v,))``; blocks of vectors
   go through ``torch.func.vmap``.
+- ``"finite-difference"``: ``(∇E(θ + εv) − ∇E(θ − εv)) / 2ε`` (:mod:`pfkernels.finite_difference`:
+  the step ε from the dtype, ‖θ‖ and ‖v‖, relative error O(u^(2/3))): two gradients per product,
+  no second derivative, so it also serves models sharded by FSDP2 (below) and losses whose
+  second derivative torch lacks. Never picked by ``"auto"``.
+
+A model sharded by torch FSDP2 (``fully_shard``: its parameters are DTensors) is differentiated
+through its own forward and backward (their hooks all-gather the parameters and reduce-scatter
+the gradients; double backward through them fails in torch, so ``method`` must be
+``"finite-difference"``): its source is a :class:`pfkernels.finite_difference.ShardedModelSource`,
+vectors are this rank's local shards, the parameters are perturbed in place and restored bit for
+bit, and :func:`pfkernels.eigsh` solves on the shards.
 
 ``"auto"`` picks double-backward, for single vectors and for blocks, by measurement
 (``bench/bench_hvp.py --threads 1``, ``bench/results/hvp_cpu.json``): 2-core CPU shared with other
@@ -49,12 +60,14 @@ restored, attention routed to its math path per thread by :func:`math_attention`
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from . import finite_difference as _fd
 from ._checks import check_arg as _check_arg
 from .curvature import CurvatureOperator, _derivative, _or_zeros
 from .sources import FORWARD_AD, FunctionSource, ModelSource, math_attention
@@ -100,11 +113,47 @@ def _double_backward_term(op: HessianOperator, v: Tensor) -> Callable:
     return double_backward
 
 
+def _finite_difference_term(op: HessianOperator, v: Tensor) -> Callable:
+    """Central differences of the batch gradients at θ ± εv (θ is a flat copy: the model's
+    parameters are never touched); one ε per vector, from ‖θ‖ and ‖v‖ (the same on every rank of
+    a process group: θ and v are replicated)."""
+    theta_norm = math.sqrt(_fd.sum_of_squares(op.source.point()))
+    rows = v.reshape(-1, op.num_parameters)
+    steps = []
+    for u in rows:
+        norm = math.sqrt(_fd.sum_of_squares(u))
+        steps.append(_fd.finite_difference_eps(op.dtype, theta_norm, norm, op._fd_eps)
+                     if norm > 0 else 0.0)
+
+    def gradient_at(closure, point: Tensor) -> Tensor:
+        th = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return _or_zeros(_derivative(closure(th), th), point)
+
+    def finite_difference(closure, theta):
+        out = []
+        for u, eps in zip(rows, steps):
+            if eps == 0.0:
+                out.append(torch.zeros_like(u))
+                continue
+            # one buffer for both points, each computed afresh from θ (θ − εv exactly, not
+            # θ + εv − 2εv): at 1e8 parameters every vector is 0.5 GB
+            point = torch.add(theta, u, alpha=eps)
+            plus = gradient_at(closure, point)
+            minus = gradient_at(closure, torch.add(theta, u, alpha=-eps, out=point))
+            del point
+            out.append(plus.sub_(minus).div_(2 * eps))
+        return out[0] if v.dim() == 1 else torch.stack(out)
+
+    return finite_difference
+
+
 # The product methods, in one place: method name -> builder of the per-batch product term
 # ``term(loss closure, θ) -> H_b v``. "auto" resolves to _AUTO_METHOD.
 _PRODUCT_TERMS: dict[str, Callable[[HessianOperator, Tensor], Callable]] = {
     "double-backward": _double_backward_term,
     "forward-over-reverse": _forward_over_reverse_term,
+    "finite-difference": _finite_difference_term,
 }
 _METHODS = (*_PRODUCT_TERMS, "auto")
 # Chosen by measurement, see the module docstring and bench/results/hvp_cpu.json.
@@ -142,8 +191,10 @@ class HessianOperator(CurvatureOperator):
             names from ``model.named_parameters()``, or a callable ``name -> bool``, which
             chooses among the parameters with ``requires_grad`` only (a frozen layer is never
             pulled in by a pattern; list its names to include it). The others are held fixed.
-        method: ``"double-backward"``, ``"forward-over-reverse"`` or ``"auto"`` (see the module
-            docstring for the measurements behind the choice).
+        method: ``"double-backward"``, ``"forward-over-reverse"``, ``"finite-difference"`` or
+            ``"auto"`` (see the module docstring for the measurements behind the choice).
+        fd_eps: finite-difference only: ``None`` (ε from the dtype, ‖θ‖ and ‖v‖, see
+            :mod:`pfkernels.finite_difference`) or the length ``‖εv‖`` of each perturbation.
         dtype: ``None`` (the parameters' dtype) or a floating dtype: then parameters, buffers and
             floating inputs/targets are copied to it (``torch.float64`` for accuracy work).
         mode: ``"eval"`` (default: dropout off, BatchNorm uses its running statistics),
@@ -197,15 +248,27 @@ class HessianOperator(CurvatureOperator):
         check_finite: bool = True,
         cache_graph: bool | None = None,
         process_group: Any = "default",
+        fd_eps: float | None = None,
     ) -> None:
         _check_arg(method in _METHODS, "method", f"must be one of {_METHODS}, got {method!r}")
-        if isinstance(model, (ModelSource, FunctionSource)):
+        _fd.check_eps(fd_eps, "fd_eps")
+        self._fd_eps = fd_eps
+        if isinstance(model, (ModelSource, FunctionSource, _fd.ShardedModelSource)):
             source = model
+        elif isinstance(model, nn.Module) and any(
+                _fd.is_sharded(p) for p in model.parameters() if p.requires_grad):
+            source = _fd.ShardedModelSource(model, loss_fn, data, params=params, dtype=dtype,
+                                            mode=mode, method=method, eps=fd_eps,
+                                            check_finite=check_finite)
         else:
             source = ModelSource(model, loss_fn, data, params=params, dtype=dtype, mode=mode,
                                  process_group=process_group)
         super().__init__(source, check_finite=check_finite)
         self._method = _AUTO_METHOD if method == "auto" else method
+        if self._method == "finite-difference":
+            name = "x0" if isinstance(source, FunctionSource) else (
+                "params" if dtype is None else "dtype")
+            _fd.check_dtype(source.dtype, name)
         if getattr(source, "loss_fn", True) is None and source.dtype == torch.float64:
             warnings.warn(
                 "loss_fn=None with dtype=torch.float64: a Hugging Face model's own loss casts "
@@ -254,7 +317,24 @@ class HessianOperator(CurvatureOperator):
     def _reusing(self) -> bool:
         return self._cache_graph or self._reuse_depth > 0
 
+    @property
+    def vector_group(self):
+        """The group over which every vector is sharded (FSDP2: each rank holds the local shards
+        of its parameters; inner products are sums over the group), or None."""
+        return getattr(self._source, "vector_group", None)
+
+    def _sharded(self, what: str | None = None) -> _fd.GradientHessian | None:
+        hessian = getattr(self._source, "hessian", None)
+        if hessian is not None and what is not None:
+            raise NotImplementedError(
+                f"HessianOperator.{what}: not available for a model sharded by FSDP2 (its "
+                "products are central differences of gradients on local shards)")
+        return hessian
+
     def _product(self, v: Tensor) -> Tensor:
+        sharded = self._sharded()
+        if sharded is not None:
+            return sharded.matvec(v)
         if self._reusing:
             return self._cached_products(v)
         return self._accumulate(_PRODUCT_TERMS[self._method](self, v))
@@ -311,8 +391,12 @@ class HessianOperator(CurvatureOperator):
         """∇E(θ), a new ``[n]`` tensor of the operator's dtype and device.
 
         With ``cache_graph`` (or inside :meth:`reuse_graph`) the gradient is taken with its graph
-        kept, so products at the same parameters that follow cost one backward each.
+        kept, so products at the same parameters that follow cost one backward each. For FSDP2,
+        this rank's shards of the gradient.
         """
+        sharded = self._sharded()
+        if sharded is not None:
+            return sharded.gradient()
         if self._reusing and self._keeps_state():
             graphs = self._first_order_graphs()
             theta = graphs[0][0]
@@ -327,6 +411,7 @@ class HessianOperator(CurvatureOperator):
         reverse passes per batch (double backward of ``(∇(∇E·v))·u``), whatever ``method``.
         Used by the principal flow's non-principal correction −(h²/12)∇³E[g, g].
         """
+        self._sharded("third_derivative")
         self._check_vector(u, "u", batched=False)
         self._check_vector(v, "v", batched=False)
 
@@ -338,3 +423,14 @@ class HessianOperator(CurvatureOperator):
                 return _or_zeros(None if hv is None else _derivative(hv, th, u), theta)
 
         return self._accumulate(third_term)
+
+    def loss(self) -> Tensor:
+        """E(θ), the example-weighted mean loss over all batches (and ranks), a 0-d tensor."""
+        if self._sharded() is not None:
+            return self._source.loss()
+        return super().loss()
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) over ``matvec``."""
+        self._sharded("to_scipy")
+        return super().to_scipy()

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
-from . import progress as _progress
 from . import ops
+from . import progress as _progress
 from .curvature import CurvatureOperator, curvature_operator
 
 __all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
