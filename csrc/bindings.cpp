@@ -274,6 +274,29 @@ void check_lanczos_ritz(const Buf& S, const Buf& V, int dtype, int64_t B, int64_
   require(U, mul(mul(B, k, "U"), n, "U"), "U");
 }
 
+// logits, tangent and out [N, V] in one dtype; target [N] int64 or absent (null pointer); out is
+// written while the others are read, so it overlaps none of them.
+void check_ce_hessian(const Buf& logits, const Buf& tangent, const Buf& target, int64_t N,
+                      int64_t V, int dtype, const Buf& out) {
+  check_dtype(dtype, true, "logits");
+  check_nonnegative(N, "logits");
+  check_nonnegative(V, "logits");
+  const int64_t elements = mul(N, V, "logits");
+  require(logits, elements, "logits");
+  require(tangent, elements, "tangent");
+  require(out, elements, "out");
+  if (target.first != 0) require(target, N, "target");
+  const uintptr_t bytes = static_cast<uintptr_t>(mul(elements, dtype_bytes(dtype), "out"));
+  auto overlaps = [&](const Buf& b, uintptr_t b_bytes) {
+    return elements > 0 && b.first != 0 && b_bytes > 0 && b.first < out.first + bytes &&
+           out.first < b.first + b_bytes;
+  };
+  PFK_CHECK_ARG(!overlaps(logits, bytes), "out", "shares memory with logits");
+  PFK_CHECK_ARG(!overlaps(tangent, bytes), "out", "shares memory with tangent");
+  PFK_CHECK_ARG(!overlaps(target, static_cast<uintptr_t>(mul(N, 8, "target"))), "out",
+                "shares memory with target");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -433,6 +456,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("S"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
       py::arg("vstride"), py::arg("rows"), py::arg("k"), py::arg("U"));
 
+  m.def(
+      "ce_hessian_cpu",
+      [](const Buf& logits, const Buf& tangent, const Buf& target, int64_t N, int64_t V,
+         int64_t ignore_index, bool mean, int dtype, const Buf& out) {
+        check_ce_hessian(logits, tangent, target, N, V, dtype, out);
+        py::gil_scoped_release nogil;
+        pfk::cpu::ce_hessian(ptr<const void>(logits), ptr<const void>(tangent),
+                             ptr<const int64_t>(target), N, V, ignore_index, mean, dtype,
+                             ptr<void>(out));
+      },
+      py::arg("logits"), py::arg("tangent"), py::arg("target"), py::arg("N"), py::arg("V"),
+      py::arg("ignore_index"), py::arg("mean"), py::arg("dtype"), py::arg("out"));
+
 #ifdef PFKERNELS_WITH_CUDA
   m.def("cuda_device_count", &pfk::cuda::device_count);
 
@@ -590,5 +626,20 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("S"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
       py::arg("vstride"), py::arg("rows"), py::arg("k"), py::arg("U"), py::arg("stream"));
+
+  m.def(
+      "ce_hessian_cuda",
+      [](const Buf& logits, const Buf& tangent, const Buf& target, int64_t N, int64_t V,
+         int64_t ignore_index, bool mean, int dtype, const Buf& out, const Buf& workspace,
+         uintptr_t stream) {
+        check_ce_hessian(logits, tangent, target, N, V, dtype, out);
+        require(workspace, 1, "workspace");
+        pfk::cuda::ce_hessian(ptr<const void>(logits), ptr<const void>(tangent),
+                              ptr<const int64_t>(target), N, V, ignore_index, mean, dtype,
+                              ptr<void>(out), ptr<double>(workspace), ptr<void>(stream));
+      },
+      py::arg("logits"), py::arg("tangent"), py::arg("target"), py::arg("N"), py::arg("V"),
+      py::arg("ignore_index"), py::arg("mean"), py::arg("dtype"), py::arg("out"),
+      py::arg("workspace"), py::arg("stream"));
 #endif
 }

@@ -57,6 +57,14 @@ void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n,
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U);
 
+// ce_hessian: out [N, V] = the softmax cross-entropy loss-Hessian product per row,
+// (p ⊙ u − p (p · u)) / n with p = softmax(logits row) (common/ce_hessian.h); logits, tangent and
+// out [N, V] contiguous in one dtype (float32, float64 or bfloat16 with float32 arithmetic).
+// target [N] int64 or null (every row counts); a row whose target is ignore_index is written as
+// zeros and does not count in n. n = the rows that count for mean (true), 1 for sum.
+void ce_hessian(const void* logits, const void* tangent, const int64_t* target, int64_t N,
+                int64_t V, int64_t ignore_index, bool mean, int dtype, void* out);
+
 // Runtime queries (runtime_cpu.cpp): the OpenMP threads the kernels run on (1 without OpenMP).
 int max_threads();
 
