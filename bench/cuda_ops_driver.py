@@ -125,7 +125,30 @@ def flow(device) -> bool:
     return ok
 
 
-FAMILIES = [multi_tensor, tridiag, dal, lanczos, flow]
+def ce_hessian(device) -> bool:
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)):
+        for N, V in ((1, 1), (3, 7), (5, 257), (17, 50_257), (2, 70_001)):
+            z = (torch.randn(N, V, dtype=torch.float64) * 4).to(device, dtype)
+            u = torch.randn(N, V, dtype=torch.float64).to(device, dtype)
+            z[0, ::3] = -math.inf  # masked classes
+            target = torch.randint(0, V, (N,), device=device)
+            target[::4] = -100
+            for reduction in ("mean", "sum"):
+                want = ops.ce_hessian_ref(z, u, target, reduction=reduction).double()
+                # Relative to the largest term p_j |u_j| (entries cancel where one class dominates).
+                size = float((torch.softmax(z.double(), -1) * u.double().abs()).max())
+                got = ops.ce_hessian(z, u, target, reduction=reduction).double()
+                ok &= check(f"ce_hessian {dtype} N={N} V={V} {reduction}", got / size,
+                            want / size, tol)
+        every = torch.full((3,), -100, device=device)
+        z = torch.randn(3, 40, device=device, dtype=dtype)
+        ok &= check(f"ce_hessian every row ignored {dtype}", ops.ce_hessian(z, z, every),
+                    torch.zeros_like(z), 0)
+    return ok
+
+
+FAMILIES = [multi_tensor, tridiag, dal, lanczos, flow, ce_hessian]
 
 
 def main() -> int:

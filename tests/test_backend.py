@@ -90,6 +90,17 @@ def test_binding_refuses_launches_its_buffers_do_not_hold():
         ("U", lambda: _C.lanczos_ritz_cpu(
             _buf(torch.empty(1, 3, 2, dtype=torch.float64)), _buf(torch.empty(1, 3, 9)), 0, 1, 9,
             27, 3, 2, _buf(torch.empty(1, 2, 8)))),
+        ("tangent", lambda: _C.ce_hessian_cpu(
+            _buf(torch.empty(3, 5)), _buf(torch.empty(14)), (0, 0), 3, 5, -100, True, 0,
+            _buf(torch.empty(3, 5)))),
+        ("target", lambda: _C.ce_hessian_cpu(
+            _buf(torch.empty(3, 5)), _buf(torch.empty(3, 5)),
+            _buf(torch.zeros(2, dtype=torch.int64)), 3, 5, -100, True, 0,
+            _buf(torch.empty(3, 5)))),
+        ("out", lambda: _C.ce_hessian_cpu(
+            _buf(x), _buf(y), (0, 0), 3, 3, -100, False, 0, _buf(x))),
+        ("logits", lambda: _C.ce_hessian_cpu(
+            _buf(x), _buf(y), (0, 0), 3, 3, -100, False, 5, _buf(torch.empty(9)))),
     ]
     before = (x.clone(), y.clone())
     for name, call in cases:
