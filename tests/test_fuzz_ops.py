@@ -543,7 +543,8 @@ def _ce_case(draw):
     elif corruption == "target_shape":
         target, valid = torch.zeros(N + 1, dtype=torch.int64), False
     elif corruption == "target_dtype":
-        target, valid = torch.zeros(N, dtype=draw(st.sampled_from([torch.int32, torch.float32]))), False
+        bad = draw(st.sampled_from([torch.int32, torch.float32]))
+        target, valid = torch.zeros(N, dtype=bad), False
     elif corruption == "logits_1d":
         logits, tangent, valid = logits.reshape(-1), tangent.reshape(-1), False
     elif corruption == "reduction":

@@ -14,8 +14,8 @@ from conftest import DEVICES
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # Relative to the size of the terms: entry j is p_j u_j − p_j (p·u), and where p·u ≈ u_j (one class
 # holding most of the mass) the difference cancels, so errors are measured against
-# max_j p_j (|u_j| + |p·u|) / n. Products and exponentials in float32 (float64), rounded once more to
-# bfloat16 on the way out.
+# max_j p_j (|u_j| + |p·u|) / n. Products and exponentials in float32 (float64), rounded once more
+# to bfloat16 on the way out.
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13, torch.bfloat16: 1e-2}
 
 
@@ -212,7 +212,8 @@ def test_bad_input(gen):
 
 def test_ref_refuses_what_the_op_refuses(gen):
     z, u = _inputs(4, 6, torch.float32, gen)
-    for kwargs, name in ((dict(reduction="none"), "reduction"), (dict(weight=torch.ones(6)), "weight"),
+    for kwargs, name in ((dict(reduction="none"), "reduction"),
+                         (dict(weight=torch.ones(6)), "weight"),
                          (dict(label_smoothing=-0.1), "label_smoothing")):
         for fn in (ops.ce_hessian, ops.ce_hessian_ref):
             with pytest.raises(ValueError, match=f"argument '{name}'"):

@@ -63,11 +63,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   ce::RowState<A> state = ce::empty_row_state<A>();
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) ce::fold(state, T::load(z[j]), T::load(u[j]));
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x)
+    ce::fold(state, T::load(z[j]), T::load(u[j]));
 
   __shared__ ce::RowState<A> warp_state[kWarps];
   __shared__ ce::RowCoefficients<A> coefficients;
-  for (int offset = 16; offset > 0; offset >>= 1) state = ce::merge(state, shuffle_down(state, offset));
+  for (int offset = 16; offset > 0; offset >>= 1)
+    state = ce::merge(state, shuffle_down(state, offset));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_state[warp] = state;
   __syncthreads();
