@@ -1356,6 +1356,22 @@ def _(logits, tangent, target, ignore_index, reduction):
     return logits.new_empty(logits.shape)
 
 
+@_ce_hessian_op.register_vmap
+def _(info, in_dims, logits, tangent, target, ignore_index, reduction):
+    # One launch per batch element: a product of one batch of logits with many tangents (the
+    # GGN's batched products) then reads the logits once per tangent instead of copying them.
+    def element(t, dim, i):
+        return t if dim is None else t.select(dim, i)
+
+    outs = [torch.ops.pfkernels.ce_hessian(element(logits, in_dims[0], i),
+                                           element(tangent, in_dims[1], i),
+                                           None if target is None
+                                           else element(target, in_dims[2], i),
+                                           ignore_index, reduction)
+            for i in range(info.batch_size)]
+    return torch.stack(outs), 0
+
+
 def ce_hessian(logits: Tensor, tangent: Tensor, target: Optional[Tensor] = None, *,
                ignore_index: int = -100, reduction: str = "mean", weight: Optional[Tensor] = None,
                label_smoothing: float = 0.0) -> Tensor:
@@ -1385,7 +1401,8 @@ def ce_hessian(logits: Tensor, tangent: Tensor, target: Optional[Tensor] = None,
         ``[N, V]`` in the logits' dtype on their device. Exponentials and products in float32
         (float64 for float64 inputs), the row sums in float64; rows are independent, so the
         result does not depend on the thread count. A row holding NaN or +inf gives NaN, as
-        softmax does; -inf logits (masked classes) give exact zeros there.
+        softmax does; -inf logits (masked classes) give exact zeros there. Under ``torch.vmap``
+        (batched tangents) it runs once per batch element.
 
     Raises:
         ValueError naming the argument for shapes, dtypes, devices or options other than these;

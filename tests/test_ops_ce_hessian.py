@@ -235,6 +235,18 @@ def test_opcheck_and_compile(gen):
                     2 * _term_size(z, u, target))
 
 
+def test_vmap_over_tangents_and_logits(gen):
+    z, u = _inputs(5, 37, torch.float32, gen)
+    U = torch.randn(4, 5, 37, generator=gen)
+    target = torch.tensor([1, -100, 3, 36, 0])
+    got = torch.vmap(lambda t: ops.ce_hessian(z, t, target))(U)
+    assert torch.equal(got, torch.stack([ops.ce_hessian(z, t, target) for t in U]))
+    Z = torch.randn(3, 5, 37, generator=gen)
+    T = torch.randint(0, 37, (3, 5), generator=gen)
+    got = torch.vmap(ops.ce_hessian, in_dims=(0, None, 0))(Z, u, T)
+    assert torch.equal(got, torch.stack([ops.ce_hessian(a, u, t) for a, t in zip(Z, T)]))
+
+
 def test_fake_gives_the_shape_without_running():
     z = torch.empty(7, 50257, device="meta", dtype=torch.bfloat16)
     out = ops.ce_hessian(z, torch.empty_like(z), torch.empty(7, dtype=torch.int64, device="meta"))
