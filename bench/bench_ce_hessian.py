@@ -18,7 +18,10 @@ two-row call has loaded the case's code, i.e. what the product adds on top of lo
 targets (the output included). Error:
 ``‖out − ref‖_F / ‖ref‖_F`` and the largest entry error over the largest entry, against
 ``ce_hessian_ref`` in float64 computed in blocks of rows after the timing. Writes
-bench/results/ce_hessian_cpu.json and ce_hessian_cpu.png (or --out).
+bench/results/ce_hessian_<device>.json and ce_hessian_<device>.png (or --out).
+
+``--device cuda`` (bench/gpu_check.sh passes it) times with a synchronisation after each call and
+measures memory as torch's peak allocated bytes above those allocated once the inputs exist.
 """
 
 from __future__ import annotations
@@ -49,13 +52,18 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _inputs(N: int, V: int, dtype: torch.dtype, seed: int):
+def _inputs(N: int, V: int, dtype: torch.dtype, seed: int, device: str):
     g = torch.Generator().manual_seed(seed)
     # Generated in the benchmark dtype directly (no float64 temporaries in the baseline).
-    z = torch.randn(N, V, generator=g, dtype=torch.float32).mul_(2.0).to(dtype)
-    u = torch.randn(N, V, generator=g, dtype=torch.float32).to(dtype)
-    y = torch.randint(0, V, (N,), generator=g)
+    z = torch.randn(N, V, generator=g, dtype=torch.float32).mul_(2.0).to(device, dtype)
+    u = torch.randn(N, V, generator=g, dtype=torch.float32).to(device, dtype)
+    y = torch.randint(0, V, (N,), generator=g).to(device)
     return z, u, y
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _pfkernels(z, u, y):
@@ -98,28 +106,39 @@ def _errors(out, z, u, y, block: int = 128):
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    z, u, y = _inputs(args.N, args.V, dtype, args.seed)
+    device = args.device
+    z, u, y = _inputs(args.N, args.V, dtype, args.seed, device)
     fn = FUNCS[args.child]
     # A first call on two rows loads what the case's code path loads once per process (torch's
     # dispatcher and library modules), so that the baseline holds it and the peak does not.
     fn(z[:2].clone(), u[:2].clone(), y[:2].clone())
-    base_kib = _status_kib("VmRSS")
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_kib = torch.cuda.memory_allocated() / 1024
+    else:
+        base_kib = _status_kib("VmRSS")
     out = fn(z, u, y)  # warm-up
     del out
     times = []
     for _ in range(args.rounds):
+        _sync(device)
         t0 = time.perf_counter()
         out = fn(z, u, y)
+        _sync(device)
         times.append(time.perf_counter() - t0)
         del out
-    peak_kib = _status_kib("VmHWM")
+    if device == "cuda":
+        peak_kib = torch.cuda.max_memory_allocated() / 1024
+    else:
+        peak_kib = _status_kib("VmHWM")
     out = fn(z, u, y)
     result = {
         "case": args.child,
         "median_s": statistics.median(times),
         "times_s": times,
-        "peak_rss_gib": peak_kib / 2**20,
-        "baseline_rss_gib": base_kib / 2**20,
+        "peak_gib": peak_kib / 2**20,
+        "baseline_gib": base_kib / 2**20,
         "peak_extra_gib": (peak_kib - base_kib) / 2**20,
         "output_gib": out.numel() * out.element_size() / 2**30,
         **_errors(out, z, u, y),
@@ -140,7 +159,7 @@ def figure(results: dict, path: Path, title: str) -> None:
     ax_t.bar(names, times, color=colors)
     ax_t.set_ylabel("median time per product (s)")
     ax_m.bar(names, mems, color=colors)
-    ax_m.set_ylabel("peak RSS above inputs (GiB)")
+    ax_m.set_ylabel("peak memory above inputs (GiB)")
     for ax, vals in ((ax_t, times), (ax_m, mems)):
         base = vals[0]
         for i, v in enumerate(vals):
@@ -159,13 +178,17 @@ def main() -> None:
     parser.add_argument("--N", type=int, default=4096)
     parser.add_argument("--V", type=int, default=50257)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed calls per case (default 5 on the CPU, 20 on CUDA)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES)
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 5 if args.device == "cpu" else 20
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -174,7 +197,8 @@ def main() -> None:
     load_before = os.getloadavg()
     for case in args.cases:
         cmd = [sys.executable, __file__, "--child", case, "--N", str(args.N), "--V", str(args.V),
-               "--dtype", args.dtype, "--rounds", str(args.rounds), "--threads",
+               "--dtype", args.dtype, "--device", args.device, "--rounds", str(args.rounds),
+               "--threads",
                str(args.threads), "--seed", str(args.seed)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         print(f"{case}: running in a fresh process ...", flush=True)
@@ -195,14 +219,20 @@ def main() -> None:
     setting = {"N": args.N, "V": args.V, "dtype": args.dtype, "rounds": args.rounds,
                "threads": args.threads, "seed": args.seed, "reduction": "mean",
                "targets": "uniform, none ignored", "logits": "2 * randn",
-               "memory": "VmHWM - VmRSS after the inputs exist, per fresh process",
+               "device": args.device,
+               "memory": ("VmHWM - VmRSS after the inputs exist, per fresh process"
+                          if args.device == "cpu" else
+                          "torch.cuda.max_memory_allocated - memory_allocated after the inputs "
+                          "exist, per fresh process"),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     out_dir = Path(args.out) if args.out else RESULTS
-    write_json("ce_hessian_cpu.json", {"setting": setting, "results": results,
-                                       "ratios": ratios}, out_dir)
-    title = (f"ce_hessian, N x V = {args.N} x {args.V} {args.dtype}, CPU {args.threads} threads, "
-             f"load {load_before[0]:.1f} (median of {args.rounds})")
-    figure(results, out_dir / "ce_hessian_cpu.png", title)
+    write_json(f"ce_hessian_{args.device}.json", {"setting": setting, "results": results,
+                                                  "ratios": ratios}, out_dir)
+    where = (f"CPU {args.threads} threads, load {load_before[0]:.1f}" if args.device == "cpu"
+             else torch.cuda.get_device_name())
+    title = (f"ce_hessian, N x V = {args.N} x {args.V} {args.dtype}, {where} "
+             f"(median of {args.rounds})")
+    figure(results, out_dir / f"ce_hessian_{args.device}.png", title)
 
 
 if __name__ == "__main__":
