@@ -627,13 +627,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("S"), py::arg("V"), py::arg("dtype"), py::arg("B"), py::arg("n"),
       py::arg("vstride"), py::arg("rows"), py::arg("k"), py::arg("U"), py::arg("stream"));
 
+  m.def("ce_hessian_workspace_words", &pfk::cuda::ce_hessian_workspace_words);
+
   m.def(
       "ce_hessian_cuda",
       [](const Buf& logits, const Buf& tangent, const Buf& target, int64_t N, int64_t V,
          int64_t ignore_index, bool mean, int dtype, const Buf& out, const Buf& workspace,
          uintptr_t stream) {
         check_ce_hessian(logits, tangent, target, N, V, dtype, out);
-        require(workspace, 1, "workspace");
+        require(workspace, pfk::cuda::ce_hessian_workspace_words(), "workspace");
         pfk::cuda::ce_hessian(ptr<const void>(logits), ptr<const void>(tangent),
                               ptr<const int64_t>(target), N, V, ignore_index, mean, dtype,
                               ptr<void>(out), ptr<double>(workspace), ptr<void>(stream));

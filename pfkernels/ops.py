@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_arg as _check_arg
+from ._checks import is_int as _is_int
 from ._checks import is_number as _is_number
 from ._version import __version__
 
@@ -1306,8 +1307,8 @@ def _ce_hessian_check(logits, tangent, target, ignore_index, reduction) -> None:
         _check_tensor(target, "target", logits.device, (torch.int64,))
         _check_arg(tuple(target.shape) == (logits.shape[0],), "target",
                    f"must have shape [N] = [{logits.shape[0]}], got {tuple(target.shape)}")
-    _check_arg(isinstance(ignore_index, int) and not isinstance(ignore_index, bool)
-               and _INT64_RANGE[0] <= ignore_index <= _INT64_RANGE[1], "ignore_index",
+    _check_arg(_is_int(ignore_index) and _INT64_RANGE[0] <= ignore_index <= _INT64_RANGE[1],
+               "ignore_index",
                f"must be an int64 integer, got {ignore_index!r}")
     _check_arg(isinstance(reduction, str) and reduction in _CE_REDUCTIONS, "reduction",
                f"must be 'mean' or 'sum', got {reduction!r} (reduction='none' is a vector of "
@@ -1323,8 +1324,9 @@ def _ce_hessian_options(weight, label_smoothing) -> None:
 
 
 @torch.library.custom_op("pfkernels::ce_hessian", mutates_args=())
-def _ce_hessian_op(logits: Tensor, tangent: Tensor, target: Optional[Tensor], ignore_index: int,
-                   reduction: str) -> Tensor:
+def _ce_hessian_op(logits: Tensor, tangent: Tensor,
+                   target: Optional[Tensor],  # noqa: UP045 (custom_op reads the annotation)
+                   ignore_index: int, reduction: str) -> Tensor:
     _ce_hessian_check(logits, tangent, target, ignore_index, reduction)
     device = logits.device
     if not _has_backend("ce_hessian", device):
@@ -1345,7 +1347,8 @@ def _ce_hessian_op(logits: Tensor, tangent: Tensor, target: Optional[Tensor], ig
     if device.type == "cpu":
         _C.ce_hessian_cpu(*args)
     else:
-        workspace = torch.empty(1, dtype=torch.float64, device=device)
+        workspace = torch.empty(_C.ce_hessian_workspace_words(), dtype=torch.float64,
+                                device=device)
         _C.ce_hessian_cuda(*args, _buf(workspace), _stream(device))
     return out
 
@@ -1372,8 +1375,8 @@ def _(info, in_dims, logits, tangent, target, ignore_index, reduction):
     return torch.stack(outs), 0
 
 
-def ce_hessian(logits: Tensor, tangent: Tensor, target: Optional[Tensor] = None, *,
-               ignore_index: int = -100, reduction: str = "mean", weight: Optional[Tensor] = None,
+def ce_hessian(logits: Tensor, tangent: Tensor, target: Tensor | None = None, *,
+               ignore_index: int = -100, reduction: str = "mean", weight: Tensor | None = None,
                label_smoothing: float = 0.0) -> Tensor:
     """The softmax cross-entropy loss Hessian times a tangent, row by row, without an [N, V]
     temporary: ``out_i = (p_i ⊙ u_i − p_i (p_i · u_i)) / n`` with ``p_i = softmax(logits_i)``.
@@ -1415,9 +1418,9 @@ def ce_hessian(logits: Tensor, tangent: Tensor, target: Optional[Tensor] = None,
     return torch.ops.pfkernels.ce_hessian(logits, tangent, target, ignore_index, reduction)
 
 
-def ce_hessian_ref(logits: Tensor, tangent: Tensor, target: Optional[Tensor] = None, *,
+def ce_hessian_ref(logits: Tensor, tangent: Tensor, target: Tensor | None = None, *,
                    ignore_index: int = -100, reduction: str = "mean",
-                   weight: Optional[Tensor] = None, label_smoothing: float = 0.0) -> Tensor:
+                   weight: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
     """Pure-torch twin of :func:`ce_hessian`: ``softmax`` then the formula, in float64 (it holds
     [N, V] float64 temporaries), no host synchronisation."""
     _ce_hessian_options(weight, label_smoothing)

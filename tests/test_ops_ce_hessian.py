@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 
 from pfkernels import ops
-from conftest import DEVICES
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 # Relative to the size of the terms: entry j is p_j u_j − p_j (p·u), and where p·u ≈ u_j (one class

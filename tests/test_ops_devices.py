@@ -72,6 +72,14 @@ def test_every_family_runs_on_the_tensors_device_not_the_current_one(gen):
     top = torch.linalg.eigvalsh(M).flip(0)[:3]
     torch.testing.assert_close(res.eigenvalues.cpu(), top, rtol=1e-6, atol=1e-6)
 
+    logits = torch.randn(7, 3001, generator=gen, dtype=F64) * 3
+    tangent = torch.randn(7, 3001, generator=gen, dtype=F64)
+    target = torch.tensor([0, -100, 5, 3000, 1, -100, 2])
+    out = ops.ce_hessian(logits.to(dev), tangent.to(dev), target.to(dev))
+    assert out.device == dev
+    torch.testing.assert_close(out.cpu(), ops.ce_hessian_ref(logits, tangent, target),
+                               rtol=1e-12, atol=1e-16)
+
     torch.cuda.synchronize(dev)
     assert torch.cuda.current_device() == 0  # the guards restored the caller's device
 

@@ -81,15 +81,9 @@ void ce_hessian_impl(const void* logits, const void* tangent, const int64_t* tar
 
 void ce_hessian(const void* logits, const void* tangent, const int64_t* target, int64_t N,
                 int64_t V, int64_t ignore_index, bool mean, int dtype, void* out) {
-  switch (dtype) {
-    case kFloat32:
-      return ce_hessian_impl<float>(logits, tangent, target, N, V, ignore_index, mean, out);
-    case kFloat64:
-      return ce_hessian_impl<double>(logits, tangent, target, N, V, ignore_index, mean, out);
-    case kBFloat16:
-      return ce_hessian_impl<BF16>(logits, tangent, target, N, V, ignore_index, mean, out);
-    default: PFK_CHECK_ARG(false, "logits", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "logits", BF16, [&] {
+    ce_hessian_impl<scalar_t>(logits, tangent, target, N, V, ignore_index, mean, out);
+  });
 }
 
 }  // namespace pfk::cpu

@@ -102,22 +102,17 @@ void ce_hessian_impl(const void* logits, const void* tangent, const int64_t* tar
 
 }  // namespace
 
+int64_t ce_hessian_workspace_words() { return 1; }
+
 void ce_hessian(const void* logits, const void* tangent, const int64_t* target, int64_t N,
                 int64_t V, int64_t ignore_index, bool mean, int dtype, void* out,
                 double* workspace, void* stream) {
+  const DeviceGuard guard(out);
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return ce_hessian_impl<float>(logits, tangent, target, N, V, ignore_index, mean, out,
-                                    workspace, s);
-    case kFloat64:
-      return ce_hessian_impl<double>(logits, tangent, target, N, V, ignore_index, mean, out,
-                                     workspace, s);
-    case kBFloat16:
-      return ce_hessian_impl<BF16>(logits, tangent, target, N, V, ignore_index, mean, out,
-                                   workspace, s);
-    default: PFK_CHECK_ARG(false, "logits", std::string("unsupported dtype ") + dtype_name(dtype));
-  }
+  PFK_DISPATCH_FLOAT_BF16(dtype, "logits", BF16, [&] {
+    ce_hessian_impl<scalar_t>(logits, tangent, target, N, V, ignore_index, mean, out, workspace,
+                              s);
+  });
 }
 
 }  // namespace pfk::cuda

@@ -55,8 +55,9 @@ void lanczos_dots(const void* V, const void* x, int dtype, int64_t B, int64_t n,
 void lanczos_ritz(const double* S, const void* V, int dtype, int64_t B, int64_t n,
                   int64_t vstride, int64_t rows, int64_t k, void* U, void* stream);
 
-// ce_hessian: as pfk::cpu::ce_hessian, one block per row, with a one-double workspace (the
-// reduction's weight 1/n, computed on the device from target).
+// ce_hessian: as pfk::cpu::ce_hessian, one block per row; the workspace holds the reduction's
+// weight 1/n, computed on the device from target (ce_hessian_workspace_words() = 1).
+int64_t ce_hessian_workspace_words();
 void ce_hessian(const void* logits, const void* tangent, const int64_t* target, int64_t N,
                 int64_t V, int64_t ignore_index, bool mean, int dtype, void* out,
                 double* workspace, void* stream);
