@@ -1,9 +1,9 @@
 // ce_hessian family, CPU: the softmax cross-entropy loss-Hessian product (common/ce_hessian.h), one
 // row per OpenMP iteration.
 //
-// Pass 1 walks the row in tiles of kTile elements: the tile's max (one read), then, with the
-// running max raised to it, the tile's Σ e^{z−m} and Σ e^{z−m} u (a second read, from L1), summed
-// in the arithmetic dtype inside the tile and in float64 across tiles. Pass 2 writes the output.
+// Pass 1 walks the row in tiles of kTile elements: the tile's max M (one read), then the tile's
+// Σ e^{z−M} and Σ e^{z−M} u (a second read, from L1), summed in the arithmetic dtype, and merged
+// into the row's online state in float64 (rescaled to the larger max). Pass 2 writes the output.
 // Rows are independent, so the result does not depend on the number of threads.
 #include <algorithm>
 #include <limits>
@@ -43,17 +43,17 @@ PFK_SIMD_CLONES void ce_row(const S* z, const S* u, int64_t V, double weight, S*
     A tile_max = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : tile_max)
     for (int64_t j = 0; j < len; ++j) tile_max = std::max(tile_max, T::load(zt[j]));
-    if (tile_max > state.m) ce::raise_max(state, tile_max);
-    const A m = state.m;
     A s = 0, t = 0;
 #pragma omp simd reduction(+ : s, t)
     for (int64_t j = 0; j < len; ++j) {
-      const A e = ce::shifted_exp(T::load(zt[j]), m);
+      const A e = ce::shifted_exp(T::load(zt[j]), tile_max);
       s += e;
       t += e * T::load(ut[j]);
     }
-    state.s += static_cast<double>(s);
-    state.t += static_cast<double>(t);
+    // The tile's state, relative to its own max, joins the row's through the merge the GPU's
+    // block reduction uses, so the CPU tests exercise it too.
+    state = ce::merge(state, ce::RowState<A>{tile_max, static_cast<double>(s),
+                                             static_cast<double>(t)});
   }
   const ce::RowCoefficients<A> c = ce::row_coefficients(state, weight);
 #pragma omp simd
