@@ -4,7 +4,9 @@
 // Pass 1 walks the row in tiles of kTile elements: the tile's max M (one read), then the tile's
 // Σ e^{z−M} and Σ e^{z−M} u (a second read, from L1), summed in the arithmetic dtype, and merged
 // into the row's online state in float64 (rescaled to the larger max). Pass 2 writes the output.
-// Rows are independent, so the result does not depend on the number of threads.
+// Rows are independent, so the result does not depend on the number of threads. The tile sums'
+// order follows the SIMD clone's vector width (and its FMA contraction, cpu/simd.h), so the last
+// bits can differ between machines, never between runs.
 #include <algorithm>
 #include <limits>
 
