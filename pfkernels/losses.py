@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from ._checks import check_arg as _check_arg
 from .sources import model_outputs_tensor
 
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum")
+# The dtypes of the fused kernel ops.ce_hessian; others (float16) take the torch form.
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _ce_hessian_torch(logits: Tensor, U: Tensor, targets: Tensor | None, ignore_index: int,
@@ -64,6 +67,10 @@ def cross_entropy_hessian_product(logits: Tensor, U: Tensor, targets: Tensor | N
     divided by the number of kept rows for ``reduction="mean"`` (by 1 for ``"sum"``): the
     Hessian of ``F.cross_entropy(logits, targets, ignore_index=..., reduction=...)`` with respect
     to the logits, applied to U. It does not depend on the targets' classes.
+
+    float32, float64 and bfloat16 logits run the fused kernel :func:`pfkernels.ops.ce_hessian`
+    (online softmax: no [N, V] temporary besides the result, no host sync); other dtypes run the
+    torch form, which holds two [N, V] temporaries.
     """
     _check_arg(isinstance(logits, Tensor) and logits.dim() == 2 and logits.is_floating_point(),
                "logits", "must be a floating [N, V] tensor")
@@ -74,7 +81,9 @@ def cross_entropy_hessian_product(logits: Tensor, U: Tensor, targets: Tensor | N
                "targets", f"must be None or an [N] = [{logits.shape[0]}] tensor")
     _check_arg(reduction in _REDUCTIONS, "reduction",
                f"must be one of {_REDUCTIONS}, got {reduction!r}")
-    # The fused kernel (ops.ce_hessian, issue 14's kernel family) replaces this line.
+    if logits.dtype in _KERNEL_DTYPES:
+        return ops.ce_hessian(logits, U, None if targets is None else targets.long(),
+                              ignore_index=ignore_index, reduction=reduction)
     return _ce_hessian_torch(logits, U, targets, ignore_index, reduction)
 
 

@@ -247,6 +247,19 @@ def test_vmap_over_tangents_and_logits(gen):
     assert torch.equal(got, torch.stack([ops.ce_hessian(a, u, t) for a, t in zip(Z, T)]))
 
 
+def test_losses_cross_entropy_hessian_product_runs_the_kernel(gen):
+    from pfkernels import losses
+
+    z, u = _inputs(6, 40, torch.float32, gen)
+    target = torch.tensor([1, -100, 3, 39, 0, 7], dtype=torch.int32)  # any integer dtype
+    got = losses.cross_entropy_hessian_product(z, u, target, reduction="sum")
+    assert torch.equal(got, ops.ce_hessian(z, u, target.long(), reduction="sum"))
+    # float16 has no kernel: the torch form, against the float64 ref
+    half = losses.cross_entropy_hessian_product(z.half(), u.half(), target)
+    want = ops.ce_hessian_ref(z.half().float(), u.half().float(), target.long())
+    torch.testing.assert_close(half.float(), want, rtol=0, atol=2e-3 * float(want.abs().max()))
+
+
 def test_fake_gives_the_shape_without_running():
     z = torch.empty(7, 50257, device="meta", dtype=torch.bfloat16)
     out = ops.ce_hessian(z, torch.empty_like(z), torch.empty(7, dtype=torch.int64, device="meta"))
