@@ -359,6 +359,40 @@ def test_pf_stays_closest_to_gd_on_a_non_quadratic_loss():
     assert set(cmp.to_dict()["distances"]) == {"pf", "igr", "ngf"}
 
 
+@pytest.mark.parametrize("method", ["exponential", "rk4"])
+def test_branch_switch_strict_principal_value_vs_continued_log(method):
+    # On the quadratic the Hessian is real, every eigenvalue gets the principal value and the
+    # branches give the same trajectory (the exponential method's is GD's exactly).
+    for h, steps in ((0.9, 10), (1.05, 5)):
+        pfs = [flows.integrate_principal_flow(reference_loss, THETA0, h, steps, substeps=16,
+                                              method=method, branch=branch)
+               for branch in flows.BRANCHES]
+        assert torch.equal(pfs[0].theta, pfs[1].theta)
+        if method == "exponential":
+            gd = flows.gd_trajectory(reference_loss, THETA0, h, steps)
+            torch.testing.assert_close(pfs[1].at_steps(), gd.theta, rtol=0, atol=1e-12)
+    # On the non-quadratic toy (hλ₀ = 1.86) the complex trajectory's oscillating eigenvalue has
+    # 1 − hλ next to the negative real axis: the continued log (default) stays within 0.03 of
+    # GD (bench_pf_branch.py measured 0.022-0.023 for 8-64 substeps, both integrators), the
+    # strict principal value jumps by 2π and ends at least 0.3 away (measured 0.59 to 7e10).
+    h, steps = 0.9, 8
+    gd = flows.gd_trajectory(nonquadratic_loss, THETA0, h, steps)
+    default = flows.integrate_principal_flow(nonquadratic_loss, THETA0, h, steps, substeps=16,
+                                             method=method)
+    continued = flows.integrate_principal_flow(nonquadratic_loss, THETA0, h, steps, substeps=16,
+                                               method=method, branch="continuous")
+    strict = flows.integrate_principal_flow(nonquadratic_loss, THETA0, h, steps, substeps=16,
+                                            method=method, branch="principal")
+    assert torch.equal(default.theta, continued.theta)
+    far = torch.linalg.vector_norm(strict.at_steps() - gd.theta, dim=1)
+    near = torch.linalg.vector_norm(continued.at_steps() - gd.theta, dim=1)
+    assert float(near.max()) < 0.03
+    assert float(far.max()) > 0.3
+    cmp = flows.compare_flows(nonquadratic_loss, THETA0, h, steps, flows=("pf",), substeps=16,
+                              pf_method=method, branch="principal")
+    torch.testing.assert_close(cmp.distances["pf"], far, rtol=0, atol=0)
+
+
 def test_trajectory_contents_and_inputs_untouched():
     theta0 = THETA0.clone()
     traj = flows.integrate_principal_flow(reference_loss, theta0, 0.9, 3, substeps=3)
@@ -385,6 +419,7 @@ def test_trajectory_contents_and_inputs_untouched():
         (dict(eig="arpack"), "eig"),
         (dict(k=3), "k"),
         (dict(eig="lanczos"), "k"),
+        (dict(branch="strict"), "branch"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
@@ -397,6 +432,8 @@ def test_bad_arguments_name_themselves(kwargs, name):
 def test_bad_arguments_elsewhere():
     with pytest.raises(ValueError, match="argument 'flow'"):
         flows.modified_flow_field(reference_loss, THETA0, 0.5, "gd")
+    with pytest.raises(ValueError, match="argument 'branch'"):
+        flows.compare_flows(reference_loss, THETA0, 0.5, 1, branch="principle")
     with pytest.raises(ValueError, match="argument 'flows'"):
         flows.compare_flows(reference_loss, THETA0, 0.5, 1, flows=("nope",))
     with pytest.raises(ValueError, match="argument 'theta0'"):
@@ -413,6 +450,7 @@ def test_bad_arguments_elsewhere():
 
 def test_principal_module_exports():
     assert flows.FLOWS == ("pf", "pf_np", "bea3", "igr", "ngf")
+    assert flows.BRANCHES == ("continuous", "principal")
     assert P.principal_flow_field is flows.principal_flow_field
 
 

@@ -11,6 +11,7 @@ from .central import (
     solve_sdcp,
 )
 from .principal import (
+    BRANCHES,
     FLOWS,
     STABILITY_CLASSES,
     FlowComparison,
@@ -36,6 +37,7 @@ from .principal import (
 )
 
 __all__ = [
+    "BRANCHES",
     "FLOWS",
     "STABILITY_CLASSES",
     "CentralFlow",

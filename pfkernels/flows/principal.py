@@ -24,10 +24,16 @@ conversion, but ``torch.func.jacfwd``/``jacrev`` refuse complex inputs and rever
 on plain autograd is ~10x cheaper for the small problems integrated here.) Tests compare all of
 them with closed forms at complex points.
 
-Branch. Real eigenvalues get the principal branch everywhere. Along a complex trajectory the
-Hessian is complex symmetric and its oscillating eigenvalues have 1 − hλ next to the negative
-real axis with an imaginary part of either sign; the integrators continue the log across that
-axis (see ``_log_one_minus``) so that the flow stays continuous.
+Branch (pfkernels' extension of the paper). Real eigenvalues get the principal branch
+everywhere. Along a complex trajectory the Hessian is complex symmetric and its oscillating
+eigenvalues have 1 − hλ next to the negative real axis with an imaginary part of either sign.
+By default (``branch="continuous"``) the integrators continue the log across that axis (see
+``_log_one_minus``) so that the flow stays continuous; the paper and its colab keep the strict
+principal value there (``branch="principal"``), whose phase jumps by 2π whenever Im(1 − hλ)
+changes sign between substeps. Measured by ``bench/bench_pf_branch.py`` (GD distance at the
+integer times on the non-quadratic toy of ``pfkernels pf``, h = 0.9, 8 steps, 16 substeps):
+see ``bench/results/pf_branch_cpu.json`` and the README. On a quadratic, and wherever the
+trajectory stays real, the two branches agree exactly.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ LossFn = Callable[[Tensor], Tensor]
 #: the third-order backward-error-analysis flow, implicit gradient regularisation and the
 #: negative gradient flow.
 FLOWS = ("pf", "pf_np", "bea3", "igr", "ngf")
+
+#: Logs for complex eigenvalues along the PF trajectory (:func:`integrate_principal_flow`):
+#: pfkernels' continued branch (default) and the paper's strict principal value.
+BRANCHES = ("continuous", "principal")
 
 #: Per-direction stability classes of :func:`stability_coefficients`, from most to least stable.
 STABILITY_CLASSES = ("stable", "oscillating-stable", "neutral", "oscillating-unstable", "unstable")
@@ -164,14 +174,14 @@ def principal_flow_propagator(eigenvalues: Tensor, h: float, t: float) -> Tensor
     return torch.exp(_scale(_log_one_minus(x), t / h))
 
 
-def _step_coefficients(eigenvalues: Tensor, h: float, tau: float) -> Tensor:
+def _step_coefficients(eigenvalues: Tensor, h: float, tau: float, continuous: bool = True) -> Tensor:
     """φ(λ) = ((1 − hλ)^{τ/h} − 1)/λ, the exponential-method displacement per unit gradient.
 
     Computed as h·expm1((τ/h)·log(1 − x))/x with x = hλ, exact to rounding for small |x|; φ = −τ at
     x = 0 (gradient flow) and φ = −h at x = 1 (the component is annihilated).
     """
     x = _h_lambda(eigenvalues, h)
-    e = torch.expm1(_scale(_log_one_minus(x, continuous=True), tau / h))
+    e = torch.expm1(_scale(_log_one_minus(x, continuous), tau / h))
     zero = x == 0
     safe = torch.where(zero, 1.0, x)
     phi = torch.complex(e.real / safe, e.imag / safe) if not x.is_complex() else e / safe
@@ -529,27 +539,32 @@ def principal_flow_step(
     return theta + _exponential_displacement(spec, grad, h, tau)
 
 
-def _exponential_displacement(spec: _Spectrum, g: Tensor, h: float, tau: float) -> Tensor:
+def _exponential_displacement(
+    spec: _Spectrum, g: Tensor, h: float, tau: float, continuous: bool = True
+) -> Tensor:
     p, rest = spec.coordinates(g)
-    delta = spec.vectors @ (_step_coefficients(spec.values, h, tau) * p)
+    delta = spec.vectors @ (_step_coefficients(spec.values, h, tau, continuous) * p)
     return delta if rest is None else delta - tau * rest
 
 
-def _pf_field(h: float, spectrum: _Spectrum, g: Tensor, drop_annihilated: bool) -> Tensor:
+def _pf_field(
+    h: float, spectrum: _Spectrum, g: Tensor, drop_annihilated: bool, continuous: bool = True
+) -> Tensor:
     p, rest = spectrum.coordinates(g)
-    r = _coefficients(_h_lambda(spectrum.values, h), continuous=True)
+    r = _coefficients(_h_lambda(spectrum.values, h), continuous=continuous)
     if drop_annihilated:
         r = torch.where(torch.isinf(r.real), 0j, r)
     out = spectrum.vectors @ torch.where(p == 0, 0j, r * p)
     return out if rest is None else out - rest
 
 
-def _modified_field(graph: _GradGraph, h: float, flow: str, spectrum=None, drop_annihilated=False):
+def _modified_field(graph: _GradGraph, h: float, flow: str, spectrum=None, drop_annihilated=False,
+                    continuous=True):
     g = graph.g()
     if flow == "ngf":
         return -g
     if flow in ("pf", "pf_np"):
-        out = _pf_field(h, spectrum, g, drop_annihilated)
+        out = _pf_field(h, spectrum, g, drop_annihilated, continuous)
     else:
         hg = graph.hvp(g)
         out = -g - (h / 2) * hg
@@ -704,6 +719,7 @@ def integrate_principal_flow(
     k: int | None = None,
     lanczos_steps: int | None = None,
     non_principal: bool = False,
+    branch: str = "continuous",
 ) -> FlowTrajectory:
     """Integrates the PF from ``theta0`` over ``[0, num_steps·h]`` in complex128.
 
@@ -728,6 +744,14 @@ def integrate_principal_flow(
             all, dense only); the rest of the gradient follows gradient flow.
         non_principal: add the correction −(h²/12)∇³E[g, g] (stop-gradient on g); with the
             exponential method it is added as a forcing over each substep (first-order split).
+        branch: the log in rᵢ and in the propagators for complex eigenvalues (real ones always
+            get the principal value). ``"continuous"`` (default, pfkernels' extension of the
+            paper): arg(1 − hλ) ∈ (−π/2, 3π/2], continued across the negative real axis, where
+            the nearly real oscillating eigenvalues of the complex-symmetric Hessian sit.
+            ``"principal"``: the strict principal value arg ∈ (−π, π], as in the paper's colab;
+            its phase jumps by 2π when Im(1 − hλ) changes sign along the trajectory. On the
+            non-quadratic toy of ``pfkernels pf`` the strict branch ends far from GD while the
+            continued one tracks it (``bench/bench_pf_branch.py``, README).
 
     Returns:
         :class:`FlowTrajectory` with ``flow="pf"`` (``"pf_np"`` with the correction) and the
@@ -737,6 +761,8 @@ def integrate_principal_flow(
     _check_choice(method, "method", ("exponential", "rk4"))
     _check_choice(eig, "eig", ("dense", "lanczos"))
     k = _check_k(k, theta.shape[0], eig)
+    _check_choice(branch, "branch", BRANCHES)
+    continuous = branch == "continuous"
     flow = "pf_np" if non_principal else "pf"
     counter = iter(range(1 << 62))
 
@@ -747,7 +773,7 @@ def integrate_principal_flow(
     def exponential_step(t, tau):
         graph, spec = spectrum_at(t)
         g = graph.g()
-        delta = _exponential_displacement(spec, g, h, tau)
+        delta = _exponential_displacement(spec, g, h, tau, continuous)
         if non_principal:
             delta = delta - tau * (h * h / 12) * graph.third(g, g)
         return t + delta, spec.values, spec.num_hvps + (2 if non_principal else 0)
@@ -766,7 +792,8 @@ def integrate_principal_flow(
             nonlocal hvps
             graph, spec = first.pop() if first else spectrum_at(x)
             hvps += spec.num_hvps + (2 if non_principal else 0)
-            return _modified_field(graph, h, flow, spec, drop_annihilated=True)
+            return _modified_field(graph, h, flow, spec, drop_annihilated=True,
+                                   continuous=continuous)
 
         return _rk4(field_at, t, tau), spec.values, hvps
 
@@ -864,12 +891,14 @@ def compare_flows(
     pf_method: str = "exponential",
     eig: str = "dense",
     k: int | None = None,
+    branch: str = "continuous",
 ) -> FlowComparison:
     """Runs GD and each of ``flows`` from ``theta0`` and measures how far each flow is from GD.
 
-    The PF variants use :func:`integrate_principal_flow` (``pf_method``, ``eig``, ``k``), the
-    others :func:`integrate_modified_flow`; all use ``substeps`` per step.
+    The PF variants use :func:`integrate_principal_flow` (``pf_method``, ``eig``, ``k``,
+    ``branch``), the others :func:`integrate_modified_flow`; all use ``substeps`` per step.
     """
+    _check_choice(branch, "branch", BRANCHES)
     flows = tuple(flows)
     for name in flows:
         _check_choice(name, "flows", FLOWS)
@@ -879,7 +908,7 @@ def compare_flows(
         if name in ("pf", "pf_np"):
             traj = integrate_principal_flow(
                 loss_fn, theta0, h, num_steps, substeps=substeps, method=pf_method, eig=eig, k=k,
-                non_principal=name == "pf_np",
+                non_principal=name == "pf_np", branch=branch,
             )
         else:
             traj = integrate_modified_flow(loss_fn, theta0, h, num_steps, name, substeps=substeps)
