@@ -13,6 +13,7 @@ import pfkernels
 import pfkernels.data
 from pfkernels.optim import DAL, DALScaler, NormalizedGD, dal_learning_rate, sqrt_loss
 from pfkernels.optim._closure import finite_difference_hvp, gradients, hessian_vector_products
+from pfkernels.optim.dal import in_window
 
 # Tiny problems: one intra-op thread (see tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,6 +162,32 @@ def test_window_uses_lr_outside(seed):
     # Outside the window no HVP is computed.
     assert [s[1] for s in seen] == [True, True, False, False, True, True]
     assert [g["step"] for g in opt.param_groups] == [6]
+
+
+def _authors_window(scaling_start, scaling_stop, iteration):
+    """The authors' dal.py rule, written out: the rate applies when
+    ``iteration > start and iteration < stop`` with ``start = scaling_start or -1`` and
+    ``stop = scaling_stop or inf`` (a start of 0 counts as no start)."""
+    start = scaling_start if scaling_start else -1
+    stop = scaling_stop if scaling_stop else math.inf
+    return start < iteration < stop
+
+
+@pytest.mark.parametrize("scaling_start, scaling_stop",
+                         [(None, None), (0, None), (0, 5), (1, None), (3, 7), (2, 3), (4, 4)])
+def test_window_is_half_open_and_maps_onto_the_authors_rule(scaling_start, scaling_stop):
+    # pfkernels' window is a choice: the rule applies at 0-based steps start <= step < stop
+    # (a Python range). The authors' dal.py applies it at iteration > start (and < stop), and
+    # reads start 0 as "no start". Their (s, e) is therefore our (s + 1, e) for s >= 1 and
+    # (0, e) for s = 0 or None, step by step (docs: DAL's window argument).
+    start = scaling_start + 1 if scaling_start else 0
+    window = None if scaling_start is None and scaling_stop is None else (start, scaling_stop)
+    if window is not None and scaling_stop is not None and start > scaling_stop:
+        window = (scaling_stop, scaling_stop)  # the authors' window is empty too
+    for step in range(12):
+        assert in_window(window, step) == _authors_window(scaling_start, scaling_stop, step), step
+    # The optimizer and the scaler follow in_window: window (2, 4) is steps 2 and 3.
+    assert [in_window((2, 4), s) for s in range(6)] == [False, False, True, True, False, False]
 
 
 def test_param_groups_have_their_own_rule(seed):

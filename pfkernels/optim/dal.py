@@ -108,7 +108,12 @@ def _check_window(window) -> tuple[int, int | None] | None:
 
 
 def in_window(window: tuple[int, int | None] | None, step: int) -> bool:
-    """True when DAL's rule applies at ``step`` (0-based): ``start <= step < stop``."""
+    """True when DAL's rule applies at ``step`` (0-based): ``start <= step < stop``.
+
+    A choice (a Python range), not the authors' comparison: their ``dal.py`` applies the rule
+    at ``iteration > start and iteration < stop`` and reads a start of 0 (or None) as -1, so
+    their ``(s, e)`` is our ``(s + 1, e)`` for s >= 1 and ``(0, e)`` for s = 0 or None
+    (``tests/test_optim.py::test_window_is_half_open_and_maps_onto_the_authors_rule``)."""
     if window is None:
         return True
     start, stop = window
@@ -240,8 +245,10 @@ class DAL(torch.optim.Optimizer):
         lr_max: cap on the rate, > 0 (authors' default 5).
         lr: base rate, used for ``p = 0`` and outside ``window``.
         window: ``None`` or ``(start, stop)``: the rule applies at 0-based steps
-            ``start <= step < stop`` (``stop=None``: forever), ``lr`` elsewhere, as in the
-            authors' code. The step counter is a host int (``group["step"]``), so the window
+            ``start <= step < stop`` (``stop=None``: forever), ``lr`` elsewhere. The authors'
+            code applies it at ``iteration > start`` (and ``< stop``), with a start of 0 read as
+            none: their ``(s, e)`` is ``window=(s + 1, e)`` here for s >= 1 (see
+            :func:`in_window`). The step counter is a host int (``group["step"]``), so the window
             costs no sync.
         hvp: ``"exact"`` (double backward through the closure's graph; forward-over-reverse
             would need a functional form of the model, which a closure does not give — use

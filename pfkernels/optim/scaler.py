@@ -120,7 +120,9 @@ class DALScaler:
             device per group.
         p: exponent ≥ 0; ``p = 0`` leaves the base rates alone (plain base optimizer).
         lr_max: cap on the rate, > 0.
-        window: ``None`` or ``(start, stop)``: steps outside it use the groups' own ``lr``.
+        window: ``None`` or ``(start, stop)``: the rule applies at 0-based steps
+            ``start <= step < stop``, steps outside it use the groups' own ``lr`` (the authors'
+            ``iteration > start`` maps as in :func:`pfkernels.optim.dal.in_window`).
         check_finite: as for :class:`DAL`: raise FloatingPointError (nothing modified) when the
             loss, gradient or H·u is not finite; one device read per step.
         process_group: as for :class:`DAL`: one flat all-reduce (mean over ranks) of the
