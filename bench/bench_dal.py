@@ -12,6 +12,11 @@
     GD at fixed rates from stable to divergent, and with DAL-p for p in {0.5, 1, 2} (lr_max = 5,
     the authors' default): final train loss, test accuracy, number of steps where the loss rose,
     the rate over time. Writes bench/results/dal_<device>.json and dal_digits.png (--out).
+(c) Loss scale (``--loss-scale 1 0.25``): DAL's rule h = min(2/vᵖ, h_max) with v = ‖Hg‖/‖g‖ is
+    not invariant to scaling the loss (v scales with it, so 2/vᵖ scales by s^−p): the p's are
+    ordered by whether v is above or below 1. DAL-p for each p on s·L for each s, same
+    initialisation: final (unscaled) train loss, test accuracy, loss rises, the rate and v over
+    time. Writes dal_loss_scale_<device>.json and dal_loss_scale.png. ``--skip-timing`` skips (a).
 
 The machine this is meant for is small and shared: --threads (default 1) sets torch's intra-op
 threads, which on a loaded 2-core machine is much faster than two threads fighting for cores.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -33,14 +39,14 @@ from pfkernels.optim import DAL
 from pfkernels.optim.dal import step_kernels
 
 
-def digits_problem(device, dtype=torch.float32, seed=0):
+def digits_problem(device, dtype=torch.float32, seed=0, loss_scale=1.0):
     ds = data.digits(n_train=1000, n_test=500, seed=seed, dtype=dtype)
     model = data.mlp(seed=seed).to(device=device, dtype=dtype)
     x, y = (t.to(device) for t in ds.train)
     xt, lt = ds.test[0].to(device), ds.test_labels.to(device)
 
     def closure():
-        return data.mse_loss(model(x), y)
+        return loss_scale * data.mse_loss(model(x), y)
 
     return model, closure, (x, ds.train_labels.to(device)), (xt, lt)
 
@@ -217,8 +223,8 @@ def accuracy(model, x, labels):
         return float((model(x).argmax(1) == labels).double().mean())
 
 
-def train(name, make_opt, steps, eval_every, device, diverge_at=1e3):
-    model, closure, (x, lab), (xt, lt) = digits_problem(device)
+def train(name, make_opt, steps, eval_every, device, diverge_at=1e3, loss_scale=1.0):
+    model, closure, (x, lab), (xt, lt) = digits_problem(device, loss_scale=loss_scale)
     opt = make_opt(model.parameters())
     losses, rates, evals = [], [], []
     diverged_at = None
@@ -244,7 +250,7 @@ def train(name, make_opt, steps, eval_every, device, diverge_at=1e3):
             diverged_at = k
             break
     with torch.no_grad():
-        final_loss = float(closure())
+        final_loss = float(closure()) / loss_scale
     evals.append((len(losses), accuracy(model, x, lab), accuracy(model, xt, lt)))
     finite = [v for v in losses if math.isfinite(v)]
     rises = sum(1 for a, b in zip(finite, finite[1:]) if b > a)
@@ -278,6 +284,66 @@ def science(steps, gd_rates, dal_ps, lr_max, eval_every, device):
             name, lambda ps, p=p: DAL(ps, p=p, lr_max=lr_max), steps, eval_every, device
         )
     return runs, curves
+
+
+def drift_ratio(rate, p, lr_max):
+    """v = ‖Hg‖/‖g‖ from DAL's rate h = 2/vᵖ (None where the rate sits at lr_max, or p = 0)."""
+    if p == 0 or not math.isfinite(rate) or rate >= lr_max * (1 - 1e-6):
+        return None
+    return (2.0 / rate) ** (1.0 / p)
+
+
+def loss_scale_study(steps, scales, dal_ps, lr_max, eval_every, device):
+    runs, curves = {}, {}
+    for scale in scales:
+        for p in dal_ps:
+            name = f"DAL-{p:g}, loss x{scale:g}"
+            runs[name], curves[name] = train(
+                name, lambda ps, p=p: DAL(ps, p=p, lr_max=lr_max), steps, eval_every, device,
+                loss_scale=scale)
+            v = [drift_ratio(r, p, lr_max) for r in curves[name]["rate"]]
+            finite = [x for x in v if x is not None]
+            runs[name].update(loss_scale=scale, p=p, v_first=v[0],
+                              v_median=statistics.median(finite) if finite else None,
+                              steps_at_lr_max=sum(x is None for x in v))
+    order = {}
+    for scale in scales:
+        by_loss = sorted(dal_ps, key=lambda p: runs[f"DAL-{p:g}, loss x{scale:g}"]["final_train_loss"])
+        order[f"{scale:g}"] = [f"DAL-{p:g}" for p in by_loss]
+    return runs, curves, order
+
+
+def loss_scale_figure(curves, runs, scales, dal_ps, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(scales), figsize=(5.5 * len(scales), 7.5), squeeze=False)
+    for j, scale in enumerate(scales):
+        for i, p in enumerate(dal_ps):
+            name = f"DAL-{p:g}, loss x{scale:g}"
+            c = curves[name]
+            loss = [v / scale for v in c["loss"]]
+            axes[0, j].plot(loss, color=f"C{i}", lw=1.0, label=f"DAL-{p:g} "
+                            f"(final {runs[name]['final_train_loss']:.3g}, "
+                            f"{runs[name]['loss_rises']} rises)")
+            axes[1, j].plot(c["rate"], color=f"C{i}", lw=0.8, label=f"DAL-{p:g}")
+        axes[0, j].set_yscale("log")
+        axes[0, j].set_title(f"loss scaled by {scale:g} (plotted unscaled)", fontsize=9)
+        axes[0, j].set_xlabel("step")
+        axes[0, j].set_ylabel("train loss ½‖f−y‖², mean")
+        axes[0, j].legend(fontsize=7)
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("step")
+        axes[1, j].set_ylabel("DAL rate h = min(2/vᵖ, h_max)")
+        axes[1, j].legend(fontsize=7)
+    fig.suptitle("DAL-p on the digits MLP 2x200 under loss scaling: the ordering of p follows "
+                 "whether v = ‖Hg‖/‖g‖ is above or below 1", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def figure(curves, runs, path, lr_max):
@@ -352,13 +418,40 @@ def main() -> None:
     parser.add_argument("--lr-max", type=float, default=5.0)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--skip-science", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true", help="skip (a)")
+    parser.add_argument("--loss-scale", type=float, nargs="+", default=None,
+                        help="run (c), DAL-p on s·L for each s (e.g. 1 0.25)")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = parser.parse_args()
+    if args.loss_scale is not None and any(not (s > 0 and math.isfinite(s)) for s in args.loss_scale):
+        parser.error(f"--loss-scale: each must be positive and finite, got {args.loss_scale}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    from pathlib import Path
+
+    folder = Path(args.out) if args.out else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.loss_scale is not None:
+        t1 = time.perf_counter()
+        runs, curves, order = loss_scale_study(args.steps, args.loss_scale, args.dal_p, args.lr_max,
+                                               args.eval_every, device)
+        loss_scale_figure(curves, runs, args.loss_scale, args.dal_p, folder / "dal_loss_scale.png")
+        print("ordering by final train loss (best first):", order, flush=True)
+        write_json(f"dal_loss_scale_{device.type}.json",
+                   {"config": vars(args), "loadavg_end": os.getloadavg(), "runs": runs,
+                    "ordering_by_final_loss": order, "curves": curves,
+                    "seconds": time.perf_counter() - t1,
+                    "setup": "digits MLP 64-200-200-10 tanh (seed 0), s * (MSE ½‖f−y‖² mean), "
+                             "1000 train / 500 test digits, float32, full batch, DAL lr_max "
+                             f"{args.lr_max:g}, {args.steps} steps"}, args.out)
+        if args.skip_timing and args.skip_science:
+            return
 
     payload = {"config": vars(args)}
     t0 = time.perf_counter()
+    if args.skip_timing:
+        payload["timing_seconds"] = 0.0
+        return _science_only(args, device, folder, payload)
     payload["overhead"] = step_overhead(device, args.repeats)
     print(payload["overhead"], flush=True)
     payload["scaling"] = step_scaling(device, args.repeats)
@@ -368,6 +461,10 @@ def main() -> None:
         payload["cuda"] = cuda_checks(args.repeats)
         print(payload["cuda"], flush=True)
     payload["timing_seconds"] = time.perf_counter() - t0
+    _science_only(args, device, folder, payload)
+
+
+def _science_only(args, device, folder, payload):
     if not args.skip_science:
         t1 = time.perf_counter()
         runs, curves = science(args.steps, args.gd_rates, args.dal_p, args.lr_max, args.eval_every, device)
@@ -375,10 +472,6 @@ def main() -> None:
                               "setup": "digits MLP 64-200-200-10 tanh (pfkernels.data.mlp, seed 0), "
                                        "MSE ½‖f−y‖² mean, 1000 train / 500 test digits, float32, "
                                        "full-batch, same initialisation for every run"}
-        from pathlib import Path
-
-        folder = Path(args.out) if args.out else RESULTS
-        folder.mkdir(parents=True, exist_ok=True)
         figure(curves, runs, folder / "dal_digits.png", args.lr_max)
     write_json(f"dal_{device.type}.json", payload, args.out)
 
