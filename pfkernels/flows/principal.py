@@ -174,7 +174,9 @@ def principal_flow_propagator(eigenvalues: Tensor, h: float, t: float) -> Tensor
     return torch.exp(_scale(_log_one_minus(x), t / h))
 
 
-def _step_coefficients(eigenvalues: Tensor, h: float, tau: float, continuous: bool = True) -> Tensor:
+def _step_coefficients(
+    eigenvalues: Tensor, h: float, tau: float, continuous: bool = True
+) -> Tensor:
     """φ(λ) = ((1 − hλ)^{τ/h} − 1)/λ, the exponential-method displacement per unit gradient.
 
     Computed as h·expm1((τ/h)·log(1 − x))/x with x = hλ, exact to rounding for small |x|; φ = −τ at
