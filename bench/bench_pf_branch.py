@@ -7,7 +7,8 @@ so the branches must agree; the exponential integrator is exact there) and the
 non-quadratic toy E = x² + 0.01y² + 0.25x²y² + 0.1x³y from (−0.35, −0.2) at h = 0.9
 (hλ₀ = 1.86), 8 GD steps. For each case, integrator and branch: ‖PF(nh) − θ_n‖ at every
 integer time, its maximum and final value, for ``--substeps`` in a list (the strict branch's
-jumps depend on where the substeps land). Writes ``bench/results/pf_branch_cpu.json`` and ``pf_branch.png``. Not part of the test run.
+jumps depend on where the substeps land). Writes ``bench/results/pf_branch_cpu.json`` and
+``pf_branch.png``. Not part of the test run.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ def plot_eos_report(
 def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "") -> Path:
     """Four panels over optimizer steps: the three losses (the optimizer raw and smoothed, the
     central flow's predicted time average and L(w), the stable flow); the distances
-    ‖w_real − w_central‖ and ‖w_real − w_stable‖; effective sharpness of both flows with the
+    ‖w_real − w_central‖ and ‖w_real − w_stable‖ (dashed: from the midpoint iterates
+    (w_t + w_{t+1})/2); effective sharpness of both flows with the
     edge at 2; predicted vs measured oscillation variance along the top eigenvector. The EoS
     phase used by the summary is shaded. Writes a PNG and returns its path."""
     c, s = comparison.central, comparison.stable
@@ -240,6 +241,10 @@ def plot_central_flow_comparison(comparison, path: str | Path, *, title: str = "
             label="‖w_real − w_central‖")
     ax.plot(t, comparison.distance_stable.numpy(), color="tab:blue", lw=1.4,
             label=f"‖w_real − w_{stable_name.split()[0]}‖")
+    ax.plot(t, comparison.midpoint_distance_central.numpy(), color="tab:red", lw=0.9, ls="--",
+            label="midpoint iterate − w_central")
+    ax.plot(t, comparison.midpoint_distance_stable.numpy(), color="tab:blue", lw=0.9, ls="--",
+            label=f"midpoint iterate − w_{stable_name.split()[0]}")
     shade(ax)
     ax.set_title("distance to the optimizer")
     ax.legend(fontsize=7)

@@ -314,6 +314,75 @@ def test_compare_runs_three_processes_from_one_start(tiny_model_problem):
     summary = cmp.summary()
     assert summary["eos_steps"] == 0 and summary["num_steps"] == 10
     assert summary["final_distance_central"] == pytest.approx(float(cmp.distance_central[-1]))
+    # Midpoint iterates (w_t + w_{t+1})/2 against the flows at t; NaN at the last row.
+    mid = 0.5 * (cmp.real_w[:-1] + cmp.real_w[1:])
+    want = torch.linalg.vector_norm(mid - cmp.central.w[:-1], dim=1)
+    torch.testing.assert_close(cmp.midpoint_distance_central[:-1], want, atol=1e-15, rtol=0)
+    assert math.isnan(float(cmp.midpoint_distance_central[-1]))
+    assert math.isnan(float(cmp.midpoint_distance_stable[-1]))
+    last = cmp.times >= 10 * 2 / 3
+    assert summary["last_third_mean_distance"]["central"] == pytest.approx(
+        float(cmp.distance_central[last].mean()))
+    assert summary["last_third_mean_midpoint_distance"]["central"] == pytest.approx(
+        float(cmp.midpoint_distance_central[last][:-1].mean()))
+    assert math.isnan(summary["eos_mean_distance"]["ratio"])  # no EoS phase here
+    assert summary["real_dtype"] == "float64"
+
+
+def test_compare_float32_optimizer(tiny_model_problem):
+    model, batch = tiny_model_problem
+    cmp64 = compare_central_flow((model, data.mse_loss, batch), None, "gd", lr=0.05, num_steps=5)
+    cmp32 = compare_central_flow((model, data.mse_loss, batch), None, "gd", lr=0.05, num_steps=5,
+                                 real_dtype=torch.float32)
+    assert cmp32.real_w.dtype == F64 and cmp32.summary()["real_dtype"] == "float32"
+    gap = float((cmp32.real_w - cmp64.real_w).abs().max())
+    assert 0 < gap < 1e-5  # float32 rounding, not a different run
+    torch.testing.assert_close(cmp32.central.w, cmp64.central.w, atol=0, rtol=0)
+
+    def quadratic(w):
+        return 0.5 * (w * w).sum()
+
+    f32 = compare_central_flow(quadratic, torch.ones(3, dtype=F64), "gd", lr=0.1, num_steps=3,
+                               real_dtype=torch.float32)
+    torch.testing.assert_close(f32.real_w[-1], torch.full((3,), 0.9**3, dtype=F64), atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="real_dtype"):
+        compare_central_flow(quadratic, torch.ones(3, dtype=F64), "gd", lr=0.1, num_steps=1,
+                             real_dtype=torch.float16)
+
+
+def _official_problem(seed):
+    """The central-flows paper's example as bench_central.py --setting official builds it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 8, generator=gen, dtype=F64)
+    y = torch.randn(128, 1, generator=gen, dtype=F64)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 16),
+                                torch.nn.SiLU(), torch.nn.Linear(16, 1)).double()
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=F64)
+                                   / layer.weight.shape[1] ** 0.5)
+                layer.bias.zero_()
+    return model, lambda out, target: ((out - target) ** 2).mean(), (x, y)
+
+
+@pytest.mark.slow
+def test_official_example_central_flow_tracks_gd():
+    """The official example's setting (128 x 8 Gaussian inputs and targets, MLP 8-16-16-1
+    swish, MSE, GD lr 0.1, 1000 steps, 4 substeps): averaged over the last third of the run,
+    ‖GD − central flow‖ is at most a quarter of ‖GD − gradient flow‖. Fixed seed 0 (one
+    float64 run, about a minute); bench_central.py --setting official --seeds 0,...,7 measured
+    the ratio for eight seeds (docs: README, "Central flows")."""
+    seed = 0
+    model, loss, batch = _official_problem(seed)
+    cmp = compare_central_flow((model, loss, batch), None, "gd", lr=0.1, num_steps=1000,
+                               substeps=4)
+    summary = cmp.summary()
+    ratio = summary["last_third_mean_distance"]["ratio"]
+    assert summary["eos_steps"] > 300, f"seed {seed}: no long EoS phase ({summary['eos_steps']})"
+    assert ratio <= 0.25, f"seed {seed}: last-third distance ratio {ratio:.3f} > 0.25"
+    assert summary["eos_loss_relative_error"] < 0.05, f"seed {seed}: {summary}"
 
 
 @pytest.mark.parametrize("optimizer", ["rmsprop", "scalar_rmsprop"])

@@ -930,6 +930,9 @@ class CentralFlowComparison:
             ``smoothing`` steps (edges: nearest value).
         central, stable: the two flows' :class:`CentralFlowTrajectory`.
         distance_central, distance_stable: [T] float64, ‖w_real − w_flow‖.
+        midpoint_distance_central, midpoint_distance_stable: [T] float64,
+            ‖(w_t + w_{t+1})/2 − w_flow(t)‖ (the midpoint iterate, which cancels most of a
+            period-2 oscillation; NaN at the last row), as the authors' code also reports.
         predicted_variance: [T], vᵀΣv of the central flow along its unit top eigenvector v.
         measured_variance: [T], the smoothed (δ_t·v_t)² of the optimizer, δ_t = w_t − ¼(w_{t−1} +
             2w_t + w_{t+1}) (its oscillation about the midpoint of midpoints; NaN at both ends).
@@ -938,7 +941,7 @@ class CentralFlowComparison:
             whose eigenvalues all sit at the edge.
         eos: [T] bool, the EoS phase used by :meth:`summary`: after the warm-up, Σ ≠ 0 in the
             central flow, and at least 3·smoothing steps from the end (where the filter is cut).
-        optimizer, lr, smoothing: as passed.
+        optimizer, lr, smoothing: as passed; real_dtype: the optimizer's dtype.
     """
 
     times: Tensor
@@ -949,6 +952,8 @@ class CentralFlowComparison:
     stable: CentralFlowTrajectory
     distance_central: Tensor
     distance_stable: Tensor
+    midpoint_distance_central: Tensor
+    midpoint_distance_stable: Tensor
     predicted_variance: Tensor
     measured_variance: Tensor
     measured_total_variance: Tensor
@@ -956,21 +961,51 @@ class CentralFlowComparison:
     optimizer: str
     lr: float
     smoothing: float
+    real_dtype: torch.dtype = torch.float64
+
+    def mean_distances(self, rows: Tensor, midpoint: bool = False) -> dict:
+        """Mean ‖w_real − w_central‖ and ‖w_real − w_stable‖ over the rows selected by the [T]
+        bool mask ``rows`` (midpoint iterates with ``midpoint``), and their ratio; NaN rows
+        (the midpoints' last) are left out. Empty selections give NaN."""
+        central = self.midpoint_distance_central if midpoint else self.distance_central
+        stable = self.midpoint_distance_stable if midpoint else self.distance_stable
+        rows = rows & torch.isfinite(central) & torch.isfinite(stable)
+        if not bool(rows.any()):
+            return {"central": math.nan, "stable": math.nan, "ratio": math.nan}
+        c, s = float(central[rows].mean()), float(stable[rows].mean())
+        return {"central": c, "stable": s, "ratio": c / s if s > 0 else math.nan}
+
+    def last_third(self) -> Tensor:
+        """[T] bool: the last third of the rows (t ≥ 2·num_steps/3)."""
+        return self.times >= self.times[-1] * (2.0 / 3.0)
 
     def summary(self) -> dict:
-        """Plain floats for JSON: final distances and their ratio, the EoS onset, the predicted
-        vs smoothed real loss over the EoS phase (relative error of the phase means and mean
-        pointwise relative error), predicted vs measured oscillation variance over the phase,
-        and the central flow's cost per optimizer step."""
+        """Plain floats for JSON: final distances and their ratio; mean distances (and their
+        ratio) over the EoS phase and over the last third, for the iterates and for the
+        midpoint iterates; the EoS onset, the predicted vs smoothed real loss over the EoS phase
+        (relative error of the phase means and mean pointwise relative error), predicted vs
+        measured oscillation variance over the phase, and the central flow's cost per
+        optimizer step."""
         steps = max(len(self.times) - 1, 1)
+        last = len(self.times) - 2
         out = {
             "optimizer": self.optimizer,
             "lr": self.lr,
+            "real_dtype": str(self.real_dtype).replace("torch.", ""),
             "num_steps": len(self.times) - 1,
             "warmup_steps": self.central.warmup_steps,
             "final_distance_central": float(self.distance_central[-1]),
             "final_distance_stable": float(self.distance_stable[-1]),
             "final_distance_ratio": float(self.distance_central[-1] / self.distance_stable[-1]),
+            "final_midpoint_distance_ratio": (
+                float(self.midpoint_distance_central[last] / self.midpoint_distance_stable[last])
+                if last >= 0 else math.nan
+            ),
+            "eos_mean_distance": self.mean_distances(self.eos),
+            "eos_mean_midpoint_distance": self.mean_distances(self.eos, midpoint=True),
+            "last_third_mean_distance": self.mean_distances(self.last_third()),
+            "last_third_mean_midpoint_distance": self.mean_distances(self.last_third(),
+                                                                     midpoint=True),
             "eos_steps": int(self.eos.sum()),
             "eos_onset": None,
             "central_cost_per_step": {k: v / steps for k, v in self.central.counts.items()},
@@ -1009,21 +1044,57 @@ def _gaussian_smooth(values: Tensor, width: float) -> Tensor:
     return torch.from_numpy(gaussian_filter1d(values.numpy(), width, mode="nearest"))
 
 
+def _loss_and_gradient_in(loss_fn: object, objective: _Objective, dtype: torch.dtype):
+    """``w -> (loss, gradient)`` evaluated in ``dtype``: the objective itself for float64, else
+    a ``dtype`` copy of the model (and its data) or the function called on ``w`` in ``dtype``."""
+    if dtype == torch.float64:
+        return objective.loss_and_gradient
+    if isinstance(loss_fn, tuple):
+        from ..hvp import HessianOperator
+
+        model = copy.deepcopy(loss_fn[0]).to(dtype)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        operator = HessianOperator(model, loss_fn[1], loss_fn[2], dtype=dtype)
+
+        def model_loss_and_gradient(w: Tensor) -> tuple[float, Tensor]:
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(w, trainable)
+            return float(operator.loss()), operator.gradient()
+
+        return model_loss_and_gradient
+
+    def function_loss_and_gradient(w: Tensor) -> tuple[float, Tensor]:
+        x = w.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(x)
+            (grad,) = torch.autograd.grad(loss, x)
+        return float(loss.detach()), grad
+
+    return function_loss_and_gradient
+
+
 def _run_optimizer(objective: _Objective, optimizer: str, lr: float, beta2: float, eps: float,
-                   num_steps: int) -> tuple[Tensor, Tensor]:
-    """The optimizer itself on the flat float64 parameters: torch.optim SGD / RMSprop, and
-    scalar RMSProp (not in torch) written out: ν ← β2ν + (1−β2)‖g‖², w ← w − ηg/(√ν + ε)."""
-    w = objective.start.clone().requires_grad_(True)
+                   num_steps: int, loss_and_gradient=None,
+                   dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """The optimizer itself on the flat parameters in ``dtype`` (iterates returned as float64):
+    torch.optim SGD / RMSprop, and scalar RMSProp (not in torch) written out:
+    ν ← β2ν + (1−β2)‖g‖², w ← w − ηg/(√ν + ε)."""
+    loss_and_gradient = loss_and_gradient or objective.loss_and_gradient
+    w = objective.start.to(dtype).clone().requires_grad_(True)
     if optimizer == "gd":
         opt = torch.optim.SGD([w], lr=lr)
     elif optimizer == "rmsprop":
         opt = torch.optim.RMSprop([w], lr=lr, alpha=beta2, eps=eps)
     else:
-        opt, nu = None, torch.zeros((), dtype=torch.float64, device=w.device)
+        opt, nu = None, torch.zeros((), dtype=dtype, device=w.device)
     ws, losses = [], []
     for step in range(num_steps + 1):
-        loss, grad = objective.loss_and_gradient(w.detach())
-        ws.append(w.detach().clone())
+        loss, grad = loss_and_gradient(w.detach())
+        if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
+            raise FloatingPointError(
+                f"the optimizer's loss or gradient is not finite at step {step}"
+            )
+        ws.append(w.detach().to(torch.float64, copy=True))
         losses.append(loss)
         if step == num_steps:
             break
@@ -1047,6 +1118,7 @@ def compare_central_flow(
     beta2: float = 0.99,
     eps: float = 1e-8,
     smoothing: float = 4.0,
+    real_dtype: torch.dtype = torch.float64,
     **flow_kwargs,
 ) -> CentralFlowComparison:
     """Run the optimizer, its central flow and its stable flow side by side from one start.
@@ -1056,6 +1128,8 @@ def compare_central_flow(
     the flows (``loss_fn``/``params`` as for :class:`CentralFlow`; ``flow_kwargs`` go to both
     flows, e.g. ``substeps``, thresholds, ``k_max``). The flows begin with the same real warm-up
     steps when the start is above the edge, so all three share their first iterates.
+    ``real_dtype`` (float64 or float32): the dtype the optimizer runs in (a float32 copy of the
+    model and data, or the function called on float32 weights); the flows stay float64.
 
     Returns:
         :class:`CentralFlowComparison` with T = num_steps + 1 rows; ``summary()`` gives the
@@ -1066,6 +1140,10 @@ def compare_central_flow(
         0 <= smoothing < math.inf
     ):
         raise ValueError(f"argument 'smoothing': must be a non-negative finite number, got {smoothing!r}")
+    if real_dtype not in (torch.float64, torch.float32):
+        raise ValueError(
+            f"argument 'real_dtype': must be torch.float64 or torch.float32, got {real_dtype!r}"
+        )
     common = dict(lr=lr, beta2=beta2, eps=eps, **flow_kwargs)
     central_flow = CentralFlow(loss_fn, params, optimizer, **common)
     stable_flow = StableFlow(loss_fn, params, optimizer, **common)
@@ -1073,8 +1151,10 @@ def compare_central_flow(
         raise ValueError(f"argument 'num_steps': must be a non-negative int, got {num_steps!r}")
     central = central_flow.run(num_steps, record_eigenvectors=True)
     stable = stable_flow.run(num_steps)
+    objective = _make_objective(loss_fn, params)
     real_w, real_loss = _run_optimizer(
-        _make_objective(loss_fn, params), optimizer, float(lr), float(beta2), float(eps), num_steps
+        objective, optimizer, float(lr), float(beta2), float(eps), num_steps,
+        _loss_and_gradient_in(loss_fn, objective, real_dtype), real_dtype,
     )
     real_w, central_w, stable_w = real_w.cpu(), central.w.cpu(), stable.w.cpu()
     T = real_w.shape[0]
@@ -1085,6 +1165,8 @@ def compare_central_flow(
         along = (mid * central.top_eigenvector[1:-1].cpu()).sum(1)
         delta[1:-1] = _gaussian_smooth(along * along, smoothing)
         total[1:-1] = _gaussian_smooth((mid * mid).sum(1), smoothing)
+    midpoint = torch.full_like(real_w, math.nan)
+    midpoint[:-1] = 0.5 * (real_w[:-1] + real_w[1:])
     cut = math.ceil(3.0 * smoothing)
     eos = (central.num_critical > 0) & (central.times >= central.warmup_steps)
     eos &= central.times <= central.times[-1] - cut
@@ -1097,6 +1179,8 @@ def compare_central_flow(
         stable=stable,
         distance_central=torch.linalg.vector_norm(real_w - central_w, dim=1),
         distance_stable=torch.linalg.vector_norm(real_w - stable_w, dim=1),
+        midpoint_distance_central=torch.linalg.vector_norm(midpoint - central_w, dim=1),
+        midpoint_distance_stable=torch.linalg.vector_norm(midpoint - stable_w, dim=1),
         predicted_variance=central.oscillation_variance,
         measured_variance=delta,
         measured_total_variance=total,
@@ -1104,4 +1188,5 @@ def compare_central_flow(
         optimizer=optimizer,
         lr=float(lr),
         smoothing=float(smoothing),
+        real_dtype=real_dtype,
     )
