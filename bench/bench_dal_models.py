@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, write_json
 
 from pfkernels import data
 from pfkernels.optim import DAL
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_model(name, seed):
@@ -228,7 +227,7 @@ def main():
         print(model, json.dumps({k: v for k, v in entry.items() if k != "runs"}), flush=True)
     results["loadavg_end"] = os.getloadavg()
     results["curves"] = curves
-    (out / "dal_models_cpu.json").write_text(json.dumps(results, indent=1))
+    write_json("dal_models_cpu.json", results, out)
     figure(results, curves, args.models, out / "dal_models.png")
 
 

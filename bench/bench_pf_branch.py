@@ -14,16 +14,14 @@ jumps depend on where the substeps land). Writes ``bench/results/pf_branch_cpu.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, write_json
 
 from pfkernels import flows
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def toy(theta):
@@ -83,9 +81,8 @@ def main():
                       flush=True)
         results["cases"][name] = case
     results["loadavg_end"] = os.getloadavg()
-    (out / "pf_branch_cpu.json").write_text(json.dumps(results, indent=1))
+    write_json("pf_branch_cpu.json", results, out)
     _plot(curves, methods, substeps, out / "pf_branch.png")
-    print(f"wrote {out / 'pf_branch_cpu.json'} and pf_branch.png")
 
 
 def _plot(curves, methods, substeps, path):

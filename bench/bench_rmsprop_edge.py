@@ -38,11 +38,10 @@ from collections import deque
 from pathlib import Path
 
 import torch
+from _common import RESULTS, machine
 
 from pfkernels import HessianOperator, data, eigsh, report
 from pfkernels.flows import CentralFlow
-
-RESULTS = Path(__file__).resolve().parent / "results"
 EDGE = 2.0
 
 
@@ -304,6 +303,7 @@ def main():
         """Merge into the file as it is now (parts and cases may run in separate processes)."""
         results = json.loads(path.read_text()) if path.exists() else {}
         update(results)
+        results["machine"] = machine()
         results.setdefault("loadavg", []).append(os.getloadavg())
         path.write_text(json.dumps(report.to_jsonable(results), indent=1))
         return results
