@@ -42,6 +42,7 @@ from _common import RESULTS, machine
 
 from pfkernels import HessianOperator, data, eigsh, report
 from pfkernels.flows import CentralFlow
+
 EDGE = 2.0
 
 
@@ -89,7 +90,7 @@ def tracker_case(case, args):
     lr, beta2 = args.lr, 0.99
     eps = 0.0 if case == "eps0" else 1e-8
     nu = [torch.zeros_like(p) for p in params]
-    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])  # noqa: E731
+    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts])
     window = args.window if case == "same" else 0
     history: deque = deque(maxlen=2 * window + 1)
     rows = []
@@ -114,7 +115,7 @@ def tracker_case(case, args):
         if center[0] % args.every:
             continue
         t, w_t, nu_t, loss_t = center
-        s, u = effective_sharpness(op, twin_params, w_t, nu_t, lr, eps)
+        s, _u = effective_sharpness(op, twin_params, w_t, nu_t, lr, eps)
         row = {"step": t, "loss": loss_t, "S": s}
         if window:
             w_bar = torch.stack([h[1] for h in history]).mean(0)
@@ -193,7 +194,7 @@ def flow_part(args):
     flow_seconds = time.perf_counter() - start
     rows = []
     for t in range(0, args.flow_steps + 1, args.flow_every):
-        s_real, u_real = effective_sharpness(op, twin_params, real_w[t], real_nu[t], lr, eps)
+        s_real, _u_real = effective_sharpness(op, twin_params, real_w[t], real_nu[t], lr, eps)
         s_flow, u_flow = effective_sharpness(op, twin_params, flow_w[t], flow_nu[t], lr, eps)
         rows.append({
             "step": t,
