@@ -58,10 +58,18 @@ def _status(key: str) -> int:
 def child(model_name: str, case: str, ncv: int, max_matvecs: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
+    # bench/ only: the repository root on sys.path would import the source tree's pfkernels,
+    # which has no compiled _C, so every kernel would run its pure-torch reference instead (an
+    # earlier version of this script measured those: a float32 copy of a bfloat16 basis per step)
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_models import MODELS
+
     import pfkernels
-    from bench.memory_models import MODELS
     from pfkernels.data import mlp, mse_loss
+
+    if not pfkernels.backend_info()["extension_loaded"]:
+        raise SystemExit(f"bench_memory: pfkernels' compiled extension is not loaded "
+                         f"({pfkernels.__file__}); install the package (make setup)")
 
     # First use maps library code (torch, LAPACK, SciPy) into the process: run every code path
     # once on a 300-parameter problem so that those pages are in the baseline, not the case.
@@ -104,7 +112,8 @@ def child(model_name: str, case: str, ncv: int, max_matvecs: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status("VmRSS")
     t0 = time.perf_counter()
-    out = {"n": n, "k": k, "ncv": ncv, "case": case, "model": model_name}
+    out = {"n": n, "k": k, "ncv": ncv, "case": case, "model": model_name,
+           "extension_loaded": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unconverged within the bounded budget, by design
         if case == "backward":
@@ -124,9 +133,16 @@ def child(model_name: str, case: str, ncv: int, max_matvecs: int) -> dict:
             import numpy as np
             import scipy.sparse.linalg as sla
 
-            A = pfkernels.HessianOperator.to_scipy(op) if model_name != "diag4m" else \
-                sla.LinearOperator((n, n), matvec=lambda x: x * diagonal.double().numpy(),
-                                   dtype=np.float64)
+            if model_name == "diag4m":  # float64 products, counted on the Diagonal object
+                d64 = diagonal.double().numpy()
+
+                def product(x):
+                    op.num_matvecs += 1
+                    return x.reshape(-1) * d64
+
+                A = sla.LinearOperator((n, n), matvec=product, dtype=np.float64)
+            else:
+                A = pfkernels.HessianOperator.to_scipy(op)
             try:
                 vals = sla.eigsh(A, k=k, which="LA", ncv=ncv, tol=1e-8,
                                  maxiter=max(1, max_matvecs // ncv),
@@ -190,7 +206,8 @@ def main() -> None:
     ap.add_argument("--max-matvecs", type=int, default=None)
     ap.add_argument("--rss-limit-gb", type=float, default=12.0)
     ap.add_argument("--out", default="memory_cpu.json", help="file name under bench/results")
-    ap.add_argument("--plot-only", action="store_true", help="redraw memory.png from the JSON")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw the figure beside --out from the JSON")
     args = ap.parse_args()
     budget = args.max_matvecs if args.max_matvecs is not None else 2 * args.ncv
     if args.child:
@@ -205,7 +222,7 @@ def main() -> None:
     path = RESULTS / args.out
     old = json.loads(path.read_text()) if path.exists() else {}
     if args.plot_only:
-        _plot(old["records"], RESULTS / "memory.png")
+        _plot(old["records"], RESULTS / _png_name(args.out))
         return
     records = {(r["model"], r["case"]): r for r in old.get("records", [])}
     for model in args.models:
@@ -232,7 +249,14 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
     _summary(out["records"])
-    _plot(out["records"], RESULTS / "memory.png")
+    _plot(out["records"], RESULTS / _png_name(args.out))
+
+
+def _png_name(out: str) -> str:
+    """The figure beside ``--out``: memory_cpu.json -> memory.png, memory_mlp10m_cpu.json ->
+    memory_mlp10m.png."""
+    stem = out[: -len(".json")] if out.endswith(".json") else out
+    return (stem[: -len("_cpu")] if stem.endswith("_cpu") else stem) + ".png"
 
 
 def _plot(records: list[dict], path: Path) -> None:
