@@ -30,10 +30,9 @@ from .lanczos import (
     TraceEstimate,
     eigsh,
     hutchinson_trace,
-    layer_sharpness,
-    sharpness,
     spectral_density,
 )
+from .model_sharpness import layer_sharpness, sharpness
 from .ops import backend_info
 
 __all__ = [

@@ -37,10 +37,10 @@ from torch import Tensor
 from . import distributed as _dist
 from . import ops
 from . import progress as _progress
-from .curvature import CurvatureOperator, curvature_operator
+from .curvature import CurvatureOperator
 
 __all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
-           "layer_sharpness", "sharpness", "spectral_density"]
+           "spectral_density"]
 
 _WHICH = ("LA", "SA", "LM", "BE")
 # Thick restart keeps k + half of the spare basis (Wu & Simon's choice; 0.2 to 0.65 measured the
@@ -667,12 +667,15 @@ def _eigsh_on_shards(A, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
                    lz.conv.to(dev), False)
 
 
-def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int, name: str = "tol") -> None:
+def _warn_unconverged(conv: Tensor, tol: float, max_matvecs: int, name: str = "tol",
+                      stacklevel: int = 3) -> None:
+    """``stacklevel`` counts as :func:`warnings.warn` does from here: 3 names the caller of the
+    function that calls this one."""
     if not bool(conv.all()):
         bad = (~conv).sum().item()
         warnings.warn(f"eigsh: {bad} of {conv.numel()} wanted eigenpairs did not reach "
                       f"{name}={tol:g} within max_matvecs={max_matvecs}; returning the best "
-                      f"Ritz pairs with converged=False", RuntimeWarning, stacklevel=3)
+                      f"Ritz pairs with converged=False", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _finish(vals, vecs, res, nmv, conv, batched) -> EigResult:
@@ -1442,117 +1445,73 @@ def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, stora
 
 
 # ---------------------------------------------------------------------------------------------
-# Built on eigsh: sharpness, per-layer sharpness, spectral density (SLQ), Hutchinson trace.
+# Built on eigsh: diagonal blocks, spectral density (SLQ), Hutchinson trace.
 # ---------------------------------------------------------------------------------------------
 
 
-def sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, params=None,
-              method: str = "auto", hvp_dtype: torch.dtype | None = None,
-              curvature: str = "hessian", **eigsh_kwargs) -> EigResult:
-    """Top-``k`` eigenpairs of the Hessian of ``loss_fn(model(inputs), targets)`` (the sharpness
-    is ``eigenvalues[0]``, in raw units: GD is stable below ``2/lr``).
+def _diagonal_block_eigsh(A, blocks: list[Tensor], k: int, tol: float, *, ncv: int | None,
+                          max_matvecs: int | None, seed) -> list[EigResult]:
+    """Top-``k`` eigenpairs (``which="LA"``) of each diagonal block ``A[ib, ib]`` of a symmetric
+    operator with ``shape``, ``dtype``, ``device`` and a ``matvec`` on ``[B, n]`` rows;
+    ``blocks`` holds each block's (disjoint) indices into the flat vector, on the CPU.
 
-    Builds ``HessianOperator(model, loss_fn, data, params=params, method=method,
-    dtype=hvp_dtype)`` and returns ``eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)`` (pass
-    ``v0=previous.eigenvectors`` to warm start, ``seed=``, ``ncv=``, ``max_matvecs=``, ...).
-    Eigenvectors are flat over the selected parameters in ``model.named_parameters()`` order.
-    ``curvature``: another matrix instead of the Hessian (``"ggn"``, ``"fisher"``,
-    ``"empirical-fisher"``; :func:`pfkernels.curvature_operator`).
+    Blocks of different sizes are batched by embedding: problem ``b`` lives in the full space
+    with the operator ``P_b A P_b`` (``P_b`` zeroes the coordinates outside block ``b``), its
+    start and breakdown vectors are masked to the block, so its Krylov space never leaves the
+    block; all problems share one batched product per step, ``A [P_1 v_1; ...; P_B v_B]``.
+    Blocks no larger than ``ncv`` are solved densely from their columns, ``max size`` batched
+    products for all of them together.
+
+    Returns one :class:`EigResult` per block, in order, with eigenvectors over the block's own
+    coordinates ([n_b, k_b], ``k_b = min(k, n_b)``) and ``num_matvecs`` the batched products that
+    block took part in.
     """
-    H = curvature_operator(curvature, model, loss_fn, data, params=params, method=method,
-                           dtype=hvp_dtype)
-    return eigsh(H, k=k, which="LA", tol=tol, **eigsh_kwargs)
-
-
-def _parameter_blocks(names: list[str], numels: list[int], by: str) -> list[tuple[str, list]]:
-    """Consecutive index ranges of the flat parameter vector, one block per tensor or module."""
-    blocks: dict[str, list[tuple[int, int]]] = {}
-    offset = 0
-    for name, size in zip(names, numels):
-        label = name if by == "parameter" else name.rsplit(".", 1)[0] if "." in name else name
-        blocks.setdefault(label, []).append((offset, offset + size))
-        offset += size
-    return list(blocks.items())
-
-
-def layer_sharpness(model, loss_fn, data, k: int = 1, tol: float = 1e-4, *, by: str = "parameter",
-                    params=None, method: str = "auto", hvp_dtype: torch.dtype | None = None,
-                    ncv: int | None = None, max_matvecs: int | None = None,
-                    seed: int | None = None, curvature: str = "hessian"
-                    ) -> dict[str, EigResult]:
-    """Top-``k`` eigenpairs of each diagonal block ``H_bb`` of the loss Hessian: one block per
-    parameter tensor (``by="parameter"``) or per module (``by="module"``: a layer's weight and
-    bias together).
-
-    Blocks of different sizes are batched by embedding: problem ``b`` lives in the full
-    parameter space with the operator ``P_b H P_b`` (``P_b`` zeroes the coordinates outside block
-    ``b``), its start and breakdown vectors are masked to the block, so its Krylov space never
-    leaves the block; all problems share one batched HVP per step, ``H [P_1 v_1; ...; P_B
-    v_B]``. Blocks no larger than ``ncv`` (biases of small layers) are solved densely from their
-    columns, ``max size`` batched HVPs for all of them together.
-
-    Returns ``{block label: EigResult}`` with eigenvectors over the block's own coordinates
-    ([n_b, k_b], ``k_b = min(k, n_b)``) and ``num_matvecs`` the batched products that block
-    took part in. ``curvature``: the blocks of another matrix (``"ggn"``, ``"fisher"``,
-    ``"empirical-fisher"``; :func:`pfkernels.curvature_operator`).
-    """
-    if by not in ("parameter", "module"):
-        raise ValueError(f"argument 'by': must be 'parameter' or 'module', got {by!r}")
-    if not _is_int(k) or k < 1:
-        raise ValueError(f"argument 'k': must be a positive int, got {k!r}")
-    _check_seed(seed)
-    H = curvature_operator(curvature, model, loss_fn, data, params=params, method=method,
-                           dtype=hvp_dtype)
-    seed = _dist.operator_seed(H, seed)  # the same start vectors on every rank of a distributed H
-    blocks = _parameter_blocks(H.param_names, [p.numel() for p in H.parameters()], by)
-    n, dev = H.shape[0], H.device
-    work = torch.float64 if H.dtype == torch.float64 else torch.float32
+    n, dev = A.shape[0], A.device
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
     ncv_of = lambda size: min(max(2 * k + 1, 20) if ncv is None else ncv, size)
-    idx = {label: torch.cat([torch.arange(a, b) for a, b in ranges]) for label, ranges in blocks}
-    small = [label for label, _ in blocks if idx[label].numel() <= ncv_of(idx[label].numel()) or
-             idx[label].numel() <= k]
-    large = [label for label, _ in blocks if label not in small]
-    out: dict[str, EigResult] = {}
+    small = [b for b, ib in enumerate(blocks) if ib.numel() <= ncv_of(ib.numel()) or
+             ib.numel() <= k]
+    large = [b for b in range(len(blocks)) if b not in small]
+    out: dict[int, EigResult] = {}
 
     if small:
-        width = max(idx[label].numel() for label in small)
+        width = max(blocks[b].numel() for b in small)
         cols = []
         for c in range(width):
-            X = torch.zeros(len(small), n, dtype=H.dtype, device=dev)
-            for p, label in enumerate(small):
-                if c < idx[label].numel():
-                    X[p, idx[label][c]] = 1
-            cols.append(H.matvec(X))
-        for p, label in enumerate(small):
-            ib = idx[label].to(dev)
+            X = torch.zeros(len(small), n, dtype=A.dtype, device=dev)
+            for p, b in enumerate(small):
+                if c < blocks[b].numel():
+                    X[p, blocks[b][c]] = 1
+            cols.append(A.matvec(X))
+        for p, b in enumerate(small):
+            ib = blocks[b].to(dev)
             M = torch.stack([cols[c][p, ib] for c in range(ib.numel())], 1).to(torch.float64)
             M = 0.5 * (M + M.T)
             theta, S = torch.linalg.eigh(M.cpu())
             kb = min(k, ib.numel())
-            out[label] = EigResult(theta[-kb:].flip(0).to(dev),
-                                   S[:, -kb:].flip(1).to(dev, work),
-                                   torch.zeros(kb, dtype=torch.float64, device=dev), width,
-                                   torch.ones(kb, dtype=torch.bool, device=dev))
+            out[b] = EigResult(theta[-kb:].flip(0).to(dev), S[:, -kb:].flip(1).to(dev, work),
+                               torch.zeros(kb, dtype=torch.float64, device=dev), width,
+                               torch.ones(kb, dtype=torch.bool, device=dev))
 
     if large:
         P = len(large)
         mask = torch.zeros(P, n, dtype=work, device=dev)
-        for p, label in enumerate(large):
-            mask[p, idx[label].to(dev)] = 1
-        op = _Operator(lambda X: H.matvec((X * mask).to(H.dtype)).to(work) * mask, n, work, dev, P,
+        for p, b in enumerate(large):
+            mask[p, blocks[b].to(dev)] = 1
+        op = _Operator(lambda X: A.matvec((X * mask).to(A.dtype)).to(work) * mask, n, work, dev, P,
                        fresh=True)
-        m = min(ncv_of(n), min(idx[label].numel() for label in large))
+        m = min(ncv_of(n), min(blocks[b].numel() for b in large))
         m = max(m, k + 1)
         x0 = _random_vectors(P, n, seed, dev, work) * mask
         x0 = x0 / _row_norms(x0)[:, None].to(work)
         budget = max(1000, 30 * m) if max_matvecs is None else max_matvecs
         vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, P, k, "LA", tol, budget, m, x0,
                                                             seed, work, work, False, mask)
-        _warn_unconverged(conv, tol, budget)
-        for p, label in enumerate(large):
-            ib = idx[label].to(dev)
-            out[label] = EigResult(vals[p], vecs[p][ib], res[p], int(nmv[p]), conv[p])
-    return {label: out[label] for label, _ in blocks}
+        _warn_unconverged(conv, tol, budget, stacklevel=4)  # whoever asked for the blocks
+        for p, b in enumerate(large):
+            ib = blocks[b].to(dev)
+            out[b] = EigResult(vals[p], vecs[p][ib], res[p], int(nmv[p]), conv[p])
+    return [out[b] for b in range(len(blocks))]
 
 
 class SpectralDensity(NamedTuple):

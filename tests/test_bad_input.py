@@ -24,7 +24,8 @@ import pfkernels
 import pfkernels.report
 from pfkernels import cli, data, eos, flows, ops
 from pfkernels.hvp import HessianOperator
-from pfkernels.lanczos import eigsh, layer_sharpness, spectral_density
+from pfkernels.lanczos import eigsh, spectral_density
+from pfkernels.model_sharpness import layer_sharpness
 from pfkernels.optim import DAL, DALScaler, NormalizedGD, dal_learning_rate, sqrt_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
