@@ -80,6 +80,10 @@ class CurvatureOperator:
     """
 
     _symbol = "A"  # the matrix's letter in messages
+    # A hook the solvers read (pfkernels.lanczos): matvec returns a new tensor that nobody else
+    # holds and applies one matrix to each row, so a batched solve may pass only its unfinished
+    # rows and keep the results.
+    fresh_products = True
 
     def __init__(self, source: ModelSource | FunctionSource, *, check_finite: bool = True) -> None:
         self._source = source

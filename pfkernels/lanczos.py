@@ -37,7 +37,6 @@ from torch import Tensor
 from . import distributed as _dist
 from . import ops
 from . import progress as _progress
-from .curvature import CurvatureOperator
 
 __all__ = ["EigResult", "SpectralDensity", "TraceEstimate", "eigsh", "hutchinson_trace",
            "spectral_density"]
@@ -111,78 +110,106 @@ def _is_scipy_operator(A) -> bool:
 
 
 def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
-    """Turn ``A`` into an :class:`_Operator`; every argument error names the argument."""
+    """Turn ``A`` into an :class:`_Operator` through the adapter of its kind; every argument
+    error names the argument."""
     v0_t = v0 if isinstance(v0, Tensor) else None
     if isinstance(A, Tensor):
-        if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
-            raise ValueError(f"argument 'A': a dense operator must be [n, n] or [B, n, n] with "
-                             f"n >= 1, got shape {tuple(A.shape)}")
-        if not A.is_floating_point():
-            raise TypeError(f"argument 'A': must be floating point, got {A.dtype}")
-        if A.dim() == 3:
-            if batch is not None and batch != A.shape[0]:
-                raise ValueError(f"argument 'batch': {batch} differs from A's batch {A.shape[0]}")
-            batch = A.shape[0]
-        scale = A.abs().amax() if A.numel() else torch.zeros((), dtype=A.dtype)
-        tol = 1e-5 if A.dtype in (torch.float32, torch.bfloat16, torch.float16) else 1e-12
-        if bool(((A - A.transpose(-1, -2)).abs().amax() > tol * scale).item()):
-            raise ValueError("argument 'A': the dense matrix is not symmetric "
-                             "(max |A - A^T| exceeds 1e-5 (float32) / 1e-12 (float64) x max |A|)")
-        work = torch.float64 if A.dtype == torch.float64 else torch.float32
-        Aw = A.to(work)
-        if A.dim() == 2:
-            apply = lambda X: X @ Aw
-            return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True)
-        # one gemv per problem: torch.bmm with a single right-hand side is ~4x slower on the CPU
-        rows = lambda X, r: torch.stack([Aw[i] @ X[i] for i in r.tolist()])
-        apply = lambda X: rows(X, torch.arange(X.shape[0]))
-        return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True, apply_rows=rows)
-
+        return _dense_operator(A, batch)
     if _is_scipy_operator(A):
-        import numpy as np
-
-        if A.shape[0] != A.shape[1]:
-            raise ValueError(f"argument 'A': the operator must be square, got {A.shape}")
-        device = v0_t.device if v0_t is not None else torch.device("cpu")
-
-        def apply(X: Tensor) -> Tensor:
-            rows = [np.asarray(A.matvec(x), dtype=np.float64).reshape(-1)
-                    for x in X.detach().to("cpu", torch.float64).numpy()]
-            return torch.from_numpy(np.stack(rows)).to(device)
-
-        rows = lambda X, r: apply(X[r.to(X.device)])
-        return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True,
-                         apply_rows=rows)
-
+        return _scipy_operator(A, v0_t, batch)
     if hasattr(A, "matvec") and hasattr(A, "shape"):
-        shape = tuple(A.shape)
-        if len(shape) != 2 or shape[0] != shape[1]:
-            raise ValueError(f"argument 'A': shape must be (n, n), got {shape}")
-        n = int(shape[0])
-        op_dtype = getattr(A, "dtype", None)
-        op_dtype = op_dtype if isinstance(op_dtype, torch.dtype) else None
-        op_device = getattr(A, "device", None)
-        mv = A.matvec
-        fresh = isinstance(A, CurvatureOperator)  # its matvec returns a new tensor
-    elif callable(A):
-        if n_kw is not None:
-            n = int(n_kw)
-        elif v0_t is not None:
-            n = v0_t.shape[-2] if (v0_t.dim() == 2 and batch is None) or v0_t.dim() == 3 \
-                else v0_t.shape[-1]
-        else:
-            raise ValueError("argument 'n': a callable operator needs n= (or v0) to fix the size")
-        op_dtype, op_device, mv, fresh = None, None, A, False
+        return _matvec_operator(A, v0_t, batch, dtype)
+    if callable(A):
+        return _callable_operator(A, n_kw, v0_t, batch, dtype)
+    raise TypeError(
+        f"argument 'A': expected a HessianOperator, an object with matvec and shape, a "
+        f"callable, a dense symmetric tensor or a SciPy LinearOperator, got {type(A).__name__}"
+    )
+
+
+def _dense_operator(A: Tensor, batch) -> _Operator:
+    """A dense symmetric ``[n, n]`` matrix, or a batch ``[B, n, n]`` of them (row ``i`` of a
+    block is multiplied by matrix ``i``), applied in float32 or float64."""
+    if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2] or A.shape[-1] == 0:
+        raise ValueError(f"argument 'A': a dense operator must be [n, n] or [B, n, n] with "
+                         f"n >= 1, got shape {tuple(A.shape)}")
+    if not A.is_floating_point():
+        raise TypeError(f"argument 'A': must be floating point, got {A.dtype}")
+    if A.dim() == 3:
+        if batch is not None and batch != A.shape[0]:
+            raise ValueError(f"argument 'batch': {batch} differs from A's batch {A.shape[0]}")
+        batch = A.shape[0]
+    scale = A.abs().amax() if A.numel() else torch.zeros((), dtype=A.dtype)
+    tol = 1e-5 if A.dtype in (torch.float32, torch.bfloat16, torch.float16) else 1e-12
+    if bool(((A - A.transpose(-1, -2)).abs().amax() > tol * scale).item()):
+        raise ValueError("argument 'A': the dense matrix is not symmetric "
+                         "(max |A - A^T| exceeds 1e-5 (float32) / 1e-12 (float64) x max |A|)")
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    Aw = A.to(work)
+    if A.dim() == 2:
+        apply = lambda X: X @ Aw
+        return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True)
+    # one gemv per problem: torch.bmm with a single right-hand side is ~4x slower on the CPU
+    rows = lambda X, r: torch.stack([Aw[i] @ X[i] for i in r.tolist()])
+    apply = lambda X: rows(X, torch.arange(X.shape[0]))
+    return _Operator(apply, A.shape[-1], work, A.device, batch, fresh=True, apply_rows=rows)
+
+
+def _scipy_operator(A, v0: Tensor | None, batch) -> _Operator:
+    """A SciPy ``LinearOperator``, applied row by row in float64 on the host; vectors live on
+    ``v0``'s device (the CPU without one)."""
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"argument 'A': the operator must be square, got {A.shape}")
+    device = v0.device if v0 is not None else torch.device("cpu")
+
+    def apply(X: Tensor) -> Tensor:
+        rows = [np.asarray(A.matvec(x), dtype=np.float64).reshape(-1)
+                for x in X.detach().to("cpu", torch.float64).numpy()]
+        return torch.from_numpy(np.stack(rows)).to(device)
+
+    rows = lambda X, r: apply(X[r.to(X.device)])
+    return _Operator(apply, int(A.shape[0]), torch.float64, device, batch, fresh=True,
+                     apply_rows=rows)
+
+
+def _matvec_operator(A, v0: Tensor | None, batch, dtype) -> _Operator:
+    """An object with ``matvec`` and ``shape`` (a curvature operator, a user's operator), in its
+    own ``dtype`` and on its own ``device`` where it has them. One that declares
+    ``fresh_products`` (the curvature operators) returns a new tensor from every product and
+    applies one matrix to each row, so finished problems of a batch can leave the product."""
+    shape = tuple(A.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"argument 'A': shape must be (n, n), got {shape}")
+    op_dtype = getattr(A, "dtype", None)
+    return _vector_operator(A.matvec, int(shape[0]), v0, batch, dtype,
+                            op_dtype=op_dtype if isinstance(op_dtype, torch.dtype) else None,
+                            op_device=getattr(A, "device", None),
+                            fresh=bool(getattr(A, "fresh_products", False)))
+
+
+def _callable_operator(A: Callable[[Tensor], Tensor], n_kw, v0: Tensor | None, batch,
+                       dtype) -> _Operator:
+    """A function ``x -> A x``, its size from ``n`` or ``v0``, its dtype and device from ``v0``
+    or ``dtype`` (float32 on the CPU without either)."""
+    if n_kw is not None:
+        n = int(n_kw)
+    elif v0 is not None:
+        n = v0.shape[-2] if (v0.dim() == 2 and batch is None) or v0.dim() == 3 else v0.shape[-1]
     else:
-        raise TypeError(
-            f"argument 'A': expected a HessianOperator, an object with matvec and shape, a "
-            f"callable, a dense symmetric tensor or a SciPy LinearOperator, got {type(A).__name__}"
-        )
+        raise ValueError("argument 'n': a callable operator needs n= (or v0) to fix the size")
+    return _vector_operator(A, n, v0, batch, dtype, op_dtype=None, op_device=None, fresh=False)
+
+
+def _vector_operator(mv: Callable[[Tensor], Tensor], n: int, v0: Tensor | None, batch, dtype, *,
+                     op_dtype, op_device, fresh: bool) -> _Operator:
+    """The :class:`_Operator` of a product ``mv`` on ``[n]`` (unbatched) or ``[B, n]`` vectors,
+    each result checked; ``op_dtype``/``op_device`` None take ``v0``'s (or ``dtype``, float32,
+    the CPU)."""
     if op_dtype is None:
-        op_dtype = v0_t.dtype if v0_t is not None and v0_t.is_floating_point() else (
+        op_dtype = v0.dtype if v0 is not None and v0.is_floating_point() else (
             dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     if op_device is None:
-        op_device = v0_t.device if v0_t is not None else torch.device("cpu")
+        op_device = v0.device if v0 is not None else torch.device("cpu")
     work = torch.float64 if op_dtype == torch.float64 else torch.float32
     op_device = torch.device(op_device)
 
@@ -204,7 +231,6 @@ def _wrap_operator(A, n_kw, v0, batch, dtype) -> _Operator:
         apply = lambda X: product(X[0].to(op_dtype)).reshape(1, -1).to(work)
     else:
         apply = lambda X: product(X.to(op_dtype)).to(work)
-    # a HessianOperator applies one H to every row: finished problems can leave the product
     rows = (lambda X, r: apply(X[r.to(X.device)])) if fresh and batch is not None else None
     return _Operator(apply, n, work, op_device, batch, fresh=fresh, apply_rows=rows)
 
