@@ -596,8 +596,10 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
         if batch is not None:
             raise ValueError("argument 'batch': an operator on sharded vectors (FSDP2) solves "
                              "one problem at a time")
-        return _eigsh_on_shards(A, vector_group, k, which, tol, max_matvecs, ncv, v0, seed,
-                                dtype, check_residuals, eigenvalue_tol, progress)
+        return _eigsh_on_shards(A, group=vector_group, k=k, which=which, tol=tol,
+                                max_matvecs=max_matvecs, ncv=ncv, v0=v0, seed=seed, dtype=dtype,
+                                check_residuals=check_residuals, eigenvalue_tol=eigenvalue_tol,
+                                progress=progress)
     seed = _dist.operator_seed(A, seed)  # one seed for all ranks of a distributed operator
     op = _wrap_operator(A, n, v0, batch, dtype)
     B = op.batch if op.batch is not None else 1
@@ -635,15 +637,15 @@ def eigsh(A, k: int = 1, which: str = "LA", tol: float = 1e-4, max_matvecs: int 
     bar = _progress.Progress(progress, max_matvecs, "eigsh", getattr(A, "process_group", None))
     with _solve_scope(A), bar:
         vals, vecs, res, nmv, conv = _thick_restart_lanczos(
-            op, B, k, which, tol, max_matvecs, ncv, x0, seed, storage, work, check_residuals,
-            group=group, block=block, eigenvalue_tol=eigenvalue_tol, required=required,
-            progress=bar)
+            op, B=B, k=k, which=which, tol=tol, max_matvecs=max_matvecs, m=ncv, x0=x0, seed=seed,
+            storage=storage, work=work, check_residuals=check_residuals, group=group, block=block,
+            eigenvalue_tol=eigenvalue_tol, required=required, progress=bar)
     _warn_unconverged(conv[:, :required], tol if eigenvalue_tol is None else eigenvalue_tol,
                       max_matvecs, "tol" if eigenvalue_tol is None else "eigenvalue_tol")
     return _finish(vals, vecs, res, nmv, conv, op.batch is not None)
 
 
-def _eigsh_on_shards(A, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
+def _eigsh_on_shards(A, *, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
                      check_residuals, eigenvalue_tol, progress) -> EigResult:
     """:func:`eigsh` for an operator whose vectors are sharded over ``group`` (``A.vector_group``,
     FSDP2: each rank holds the local shards of its parameters): the basis, the start vector and
@@ -679,7 +681,8 @@ def _eigsh_on_shards(A, group, k, which, tol, max_matvecs, ncv, v0, seed, dtype,
         x = v0.detach().to(op.device, work).reshape(1, -1)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("argument 'v0': contains NaN or infinity")
-    lz = _LocalShardLanczos(op, k, which, tol, max_matvecs, ncv, x, seed, storage, work, group,
+    lz = _LocalShardLanczos(op, k=k, which=which, tol=tol, max_matvecs=max_matvecs, m=ncv, x0=x,
+                            seed=seed, storage=storage, work=work, group=group,
                             eigenvalue_tol=eigenvalue_tol, required=k)
     lz.progress = _progress.Progress(progress, max_matvecs, "eigsh", group)
     with _solve_scope(A), lz.progress:
@@ -1128,12 +1131,12 @@ class _ShardedLanczos(_Lanczos):
     ``S^T V`` and the thick restart act column by column, hence locally.
     """
 
-    def __init__(self, op: _Operator, k: int, which: str, tol: float, max_matvecs: int, m: int,
-                 x0: Tensor, seed, storage, work, group, **criterion):
+    def __init__(self, op: _Operator, *, k: int, which: str, tol: float, max_matvecs: int,
+                 m: int, x0: Tensor, seed, storage, work, group, **criterion):
         lo, hi = _dist.shard_range(op.n, group)
         local = _Operator(op.apply, hi - lo, op.dtype, op.device, None, fresh=op.fresh)
-        super().__init__(local, 1, k, which, tol, max_matvecs, m, x0[:, lo:hi], seed, storage,
-                         work, **criterion)
+        super().__init__(local, B=1, k=k, which=which, tol=tol, max_matvecs=max_matvecs, m=m,
+                         x0=x0[:, lo:hi], seed=seed, storage=storage, work=work, **criterion)
         self.full_op, self.group, self.lo, self.hi = op, group, lo, hi
         self.current = None  # (slot, full row [1, n]) of the basis vector the next step applies
 
@@ -1221,11 +1224,11 @@ class _LocalShardLanczos(_Lanczos):
     ever gathered. Every rank builds ``T`` from the same reduced scalars, so all take the same
     decisions. The step is plain torch (the fused ``lanczos_step`` kernel reduces internally)."""
 
-    def __init__(self, op: _Operator, k, which, tol, max_matvecs, m, x0: Tensor, seed, storage,
-                 work, group, **criterion):
+    def __init__(self, op: _Operator, *, k: int, which: str, tol: float, max_matvecs: int,
+                 m: int, x0: Tensor, seed, storage, work, group, **criterion):
         self.group = group
-        super().__init__(op, 1, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                         **criterion)
+        super().__init__(op, B=1, k=k, which=which, tol=tol, max_matvecs=max_matvecs, m=m, x0=x0,
+                         seed=seed, storage=storage, work=work, **criterion)
         norm = self._norms(x0)
         if not bool((norm > 0).all()):
             raise ValueError("argument 'v0': is zero")
@@ -1284,9 +1287,9 @@ class _WarmDavidson:
     from the block's column sum in bench/bench_tracking.py.
     """
 
-    def __init__(self, op: _Operator, B: int, k: int, which: str, tol: float, max_matvecs: int,
-                 m: int, Y: Tensor, seed, work, *, eigenvalue_tol: float | None = None,
-                 required: int | None = None):
+    def __init__(self, op: _Operator, *, B: int, k: int, which: str, tol: float,
+                 max_matvecs: int, m: int, Y: Tensor, seed, work,
+                 eigenvalue_tol: float | None = None, required: int | None = None):
         p = Y.shape[1]
         self.op, self.B, self.k, self.which, self.tol = op, B, k, which, tol
         self.eigenvalue_tol = eigenvalue_tol
@@ -1446,20 +1449,20 @@ def _ritz_in_place(S: Tensor, V: Tensor) -> None:
         V[:, :lk, lo:hi] = _ritz(S, block).to(V.dtype)
 
 
-def _thick_restart_lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
-                           check_residuals, mask=None, group=None, block=None, progress=None,
-                           **criterion):
+def _thick_restart_lanczos(op, *, B, k, which, tol, max_matvecs, m, x0, seed, storage, work,
+                           check_residuals=False, mask=None, group=None, block=None,
+                           progress=None, **criterion):
+    problem = dict(k=k, which=which, tol=tol, max_matvecs=max_matvecs, m=m, seed=seed, work=work,
+                   **criterion)
     if block is not None:
-        lz = _WarmDavidson(op, B, k, which, tol, max_matvecs, m, block, seed, work, **criterion)
+        lz = _WarmDavidson(op, B=B, Y=block, **problem)
         lz.run()
     elif group is None:
-        lz = _Lanczos(op, B, k, which, tol, max_matvecs, m, x0, seed, storage, work, mask,
-                      **criterion)
+        lz = _Lanczos(op, B=B, x0=x0, storage=storage, mask=mask, **problem)
         lz.progress = progress
         lz.run()
     else:
-        lz = _ShardedLanczos(op, k, which, tol, max_matvecs, m, x0, seed, storage, work, group,
-                             **criterion)
+        lz = _ShardedLanczos(op, x0=x0, storage=storage, group=group, **problem)
         lz.progress = progress
         lz.run()
         lz.gather_vectors()
@@ -1531,8 +1534,9 @@ def _diagonal_block_eigsh(A, blocks: list[Tensor], k: int, tol: float, *, ncv: i
         x0 = _random_vectors(P, n, seed, dev, work) * mask
         x0 = x0 / _row_norms(x0)[:, None].to(work)
         budget = max(1000, 30 * m) if max_matvecs is None else max_matvecs
-        vals, vecs, res, nmv, conv = _thick_restart_lanczos(op, P, k, "LA", tol, budget, m, x0,
-                                                            seed, work, work, False, mask)
+        vals, vecs, res, nmv, conv = _thick_restart_lanczos(
+            op, B=P, k=k, which="LA", tol=tol, max_matvecs=budget, m=m, x0=x0, seed=seed,
+            storage=work, work=work, mask=mask)
         _warn_unconverged(conv, tol, budget, stacklevel=4)  # whoever asked for the blocks
         for p, b in enumerate(large):
             ib = blocks[b].to(dev)
@@ -1562,7 +1566,8 @@ def _lanczos_tridiagonals(A, op: _Operator, P: int, m: int, x0: Tensor, seed,
                           progress: bool = False) -> tuple[Tensor, Tensor]:
     """m Lanczos steps (full reorthogonalisation) from each row of x0: (nodes, weights) [P, m]
     (``A`` is the caller's operator, ``op`` its wrapper)."""
-    lz = _Lanczos(op, P, 1, "LA", 1.0, 10 ** 9, m, x0, seed, op.dtype, op.dtype)
+    lz = _Lanczos(op, B=P, k=1, which="LA", tol=1.0, max_matvecs=10 ** 9, m=m, x0=x0, seed=seed,
+                  storage=op.dtype, work=op.dtype)
     bar = _progress.Progress(progress, P * m, "SLQ", getattr(A, "process_group", None))
     # a Hessian keeps its first-order graph across the steps
     with _solve_scope(A), bar:
