@@ -343,6 +343,116 @@ def multi_tensor_axpy_ref(x: Sequence[Tensor], y: Sequence[Tensor], alpha: Tenso
         xi.add_(yi * alpha.reshape(()).to(xi.dtype))
 
 
+def _update_lists(params, grads, bufs) -> tuple[tuple, tuple[int, ...]]:
+    """The lists of a momentum update as :func:`_check_lists` takes them, and which it writes."""
+    if len(bufs) or not len(params):
+        return (("params", params), ("grads", grads), ("bufs", bufs)), (0, 2)
+    return (("params", params), ("grads", grads)), (0,)
+
+
+@torch.library.custom_op(
+    "pfkernels::multi_tensor_momentum_update", mutates_args={"params", "bufs"}
+)
+def _multi_tensor_momentum_update_op(
+    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rate: Tensor, momentum: float
+) -> None:
+    device = params[0].device if params else rate.device
+    _check_scalar(rate, "rate", device)
+    _check_arg(math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
+    scalar = rate.reshape(()).to(params[0].dtype) if params else rate  # what the kernel reads
+    launch, _kept = _check_lists(*_update_lists(params, grads, bufs))
+    if not _has_backend("multi_tensor_momentum_update", device):
+        _warn_fallback("multi_tensor_momentum_update", device)
+        multi_tensor_momentum_update_ref(params, grads, bufs, rate, momentum)
+        return
+    (pp, np_), (pg, ng), (pb, nb) = (*launch, ([], []))[:3]
+    code = _DTYPE_CODES[params[0].dtype]
+    if device.type == "cpu":
+        _C.multi_tensor_momentum_update_cpu(pp, np_, pg, ng, pb, nb, code, _buf(scalar), momentum)
+    else:
+        _C.multi_tensor_momentum_update_cuda(pp, np_, pg, ng, pb, nb, code, _buf(scalar),
+                                             momentum, _stream(device))
+
+
+@_multi_tensor_momentum_update_op.register_fake
+def _(params, grads, bufs, rate, momentum):
+    _check_scalar(rate, "rate", params[0].device if params else rate.device)
+    _check_arg(math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
+    _check_lists(*_update_lists(params, grads, bufs), real=False)
+    return None
+
+
+def multi_tensor_momentum_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    rate: Tensor,
+    momentum: float = 0.0,
+) -> None:
+    """The fused descent step of DAL (and of torch SGD): one launch over all tensors.
+
+    With ``bufs`` empty: ``pᵢ -= rate · gᵢ``. Otherwise the heavy-ball step of
+    ``torch.optim.SGD(momentum=momentum)`` (dampening 0, no Nesterov), buffer and parameter in
+    the same pass: ``bᵢ = momentum · bᵢ + gᵢ; pᵢ -= rate · bᵢ`` (zero-initialised buffers give
+    torch's first step ``b = g``).
+
+    Args:
+        params: contiguous tensors updated in place; one dtype (float32/float64), one device.
+        grads: tensors with the shapes of ``params``, same dtype and device (``grads[i]`` may
+            be ``params[i]`` itself).
+        bufs: ``[]``, or contiguous momentum buffers shaped like ``params`` (updated in place).
+            No parameter or buffer may share memory with another tensor of the call.
+        rate: a one-element floating tensor on the same device, read on the device (no host
+            sync). A non-finite rate (NaN from :func:`dal_rate` when the gradient or H·g was not
+            finite) leaves ``params`` and ``bufs`` untouched: the step is skipped on the device.
+        momentum: the heavy-ball coefficient, a finite number (ignored when ``bufs`` is empty).
+
+    Raises:
+        ValueError naming the argument (and index), before anything is written;
+        ``torch.ops.pfkernels.multi_tensor_momentum_update`` runs the same checks.
+
+    Equivalent to :func:`multi_tensor_momentum_update_ref`.
+    """
+    for name, value in (("params", params), ("grads", grads), ("bufs", bufs)):
+        _check_is_list(value, name)
+    _check_arg(isinstance(rate, Tensor), "rate", "must be a one-element tensor")
+    _check_arg(
+        isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+        and math.isfinite(momentum),
+        "momentum",
+        f"must be a finite number, got {momentum!r}",
+    )
+    if not params and not grads and not bufs:
+        _check_arg(rate.numel() == 1, "rate",
+                   f"must have one element, got shape {tuple(rate.shape)}")
+        return
+    torch.ops.pfkernels.multi_tensor_momentum_update(
+        list(params), list(grads), list(bufs), rate, float(momentum)
+    )
+
+
+def multi_tensor_momentum_update_ref(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    rate: Tensor,
+    momentum: float = 0.0,
+) -> None:
+    """Pure-torch twin of :func:`multi_tensor_momentum_update` (no host sync either)."""
+    if not params:
+        return
+    r = rate.reshape(()).to(params[0].dtype)
+    # A non-finite rate skips the step: multiply by 0 would still spread NaN, so select instead.
+    keep = ~torch.isfinite(r)
+    r = torch.where(keep, torch.zeros_like(r), r)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if bufs:
+            b = bufs[i]
+            b.copy_(torch.where(keep, b, momentum * b + g))
+            g = b
+        p.copy_(torch.where(keep, p, p - r * g))
+
+
 # ---------------------------------------------------------------------------------------------
 # flow family: the principal-flow field from top-k eigenpairs (REFERENCES.md §1), two passes over
 # the eigenvectors: projections U^T g, then the complex recombination.
@@ -498,6 +608,9 @@ def flow_field_ref(
     b = torch.where(p == 0, 0.0, r.imag * p)
     field = torch.complex(u @ a - g, u @ b)
     return field.to(_COMPLEX_OF[grad.dtype]), p.to(grad.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # tridiag family: batched symmetric tridiagonal eigensolver (the Rayleigh-Ritz step of Lanczos).
 # ---------------------------------------------------------------------------------------------
 
@@ -717,114 +830,6 @@ def tridiag_eigh_ref(
         evals = evals[0]
         vecs = None if vecs is None else vecs[0]
     return evals, vecs
-def _update_lists(params, grads, bufs) -> tuple[tuple, tuple[int, ...]]:
-    """The lists of a momentum update as :func:`_check_lists` takes them, and which it writes."""
-    if len(bufs) or not len(params):
-        return (("params", params), ("grads", grads), ("bufs", bufs)), (0, 2)
-    return (("params", params), ("grads", grads)), (0,)
-
-
-@torch.library.custom_op(
-    "pfkernels::multi_tensor_momentum_update", mutates_args={"params", "bufs"}
-)
-def _multi_tensor_momentum_update_op(
-    params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], rate: Tensor, momentum: float
-) -> None:
-    device = params[0].device if params else rate.device
-    _check_scalar(rate, "rate", device)
-    _check_arg(math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
-    scalar = rate.reshape(()).to(params[0].dtype) if params else rate  # what the kernel reads
-    launch, _kept = _check_lists(*_update_lists(params, grads, bufs))
-    if not _has_backend("multi_tensor_momentum_update", device):
-        _warn_fallback("multi_tensor_momentum_update", device)
-        multi_tensor_momentum_update_ref(params, grads, bufs, rate, momentum)
-        return
-    (pp, np_), (pg, ng), (pb, nb) = (*launch, ([], []))[:3]
-    code = _DTYPE_CODES[params[0].dtype]
-    if device.type == "cpu":
-        _C.multi_tensor_momentum_update_cpu(pp, np_, pg, ng, pb, nb, code, _buf(scalar), momentum)
-    else:
-        _C.multi_tensor_momentum_update_cuda(pp, np_, pg, ng, pb, nb, code, _buf(scalar),
-                                             momentum, _stream(device))
-
-
-@_multi_tensor_momentum_update_op.register_fake
-def _(params, grads, bufs, rate, momentum):
-    _check_scalar(rate, "rate", params[0].device if params else rate.device)
-    _check_arg(math.isfinite(momentum), "momentum", f"must be a finite number, got {momentum!r}")
-    _check_lists(*_update_lists(params, grads, bufs), real=False)
-    return None
-
-
-def multi_tensor_momentum_update(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor],
-    rate: Tensor,
-    momentum: float = 0.0,
-) -> None:
-    """The fused descent step of DAL (and of torch SGD): one launch over all tensors.
-
-    With ``bufs`` empty: ``pᵢ -= rate · gᵢ``. Otherwise the heavy-ball step of
-    ``torch.optim.SGD(momentum=momentum)`` (dampening 0, no Nesterov), buffer and parameter in
-    the same pass: ``bᵢ = momentum · bᵢ + gᵢ; pᵢ -= rate · bᵢ`` (zero-initialised buffers give
-    torch's first step ``b = g``).
-
-    Args:
-        params: contiguous tensors updated in place; one dtype (float32/float64), one device.
-        grads: tensors with the shapes of ``params``, same dtype and device (``grads[i]`` may
-            be ``params[i]`` itself).
-        bufs: ``[]``, or contiguous momentum buffers shaped like ``params`` (updated in place).
-            No parameter or buffer may share memory with another tensor of the call.
-        rate: a one-element floating tensor on the same device, read on the device (no host
-            sync). A non-finite rate (NaN from :func:`dal_rate` when the gradient or H·g was not
-            finite) leaves ``params`` and ``bufs`` untouched: the step is skipped on the device.
-        momentum: the heavy-ball coefficient, a finite number (ignored when ``bufs`` is empty).
-
-    Raises:
-        ValueError naming the argument (and index), before anything is written;
-        ``torch.ops.pfkernels.multi_tensor_momentum_update`` runs the same checks.
-
-    Equivalent to :func:`multi_tensor_momentum_update_ref`.
-    """
-    for name, value in (("params", params), ("grads", grads), ("bufs", bufs)):
-        _check_is_list(value, name)
-    _check_arg(isinstance(rate, Tensor), "rate", "must be a one-element tensor")
-    _check_arg(
-        isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
-        and math.isfinite(momentum),
-        "momentum",
-        f"must be a finite number, got {momentum!r}",
-    )
-    if not params and not grads and not bufs:
-        _check_arg(rate.numel() == 1, "rate",
-                   f"must have one element, got shape {tuple(rate.shape)}")
-        return
-    torch.ops.pfkernels.multi_tensor_momentum_update(
-        list(params), list(grads), list(bufs), rate, float(momentum)
-    )
-
-
-def multi_tensor_momentum_update_ref(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor],
-    rate: Tensor,
-    momentum: float = 0.0,
-) -> None:
-    """Pure-torch twin of :func:`multi_tensor_momentum_update` (no host sync either)."""
-    if not params:
-        return
-    r = rate.reshape(()).to(params[0].dtype)
-    # A non-finite rate skips the step: multiply by 0 would still spread NaN, so select instead.
-    keep = ~torch.isfinite(r)
-    r = torch.where(keep, torch.zeros_like(r), r)
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if bufs:
-            b = bufs[i]
-            b.copy_(torch.where(keep, b, momentum * b + g))
-            g = b
-        p.copy_(torch.where(keep, p, p - r * g))
 
 
 # ---------------------------------------------------------------------------------------------
