@@ -1,11 +1,11 @@
 // pfkernels._C: raw pointers, sizes, dtype codes and streams in; backend entry points out.
 // This file is the only one that sees pybind11. It links no libtorch, so one build serves every
-// torch release; pfkernels/ops.py is its only caller.
+// torch release; the package pfkernels/ops/ is its only caller.
 //
 // Every buffer arrives with the number of elements it holds (a `Buf` is (pointer, elements)), and
 // every entry point checks that what its kernel will read or write fits in those elements before
-// it launches. ops.py validates the tensors first; these checks are the second line, so that a
-// wrong size computed in Python fails with a ValueError instead of an out-of-bounds access.
+// it launches. pfkernels.ops validates the tensors first; these checks are the second line, so
+// that a wrong size computed in Python fails with a ValueError instead of an out-of-bounds access.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -86,8 +86,8 @@ void check_dtype(int dtype, bool bfloat16, const char* name) {
   PFK_CHECK_ARG(ok, name, "unsupported dtype code " + std::to_string(dtype));
 }
 
-// A tensor list as ops.py passes it: data pointers and element counts. Every list of a launch has
-// the first list's element counts, which become the launch's sizes.
+// A tensor list as pfkernels.ops passes it: data pointers and element counts. Every list of a
+// launch has the first list's element counts, which become the launch's sizes.
 void check_list(const Ptrs& p, const Sizes& sizes, const Sizes& launch, const char* name) {
   PFK_CHECK_ARG(p.size() == sizes.size(), name, "as many pointers as element counts needed");
   PFK_CHECK_ARG(sizes.size() == launch.size(), name,

@@ -23,7 +23,7 @@ def test_backend_info_fields():
         assert info["cuda_archs"]
 
 
-# --- the binding's own checks: the second line behind pfkernels/ops.py --------------------------
+# --- the binding's own checks: the second line behind pfkernels.ops -------------------------------
 
 
 def _buf(t):

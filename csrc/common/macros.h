@@ -14,7 +14,7 @@
 
 namespace pfk {
 
-// Dtype codes shared with pfkernels/ops.py (_DTYPE_CODES).
+// Dtype codes shared with pfkernels/ops/_backend.py (_DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
 
 inline const char* dtype_name(int code) {

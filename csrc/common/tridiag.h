@@ -21,9 +21,10 @@
 
 namespace pfk::tridiag {
 
-// Shared with pfkernels/ops.py (_TRIDIAG_VECTORS).
+// Shared with pfkernels/ops/tridiag.py (_TRIDIAG_VECTORS).
 enum Vectors : int { kNone = 0, kLastRow = 1, kAll = 2 };
-// Per-problem status written by the backends; shared with pfkernels/ops.py (_TRIDIAG_OK, ...).
+// Per-problem status written by the backends; shared with pfkernels/ops/tridiag.py
+// (_TRIDIAG_OK, ...).
 enum Status : int { kOk = 0, kNoConvergence = 1, kNonFiniteAlpha = 2, kNonFiniteBeta = 3 };
 
 // LAPACK's dsteqr budget: QL sweeps per problem, in units of n.
