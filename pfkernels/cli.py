@@ -12,7 +12,15 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .eos import SharpnessTracker
 
 
 class _OptionError(Exception):
@@ -335,15 +343,39 @@ def _run_eos(args) -> int:
         torch.set_num_threads(threads)  # callers in the same process keep their setting
 
 
-def _train_and_track(args, lr: float) -> int:
-    import os
-    import time
+@dataclass
+class _EosRun:
+    """What ``pfkernels eos`` trains and tracks on this rank, as :func:`_eos_setup` builds it."""
 
+    model: torch.nn.Module
+    params: list[torch.Tensor]
+    objective: Callable
+    train: tuple[torch.Tensor, torch.Tensor]  # this rank's shard
+    weight: float  # the shard's loss weight (distributed.shard_batch)
+    test: tuple[torch.Tensor, torch.Tensor]
+    classify: bool
+    optimizer: torch.optim.Optimizer
+    tracker: SharpnessTracker
+    group: Any
+    lead: bool  # rank 0, the one that writes
+    out: Path
+
+
+def _train_and_track(args, lr: float) -> int:
+    run = _eos_setup(args, lr)
+    rows, diverged, wall = _eos_train(args, lr, run)
+    summary = _eos_summary(args, lr, run, rows, diverged, wall)
+    if run.lead:
+        _write_eos_results(args, lr, run.out, rows, summary, wall, diverged)
+    return 1 if diverged else 0
+
+
+def _eos_setup(args, lr: float) -> _EosRun:
+    """The model, data shard, optimizer and tracker of ``pfkernels eos``; makes ``--out``."""
     import torch
 
-    from . import data, distributed, eos, report
+    from . import distributed, eos
 
-    steps = args.steps
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     # Under torchrun: one rank per process, each training on its shard, rank 0 writing.
@@ -357,56 +389,52 @@ def _train_and_track(args, lr: float) -> int:
     out = _make_out(args.out)
     train, weight = distributed.shard_batch(train, group)
     optimizer = _eos_optimizer(args, params, lr)
-    if args.optimizer == "sqrt-loss":
-        from .optim import sqrt_loss
-
-        def objective(outputs, targets):
-            return sqrt_loss(data.mse_loss(outputs, targets))
-    else:
-        objective = data.mse_loss
+    objective = _eos_objective(args)
     tracker = eos.SharpnessTracker(
         model, objective, train, every=args.every, k=args.k, guard=args.guard, optimizer=optimizer,
         tol=args.tol, seed=args.seed,
     )
-    x, y = train
-    progress = _Progress(steps, args.quiet or not lead)
+    return _EosRun(model, params, objective, train, weight, test, classify, optimizer, tracker,
+                   group, lead, out)
+
+
+def _eos_objective(args) -> Callable:
+    """The training loss: MSE, or its square root for ``--optimizer sqrt-loss``."""
+    from . import data
+
+    if args.optimizer != "sqrt-loss":
+        return data.mse_loss
+    from .optim import sqrt_loss
+
+    def objective(outputs, targets):
+        return sqrt_loss(data.mse_loss(outputs, targets))
+
+    return objective
+
+
+def _eos_train(args, lr: float, run: _EosRun) -> tuple[list[dict], bool, float]:
+    """The training loop: ``(rows, diverged, wall time)``, one row a step, each written to
+    metrics.jsonl (on rank 0) as it comes; stops at the first non-finite loss."""
+    import os
+    import time
+
+    from . import report
+
+    progress = _Progress(args.steps, args.quiet or not run.lead)
     rows = []
     start = time.perf_counter()
     diverged = False
     record = None
-    with report.MetricsWriter(out / "metrics.jsonl" if lead else os.devnull) as writer:
-        for step in range(steps):
-            seen = {}
-
-            def closure():
-                optimizer.zero_grad(set_to_none=True)
-                outputs = model(x)
-                value = objective(outputs, y) * weight
-                if not seen:  # DAL's finite-difference probe calls it again, elsewhere
-                    seen["outputs"] = outputs.detach()
-                    seen["loss"] = float(data.mse_loss(seen["outputs"], y))
-                if args.optimizer != "dal":
-                    value.backward()
-                    distributed.all_reduce_grads(params, group)
-                return value
-
-            try:
-                # Measured before the update, as in Cohen et al.: the sharpness this step sees.
-                measured = tracker.step(step)
-                optimizer.step(closure)
-            except FloatingPointError:
+    with report.MetricsWriter(run.out / "metrics.jsonl" if run.lead else os.devnull) as writer:
+        for step in range(args.steps):
+            result = _eos_step(args, run, step)
+            if result is None:
                 diverged = True
                 break
-            accuracy = None
-            if classify:
-                accuracy = float((seen["outputs"].argmax(1) == y.argmax(1)).double().mean())
-            loss, accuracy = distributed.example_mean([seen["loss"], accuracy], len(x), group)
-            if not math.isfinite(loss):
-                diverged = True
-                break
-            tracker.losses.append((step, loss))
+            loss, accuracy, measured = result
+            run.tracker.losses.append((step, loss))
             record = measured or record
-            rate = float(optimizer.last_lr) if args.optimizer == "dal" else lr
+            rate = float(run.optimizer.last_lr) if args.optimizer == "dal" else lr
             row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": rate}
             if measured is not None:
                 for key in ("sharpness", "preconditioned_sharpness", "threshold", "ratio",
@@ -414,35 +442,85 @@ def _train_and_track(args, lr: float) -> int:
                     row[key] = measured[key]
             writer.write(row)
             rows.append(row)
-            if record is not None:
-                tracked = record["preconditioned_sharpness"]
-                tracked = record["sharpness"] if tracked is None else tracked
-                text = (f"loss {loss:.4g}  sharpness {tracked:.4g} / threshold "
-                        f"{record['threshold']:.4g}")
-            else:
-                text = f"loss {loss:.4g}"
-            progress.update(step, text, time.perf_counter())
+            progress.update(step, _eos_progress_text(loss, record), time.perf_counter())
     progress.close()
-    wall = time.perf_counter() - start
+    return rows, diverged, time.perf_counter() - start
 
-    summary = {
+
+def _eos_step(args, run: _EosRun, step: int) -> tuple[float, float | None, dict | None] | None:
+    """One tracked optimizer step: ``(loss, accuracy, the tracker's measurement or None)``,
+    example means over the ranks, or None when the step diverged."""
+    from . import data, distributed
+
+    x, y = run.train
+    seen = {}
+
+    def closure():
+        run.optimizer.zero_grad(set_to_none=True)
+        outputs = run.model(x)
+        value = run.objective(outputs, y) * run.weight
+        if not seen:  # DAL's finite-difference probe calls it again, elsewhere
+            seen["outputs"] = outputs.detach()
+            seen["loss"] = float(data.mse_loss(seen["outputs"], y))
+        if args.optimizer != "dal":
+            value.backward()
+            distributed.all_reduce_grads(run.params, run.group)
+        return value
+
+    try:
+        # Measured before the update, as in Cohen et al.: the sharpness this step sees.
+        measured = run.tracker.step(step)
+        run.optimizer.step(closure)
+    except FloatingPointError:
+        return None
+    accuracy = None
+    if run.classify:
+        accuracy = float((seen["outputs"].argmax(1) == y.argmax(1)).double().mean())
+    loss, accuracy = distributed.example_mean([seen["loss"], accuracy], len(x), run.group)
+    if not math.isfinite(loss):
+        return None
+    return loss, accuracy, measured
+
+
+def _eos_progress_text(loss: float, record: dict | None) -> str:
+    """The progress line: the loss and, once measured, the tracked sharpness and threshold."""
+    if record is None:
+        return f"loss {loss:.4g}"
+    tracked = record["preconditioned_sharpness"]
+    tracked = record["sharpness"] if tracked is None else tracked
+    return f"loss {loss:.4g}  sharpness {tracked:.4g} / threshold {record['threshold']:.4g}"
+
+
+def _eos_summary(args, lr: float, run: _EosRun, rows: list[dict], diverged: bool,
+                 wall: float) -> dict:
+    """summary.json's content. Every rank computes it: the Hessian products of the final
+    stability report may reduce over the ranks."""
+    from . import eos
+
+    return {
         "command": "pfkernels eos",
-        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"lr": lr, "steps": steps},
-        "threshold": eos.stability_threshold(optimizer).as_dict(),
+        "config": ({k: v for k, v in vars(args).items() if k != "func"}
+                   | {"lr": lr, "steps": args.steps}),
+        "threshold": eos.stability_threshold(run.optimizer).as_dict(),
         "steps_run": len(rows),
         "diverged": diverged,
         "final_loss": rows[-1]["loss"] if rows else None,
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
-        "test_accuracy": _test_accuracy(model, test) if classify else None,
+        "test_accuracy": _test_accuracy(run.model, run.test) if run.classify else None,
         "wall_time": wall,
-        "tracking_time": sum(r["time"] for r in tracker.history),
-        "eos": tracker.summary(),
-        "stability_report": _final_stability_report(args, model, objective, train, lr, tracker,
-                                                    diverged),
+        "tracking_time": sum(r["time"] for r in run.tracker.history),
+        "eos": run.tracker.summary(),
+        "stability_report": _final_stability_report(args, run.model, run.objective, run.train, lr,
+                                                    run.tracker, diverged),
         "files": ["metrics.jsonl", "summary.json", "report.png"],
     }
-    if not lead:
-        return 1 if diverged else 0
+
+
+def _write_eos_results(args, lr: float, out: Path, rows: list[dict], summary: dict,
+                       wall: float, diverged: bool) -> None:
+    """summary.json and report.png in ``out``, and what the run found on stdout (rank 0)."""
+    from . import report
+
     (out / "summary.json").write_text(json.dumps(report.to_jsonable(summary), indent=2) + "\n")
     title = f"{args.optimizer}, lr={lr:g}, {args.model} on {args.dataset} ({args.n_train} examples)"
     report.plot_eos_report(rows, out / "report.png", title=title)
@@ -456,7 +534,6 @@ def _train_and_track(args, lr: float) -> int:
         print(f"edge of stability not reached (largest sharpness/threshold {e['max_ratio']:.3g})")
     if diverged:
         print(f"training diverged at step {len(rows)} (non-finite loss)")
-    return 1 if diverged else 0
 
 
 def _final_stability_report(args, model, objective, train, lr, tracker, diverged):
