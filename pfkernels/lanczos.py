@@ -761,7 +761,9 @@ class _Lanczos:
         self.vals = torch.zeros(B, k, dtype=f64)
         self.res = torch.zeros(B, k, dtype=f64)
         self.conv = torch.zeros(B, k, dtype=torch.bool)
-        self.vecs = torch.zeros(B, k, n, dtype=work, device=dev)
+        # the returned Ritz vectors [B, k, n], made when the first problem finishes: a single
+        # problem's are the Ritz block itself, reordered in place (no second k x n copy)
+        self.vecs: Tensor | None = None
         self.n_keep = min(m - 1, k + int(_KEEP_FRAC * (m - k)))
         self.l = 0  # basis rows 0..l-1 hold kept Ritz vectors (arrowhead part of T)
         self.j = 0  # next step computes A v_j
@@ -963,8 +965,14 @@ class _Lanczos:
                 self.vals[p, :cnt] = values[order]
                 self.res[p, :cnt] = r[order]
                 self.conv[p, :cnt] = ok[order]
-                for i, o in enumerate(order.tolist()):  # row by row: no k x n gathered copy
-                    self.vecs[p, i] = U[o]
+                if self.B == 1 and U.dtype == self.work:
+                    self.vecs = _permute_rows_(U, order.tolist()).unsqueeze(0)
+                else:
+                    if self.vecs is None:
+                        self.vecs = torch.zeros(self.B, self.k, self.op.n, dtype=self.work,
+                                                device=self.device)
+                    for i, o in enumerate(order.tolist()):  # row by row: no k x n copy
+                        self.vecs[p, i] = U[o]
                 self.active[p] = False
         return not bool(self.active.any())
 
@@ -1419,6 +1427,26 @@ class _WarmDavidson:
         ar = torch.arange(q)
         self.M[:, ar, ar] = torch.gather(theta, 1, keep)
         self.cur = q
+
+
+def _permute_rows_(U: Tensor, order: list[int]) -> Tensor:
+    """``U[i] = U[order[i]]`` for ``i < len(order)`` (a permutation of ``range(len(order))``)
+    in place, following its cycles with one row of temporary memory; returns ``U``."""
+    done = [False] * len(order)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        first = U[start].clone()
+        i = start
+        while True:
+            done[i] = True
+            j = order[i]
+            if j == start:
+                U[i] = first
+                break
+            U[i] = U[j]
+            i = j
+    return U
 
 
 def _ritz(S: Tensor, V: Tensor) -> Tensor:

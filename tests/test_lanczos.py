@@ -107,6 +107,21 @@ def test_large_k_bounded_basis(gen, seed):
     _check_invariants(A, res, 30, "LA", 1e-9, 1e-7)
 
 
+def test_permute_rows_in_place_matches_gather(gen):
+    """The in-place reordering of a single problem's Ritz block (what spares eigsh a second
+    k x n copy of its eigenvectors) equals a gathered copy, rows past the order untouched."""
+    from pfkernels.lanczos import _permute_rows_
+
+    for k in (1, 2, 3, 7, 12):
+        for cnt in sorted({0, 1, k - 1, k}):
+            U = torch.randn(k, 5, dtype=F64, generator=gen)
+            order = torch.randperm(cnt, generator=gen).tolist()
+            want = U.clone()
+            want[:cnt] = U[order]
+            got = _permute_rows_(U, order)
+            assert got is U and torch.equal(got, want), (k, order)
+
+
 def test_float32_operator(gen, seed):
     A = _with_spectrum(SPECTRA["separated"](200, gen), gen).float()
     res = eigsh(A, k=3, tol=1e-4, seed=seed)
