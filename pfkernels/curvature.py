@@ -174,13 +174,16 @@ class CurvatureOperator:
         if not isinstance(v, Tensor):
             raise TypeError(f"argument '{name}': must be a tensor, got {type(v).__name__}")
         n = self._source.n
-        ok = (v.dim() == 1 or (batched and v.dim() == 2)) and v.shape[-1] == n
-        want = f"[{n}]" + (f" or [B, {n}]" if batched else "")
-        _check_arg(ok, name, f"must have shape {want}, got {tuple(v.shape)}")
-        _check_arg(v.dtype == self.dtype, name,
-                   f"dtype {v.dtype} differs from the operator's {self.dtype}")
-        _check_arg(v.device == self.device, name,
-                   f"device {v.device} differs from the operator's {self.device}")
+        # Messages are formatted only on failure: this runs on every product (the f-strings
+        # cost more than the tests on a small operator).
+        if not ((v.dim() == 1 or (batched and v.dim() == 2)) and v.shape[-1] == n):
+            want = f"[{n}]" + (f" or [B, {n}]" if batched else "")
+            _check_arg(False, name, f"must have shape {want}, got {tuple(v.shape)}")
+        if v.dtype != self.dtype:
+            _check_arg(False, name, f"dtype {v.dtype} differs from the operator's {self.dtype}")
+        if v.device != self.device:
+            _check_arg(False, name,
+                       f"device {v.device} differs from the operator's {self.device}")
 
     def _product(self, v: Tensor) -> Tensor:
         """The product for ``v`` ``[n]`` or ``[B, n]``: by default the example-weighted mean of

@@ -228,8 +228,8 @@ def _hf_loss(outputs: Any) -> Any:
 def _check_loss(out: Any, name: str) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"argument '{name}': must return a tensor, got {type(out).__name__}")
-    _check_arg(out.dim() == 0, name,
-               f"must return a scalar (0-d) loss, got shape {tuple(out.shape)}")
+    if out.dim() != 0:  # the message formatted only on failure: this runs on every evaluation
+        _check_arg(False, name, f"must return a scalar (0-d) loss, got shape {tuple(out.shape)}")
     # Differentiating a loss that no selected parameter reaches would give H = 0 and a
     # "converged" zero spectrum; it is a detached loss, a no_grad block or the wrong parameters,
     # never what the caller meant.
