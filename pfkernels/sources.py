@@ -271,9 +271,11 @@ class FunctionSource:
 
     ``f(x)`` takes a tensor shaped like ``x0`` (1-D, floating) and returns a 0-d tensor written
     in torch operations. Operators over outputs (Gauss-Newton, Fisher) need a model, not this.
+    ``name``: what messages about ``f``'s result call it (the caller's argument name).
+    :meth:`set_point` moves the point without building a new source.
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor], x0: Tensor) -> None:
+    def __init__(self, f: Callable[[Tensor], Tensor], x0: Tensor, *, name: str = "f") -> None:
         if not callable(f):
             raise TypeError(f"argument 'f': must be callable, got {type(f).__name__}")
         if not isinstance(x0, Tensor):
@@ -282,7 +284,9 @@ class FunctionSource:
         _check_arg(x0.numel() > 0, "x0", "is empty")
         _check_arg(x0.dtype.is_floating_point, "x0", f"must be floating, got {x0.dtype}")
         self.function = f
+        self._name = name
         self._x0 = x0.detach().clone()
+        self._moves = 0
         self.dtype = x0.dtype
         self.device = x0.device
         self.names = ["x"]
@@ -297,6 +301,19 @@ class FunctionSource:
     def point(self) -> Tensor:
         return self._x0
 
+    def set_point(self, x: Tensor) -> None:
+        """Evaluate at ``x`` from now on: ``x`` is held, not copied (shape, dtype and device of
+        ``x0``). An operator's kept graph belongs to the old point and is rebuilt, and so it is
+        after an in-place write to ``x`` (its version counter is part of :meth:`state_key`)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"argument 'x': must be a tensor, got {type(x).__name__}")
+        if not (x.shape == self._x0.shape and x.dtype == self.dtype
+                and x.device == self.device):
+            _check_arg(False, "x", f"must be a {tuple(self._x0.shape)} {self.dtype} tensor on "
+                       f"{self.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
+        self._x0 = x.detach()
+        self._moves += 1
+
     def parameters(self) -> list[nn.Parameter]:
         return []
 
@@ -306,7 +323,7 @@ class FunctionSource:
             yield
 
     def losses(self) -> Iterator[tuple[Callable[[Tensor], Tensor], int]]:
-        yield _checked(self.function, "f"), 1
+        yield _checked(self.function, self._name), 1
 
     def batches(self) -> Iterator[BatchTerms]:
         raise TypeError("argument 'model': this operator differentiates through a model's "
@@ -316,7 +333,8 @@ class FunctionSource:
         return total / count
 
     def state_key(self) -> tuple:
-        return ()
+        """Identifies the point: the moves so far and the held tensor's in-place version."""
+        return (self._moves, self._x0._version)
 
     def describe(self) -> str:
         return "function"
