@@ -339,8 +339,9 @@ class HessianOperator(CurvatureOperator):
             return self._cached_products(v)
         return self._accumulate(_PRODUCT_TERMS[self._method](self, v))
 
-    def _first_order_graphs(self) -> list[tuple[Tensor, Tensor | None, int]]:
-        """Per batch ``(θ leaf, ∇loss_b with its graph or None, n_b)``, rebuilt when stale."""
+    def _first_order_graphs(self) -> list[tuple[Tensor, Tensor, Tensor | None, int]]:
+        """Per batch ``(θ leaf, loss_b detached, ∇loss_b with its graph or None, n_b)``, rebuilt
+        when stale."""
         src = self._source
 
         def build() -> list:
@@ -350,17 +351,19 @@ class HessianOperator(CurvatureOperator):
                 for closure, n in src.losses():
                     th = theta.detach().requires_grad_(True)
                     with torch.enable_grad():
-                        graphs.append((th, _derivative(closure(th), th, create_graph=True), n))
+                        value = closure(th)
+                        g = _derivative(value, th, create_graph=True)
+                    graphs.append((th, value.detach(), g, n))
             return graphs
 
         return self._kept_state(build)
 
     def _cached_products(self, v: Tensor) -> Tensor:
         graphs = self._first_order_graphs()
-        count = sum(n for _, _, n in graphs)
+        count = sum(n for *_, n in graphs)
         if self._source.group is not None:
             total = torch.zeros_like(v)
-            for th, g, n in graphs:
+            for th, _, g, n in graphs:
                 if g is None or not g.requires_grad:
                     continue
                 for row, u in zip(total.view(-1, v.shape[-1]), v.view(-1, v.shape[-1])):
@@ -372,7 +375,7 @@ class HessianOperator(CurvatureOperator):
         rows = []
         for u in (v,) if v.dim() == 1 else v:
             total = None
-            for th, g, n in graphs:
+            for th, _, g, n in graphs:
                 if g is None or not g.requires_grad:
                     continue
                 part = _derivative(g, th, u, retain_graph=True)
@@ -398,36 +401,70 @@ class HessianOperator(CurvatureOperator):
         if sharded is not None:
             return sharded.gradient()
         if self._reusing and self._keeps_state():
-            graphs = self._first_order_graphs()
-            theta = graphs[0][0]
-            total = sum(n * _or_zeros(g, theta).detach() for _, g, n in graphs)
-            return self._source.mean(total, sum(n for _, _, n in graphs))
+            return self._from_graphs(lambda th, _, g: _or_zeros(g, th).detach())
         return super().gradient()
+
+    def _from_graphs(self, term: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+        """``Σ_b n_b term(θ leaf, loss_b, ∇loss_b) / Σ_b n_b`` over the kept first-order
+        graphs."""
+        graphs = self._first_order_graphs()
+        count = sum(n for *_, n in graphs)
+        if self._source.group is not None:
+            total = sum(n * term(th, value, g) for th, value, g, n in graphs)
+            return self._source.mean(total, count)
+        # Local: weighted in place, and one batch (the common case) needs no arithmetic.
+        total = None
+        for th, value, g, n in graphs:
+            part = term(th, value, g)
+            if total is None:
+                total = part.clone() if n == count else part.mul(n / count)
+            else:
+                total.add_(part, alpha=n / count)
+        return total
+
+    @staticmethod
+    def _third_term(th: Tensor, g: Tensor | None, u: Tensor, v: Tensor, retain: bool) -> Tensor:
+        """∇_θ(u·∇(g·v)) from a first-order graph ``g = ∇loss_b`` (kept when ``retain``)."""
+        with torch.enable_grad():
+            hv = None if g is None else _derivative(g, th, v, create_graph=True,
+                                                    retain_graph=True)
+            out = None if hv is None else _derivative(hv, th, u, retain_graph=retain)
+        return _or_zeros(out, th)
 
     def third_derivative(self, u: Tensor, v: Tensor) -> Tensor:
         """∇_θ(uᵀ H(θ) v) = ∇³E(θ)[u, v, ·], a new ``[n]`` tensor.
 
         ``u``, ``v``: ``[n]`` of the operator's dtype and device (symmetric in u and v). Three
-        reverse passes per batch (double backward of ``(∇(∇E·v))·u``), whatever ``method``.
-        Used by the principal flow's non-principal correction −(h²/12)∇³E[g, g].
+        reverse passes per batch (double backward of ``(∇(∇E·v))·u``), whatever ``method``;
+        inside :meth:`reuse_graph` (or with ``cache_graph``) the first-order graph of the
+        double-backward method is shared with the products, so it costs two. Used by the
+        principal flow's non-principal correction −(h²/12)∇³E[g, g] and the central flow.
         """
         self._sharded("third_derivative")
         self._check_vector(u, "u", batched=False)
         self._check_vector(v, "v", batched=False)
+        if self._reusing and self._keeps_state():
+            return self._from_graphs(lambda th, _, g: self._third_term(th, g, u, v, retain=True))
 
         def third_term(closure, theta):
             th = theta.detach().requires_grad_(True)
             with torch.enable_grad():
                 g = _derivative(closure(th), th, create_graph=True)
-                hv = None if g is None else _derivative(g, th, v, create_graph=True)
-                return _or_zeros(None if hv is None else _derivative(hv, th, u), theta)
+            return self._third_term(th, g, u, v, retain=False)
 
         return self._accumulate(third_term)
 
     def loss(self) -> Tensor:
-        """E(θ), the example-weighted mean loss over all batches (and ranks), a 0-d tensor."""
+        """E(θ), the example-weighted mean loss over all batches (and ranks), a 0-d tensor.
+
+        With ``cache_graph`` (or inside :meth:`reuse_graph`) it is read from the kept
+        first-order graph (built if stale), so a loss, gradient and products at one point share
+        one forward pass.
+        """
         if self._sharded() is not None:
             return self._source.loss()
+        if self._reusing and self._keeps_state():
+            return self._from_graphs(lambda th, value, g: value).to(self.dtype)
         return super().loss()
 
     def to_scipy(self):

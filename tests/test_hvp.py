@@ -234,6 +234,41 @@ def test_third_derivative_matches_finite_differences(seed, gen):
     assert torch.allclose(t, swapped, rtol=1e-12)
 
 
+def test_kept_graph_serves_loss_gradient_and_third_derivative_and_follows_set_point(seed, gen):
+    from pfkernels.sources import FunctionSource
+
+    def f(x):
+        return torch.tanh(x).pow(3).sum() + (x[:-1] * x[1:]).exp().sum()
+
+    n = 6
+    x0, x1 = 0.5 * torch.randn(2, n, dtype=torch.float64, generator=gen)
+    u, v = torch.randn(2, n, dtype=torch.float64, generator=gen)
+    source = FunctionSource(f, x0)
+    kept = HessianOperator(source, None, None, method="double-backward", cache_graph=True)
+    for x in (x0, x1):
+        source.set_point(x)
+        fresh = HessianOperator.from_function(f, x)
+        torch.testing.assert_close(kept.loss(), fresh.loss(), rtol=1e-15, atol=0)
+        torch.testing.assert_close(kept.gradient(), fresh.gradient(), rtol=1e-15, atol=0)
+        torch.testing.assert_close(kept.third_derivative(u, v), fresh.third_derivative(u, v),
+                                   rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(kept @ v, fresh @ v, rtol=1e-15, atol=0)
+    x1.mul_(0.5)  # an in-place write to the held point is seen (its version is in the key)
+    torch.testing.assert_close(kept.gradient(), HessianOperator.from_function(f, x1).gradient(),
+                               rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        source.set_point(torch.zeros(n + 1, dtype=torch.float64))
+
+
+def test_function_source_names_the_callers_argument():
+    from pfkernels.sources import FunctionSource
+
+    op = HessianOperator(FunctionSource(lambda t: t * 2, torch.zeros(3), name="loss_fn"),
+                         None, None)
+    with pytest.raises(ValueError, match=r"argument 'loss_fn': must return a scalar \(0-d\)"):
+        op.gradient()
+
+
 def test_third_derivative_of_model(seed, gen):
     model, x, y = tiny_problem(seed)
     op = HessianOperator(model, mse_loss, (x, y))
