@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .._checks import check_arg
 from ..eos import PreconditionedOperator
-from ..hvp import math_attention
+from ..hvp import HessianOperator
+from ..sources import FunctionSource
 
 __all__ = [
     "CentralFlow",
@@ -301,9 +302,10 @@ def _semismooth_newton(
 class _Objective:
     """A float64 view of the user's loss that can be evaluated at any flat parameter vector.
 
-    Subclasses provide loss and gradient, Hessian products, the dense Hessian and third
-    derivatives ∇_w(uᵀH(w)v) at a given w; this base class counts them (the cost model of a
-    flow step) and checks that they are finite.
+    Subclasses provide :meth:`_at`, a :class:`pfkernels.HessianOperator` at a given w; this
+    base class takes loss and gradient, Hessian products, the dense Hessian and third
+    derivatives ∇_w(uᵀH(w)v) from it, counts them (the cost model of a flow step) and checks
+    that the loss and gradient are finite.
     """
 
     start: Tensor
@@ -316,7 +318,8 @@ class _Objective:
 
     def loss_and_gradient(self, w: Tensor) -> tuple[float, Tensor]:
         self.counts["gradients"] += 1
-        loss, grad = self._loss_and_gradient(w)
+        op = self._at(w)
+        loss, grad = float(op.loss()), op.gradient()
         if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
             raise FloatingPointError(f"the loss or its gradient is not finite (loss {loss})")
         return loss, grad
@@ -324,62 +327,44 @@ class _Objective:
     def matvec(self, w: Tensor, V: Tensor) -> Tensor:
         """H(w)·v for v [n], or rows H(w)·v_i for V [B, n]."""
         self.counts["matvecs"] += 1 if V.dim() == 1 else V.shape[0]
-        return self._matvec(w, V)
+        return self._at(w).matvec(V)
 
     def dense_hessian(self, w: Tensor) -> Tensor:
         self.counts["matvecs"] += self.n
-        H = self._dense_hessian(w)
+        H = self._at(w).matvec(torch.eye(self.n, dtype=torch.float64, device=self.device))
         return 0.5 * (H + H.T)
 
     def third_derivative(self, w: Tensor, u: Tensor, v: Tensor) -> Tensor:
         self.counts["third_derivatives"] += 1
-        return self._third_derivative(w, u, v)
+        return self._at(w).third_derivative(u, v)
+
+    def _at(self, w: Tensor):
+        """The :class:`pfkernels.HessianOperator` evaluating at ``w``."""
+        raise NotImplementedError
 
 
 class _FunctionObjective(_Objective):
-    """``f(w)`` of a flat vector, differentiated by reverse mode (double backward).
+    """``f(w)`` of a flat vector through :meth:`pfkernels.HessianOperator.from_function`'s
+    operator, moved from point to point.
 
-    Plain autograd rather than torch.func: on the small problems this path serves (toys, dense
-    Hessians) the functorch transforms cost several times more per call than the arithmetic.
+    Double backward with the first-order graph kept (``cache_graph``): the loss, gradient,
+    products, dense Hessian and third derivatives at one w share one forward pass and one
+    first backward, and a new w (or an in-place write to w) rebuilds it.
     """
 
     def __init__(self, f, start: Tensor) -> None:
         super().__init__(start)
-        self._f = f
-        self._cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        # from_function's operator, with messages naming central's argument: loss_fn.
+        self._source = FunctionSource(f, start, name="loss_fn")
+        self._operator = HessianOperator(self._source, None, None, method="double-backward",
+                                         cache_graph=True, check_finite=False)
+        self._loaded: Tensor | None = None
 
-    def _graph(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(x, loss, ∇f(x)) with the gradient's graph kept, shared by every query at this w."""
-        if self._cache is not None and self._cache[0] is w:
-            return self._cache[1:]
-        x = w.detach().requires_grad_(True)
-        with torch.enable_grad(), math_attention():  # differentiated up to three times
-            loss = self._f(x)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError("argument 'loss_fn': must return a 0-d tensor")
-            (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-        self._cache = (w, x, loss, grad)
-        return x, loss, grad
-
-    def _loss_and_gradient(self, w: Tensor) -> tuple[float, Tensor]:
-        _, loss, grad = self._graph(w)
-        return float(loss.detach()), grad.detach()
-
-    def _matvec(self, w: Tensor, V: Tensor) -> Tensor:
-        x, _, grad = self._graph(w)
-        rows = V.reshape(-1, self.n)
-        out = [torch.autograd.grad(grad, x, v, retain_graph=True)[0] for v in rows]
-        return torch.stack(out).reshape(V.shape)
-
-    def _dense_hessian(self, w: Tensor) -> Tensor:
-        return self._matvec(w, torch.eye(self.n, dtype=torch.float64, device=self.device))
-
-    def _third_derivative(self, w: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        x, _, grad = self._graph(w)
-        with torch.enable_grad():
-            (hv,) = torch.autograd.grad(grad, x, v, create_graph=True)
-            (out,) = torch.autograd.grad(hv, x, u, retain_graph=True)
-        return out
+    def _at(self, w: Tensor):
+        if self._loaded is not w:
+            self._source.set_point(w)
+            self._loaded = w
+        return self._operator
 
 
 class _ModelObjective(_Objective):
@@ -390,8 +375,6 @@ class _ModelObjective(_Objective):
     """
 
     def __init__(self, triple: tuple, params: object) -> None:
-        from ..hvp import HessianOperator
-
         model, loss, data = triple
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"argument 'loss_fn': model must be a torch.nn.Module, got {type(model).__name__}")
@@ -410,19 +393,6 @@ class _ModelObjective(_Objective):
                 torch.nn.utils.vector_to_parameters(w, self._trainable)
             self._loaded = w
         return self._operator
-
-    def _loss_and_gradient(self, w: Tensor) -> tuple[float, Tensor]:
-        op = self._at(w)
-        return float(op.loss()), op.gradient()
-
-    def _matvec(self, w: Tensor, V: Tensor) -> Tensor:
-        return self._at(w).matvec(V)
-
-    def _dense_hessian(self, w: Tensor) -> Tensor:
-        return self._at(w).matvec(torch.eye(self.n, dtype=torch.float64, device=self.device))
-
-    def _third_derivative(self, w: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return self._at(w).third_derivative(u, v)
 
 
 def _make_objective(loss_fn: object, params: object) -> _Objective:
