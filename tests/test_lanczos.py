@@ -639,8 +639,11 @@ def test_eigenvalue_tol_bounds_the_eigenvalue_error(spectrum, gen, seed):
     same number. Which eigenvalue is the docstring's caveat: from a random start an eigenvalue the
     Krylov space has not reached is not seen, so on the clustered spectrum (5.000, 5.001, ...,
     5.005) a cold k = 2 solve returned 5.003 for 5.004 on 2 of 60 seeds (PFK_SEED=284417413 is
-    one; the residual test at 1e-6 on 0 of 60, at 6% more products). The top pair is checked
-    against the largest eigenvalue."""
+    one; the residual test at 1e-6 on 0 of 60, at 6% more products), and on Gaussian spectra
+    ("indefinite", top gaps down to 0.02) it returned lambda_3 for lambda_2 on 1 of 300 random problems
+    (PFK_SEED=4259383261 is another; the residual test 0 of 300, at 1.8x the products there).
+    The top pair is checked against the largest eigenvalue; the ordering of the rest only on the
+    separated spectrum."""
     A = _with_spectrum(SPECTRA[spectrum](300, gen), gen)
     ref = _reference(A, 2, "LA")
     spectrum_of_A = torch.linalg.eigvalsh(A)
@@ -651,7 +654,7 @@ def test_eigenvalue_tol_bounds_the_eigenvalue_error(spectrum, gen, seed):
     nearest = (fast.eigenvalues[:, None] - spectrum_of_A[None, :]).abs().min(1).values
     assert (nearest <= tol * fast.eigenvalues.abs()).all(), (fast.eigenvalues, ref)
     assert abs(float(fast.eigenvalues[0] - ref[0])) <= tol * float(ref[0]), (fast.eigenvalues, ref)
-    if spectrum != "clustered_top":
+    if spectrum == "separated":
         assert ((fast.eigenvalues - ref).abs() <= tol * ref.abs()).all(), (fast.eigenvalues, ref)
     assert fast.num_matvecs <= slow.num_matvecs
     U = fast.eigenvectors
