@@ -5,20 +5,48 @@ reverse does not: models sharded by torch FSDP2 (``fully_shard``; double backwar
 all-gather/reduce-scatter hooks fails with "appears to not have been used in the graph"), DDP,
 compiled or fused training steps, any engine that leaves gradients in ``.grad``.
 
-Step size. With unit roundoff ``u`` of the parameters' dtype,
+Step size. With unit roundoff ``u`` of the parameters' dtype and ``θ_rms = ‖θ‖ / √n`` the
+root-mean-square parameter (``n`` the number of parameters, over all shards),
 
-    ε = u^(1/3) · (1 + ‖θ‖) / ‖v‖,
+    ε = u^(1/3) · (1 + θ_rms) / ‖v‖,
 
-the classical balance of a central difference: the truncation error is ``ε² ‖v‖³ |∇⁴E| / 6``
-(relative: ``O(u^(2/3))``), the rounding error of the two gradients divided by ``2ε`` is
-``O(u ‖g‖ / ε)`` (relative: ``O(u^(2/3))`` too at this ε), so the relative error of a product is
-``O(u^(2/3))`` times problem constants (u^(2/3) = 2.4e-5 in float32, 1.9e-11 in float64).
-Measured (bench/bench_finite_difference.py, bench/results/finite_difference_cpu.json: digits
-MLP, 55,210 parameters, against float64 double backward): products 2.1e-5 (float32) and 7.4e-11
-(float64) relative error, median of 8 directions; top-2 eigenvalues 5e-5 / 2e-4 (float32) and
-2e-10 (float64); a product cost 0.75-0.81 of a fresh double-backward one. Pass ``eps=`` to
-override the step. Only float32 and float64 parameters are accepted: in bfloat16
-or float16 ``u^(1/3)`` is 0.2 or 0.1, no derivative at all.
+so the perturbation ``εv`` has length ``h = u^(1/3) (1 + θ_rms)``: the classical scalar rule
+``u^(1/3) max(1, |x|)`` with the typical size of one parameter for ``|x|``. The relative error of a
+product along a unit ``v`` is about
+
+    u ‖θ‖ ρ / (h ‖Hv‖)   +   h² ‖∇³g[v, v, v]‖ / (6 ‖Hv‖)
+
+(``ρ`` the size ``‖Hx‖`` of H on a random unit ``x``). The first term is rounding: every coordinate
+of ``θ ± εv`` is rounded by up to ``u |θ_i|``, an error vector of length ~``u ‖θ‖`` that H maps
+into the difference of the two gradients, divided by ``2ε``. The second is truncation, ``(h/L)²``
+with ``L`` the length over which the curvature along ``v`` changes. In a neural network ``L`` is
+set by the size of individual weights (a weight changed by a fraction δ of its size changes the
+activations by O(δ)), not by the whole vector: ‖θ‖ grows like √n at a fixed weight size, ``L``
+does not. The former rule, ``h = u^(1/3) (1 + ‖θ‖)``, therefore stepped far past ``L`` along the
+sharp directions that eigensolvers look for. Measured (bench/bench_fd_step.py,
+bench/results/fd_step_cpu.json; float64 double backward as reference; relative error along the
+top eigenvector / median of 2 random unit directions, this rule vs the former one):
+
+    model: parameters, ‖θ‖              dtype    this rule          former rule
+    digits MLP 2x200: 55,210, 11.7       float32  1.1e-5 / 2.0e-4    9.7e-4 / 2.4e-5
+                                         float64  1.6e-11 / 3.1e-10  1.5e-9 / 3.7e-11
+    GPT-2-shaped 1x32, vocab 1000:       float32  2.8e-3 / 1.5e-4    0.27 / 3.2e-4
+      45,280, 10.6                       float64  4.2e-9 / 2.0e-10   5.2e-7 / 4.8e-10
+    GPT-2-shaped 2x128, vocab 50,257:    float32  2.4e-3 / 1.5e-3    0.93 / 1.4e-4
+      6.8M, 57.7                         float64  3.6e-9 / 2.8e-9    1.2e-5 / 2.0e-10
+
+(random init; ``L`` along the top eigenvectors: 1.6, 0.08, 0.08; along random directions: 11,
+2.4, 20). With ``h`` a parameter's size the rounding term is
+``u^(2/3) ‖θ‖ ρ / ((1 + θ_rms) ‖Hv‖)``: it grows like √n, is small along sharp directions
+(``‖Hv‖ ≫ ρ``) and largest along random ones, where the former rule was better (table). No step
+fits every direction: the best measured lengths are 3e-4 to 3e-3 (top) and 0.01 to 0.1 (random)
+in float32. This rule favours the sharp directions, whose eigenvalues and products matter most; pass
+``eps=`` (the length ``h``) to choose another. On the digits MLP with 1000 examples
+(bench/bench_finite_difference.py, bench/results/finite_difference_cpu.json) eigsh on these
+products found the top-2 eigenvalues 9.9e-7 / 5.2e-7 (float32) and 2.5e-12 / 1.6e-12 (float64)
+off (former rule: 5e-5 / 2e-4, unconverged after 1000 products, and 2e-10); a product costs
+0.73-0.81 of a fresh double-backward one. Only float32 and float64 parameters are accepted: in
+bfloat16 or float16 ``u^(1/3)`` is 0.2 or 0.1, no derivative at all.
 
 Parameters are perturbed in place (that is what lets any engine's own forward and backward see
 θ ± εv) and restored bit for bit after every product, also when the gradient function raises: the
@@ -86,15 +114,16 @@ def sum_of_squares(t: Tensor) -> float:
                for i in range(0, flat.numel(), _NORM_CHUNK))
 
 
-def finite_difference_eps(dtype: torch.dtype, theta_norm: float, v_norm: float,
+def finite_difference_eps(dtype: torch.dtype, theta_rms: float, v_norm: float,
                           eps: float | None = None) -> float:
     """The step ε of a central difference along ``v`` at ``θ`` (see the module docstring):
-    ``u^(1/3) (1 + ‖θ‖) / ‖v‖``, or ``eps / ‖v‖`` when ``eps`` is given (then ``eps`` is the
-    length of the perturbation ``εv``). ``v_norm`` must be positive."""
+    ``u^(1/3) (1 + θ_rms) / ‖v‖`` with ``θ_rms = ‖θ‖ / √n`` the root-mean-square parameter, or
+    ``eps / ‖v‖`` when ``eps`` is given (then ``eps`` is the length of the perturbation ``εv``).
+    ``v_norm`` must be positive."""
     if eps is not None:
         return eps / v_norm
     u = torch.finfo(dtype).eps / 2
-    return u ** (1.0 / 3.0) * (1.0 + theta_norm) / v_norm
+    return u ** (1.0 / 3.0) * (1.0 + theta_rms) / v_norm
 
 
 def central_difference(gradient: Callable[[], list[Tensor]], params: Sequence[Tensor],
@@ -297,18 +326,18 @@ class GradientHessian:
                 p.grad = g
 
     def _norms(self, v: Tensor) -> tuple[float, float]:
-        """(‖θ‖, ‖v‖) over whole vectors (one all-reduce when sharded)."""
+        """(θ_rms = ‖θ‖ / √n, ‖v‖) over whole vectors (one all-reduce when sharded)."""
         theta_sq = sum(sum_of_squares(t) for t in self._locals())
-        sq = torch.tensor([theta_sq, sum_of_squares(v)], dtype=torch.float64)
+        sq = torch.tensor([theta_sq, sum_of_squares(v), float(self._n)], dtype=torch.float64)
         if self._vector_group is not None:
             sq = _dist.all_reduce_sum(sq, self._vector_group)
-        return math.sqrt(float(sq[0])), math.sqrt(float(sq[1]))
+        return math.sqrt(float(sq[0]) / float(sq[2])), math.sqrt(float(sq[1]))
 
     def _product(self, v: Tensor) -> Tensor:
-        theta_norm, v_norm = self._norms(v)
+        theta_rms, v_norm = self._norms(v)
         if v_norm == 0:
             return torch.zeros_like(v)
-        eps = finite_difference_eps(self._dtype, theta_norm, v_norm, self._eps)
+        eps = finite_difference_eps(self._dtype, theta_rms, v_norm, self._eps)
         locals_ = self._locals()
         direction = [c.view_as(t) for c, t in zip(torch.split(v, self._numels), locals_)]
         parts = central_difference(self._gradient, locals_, direction, eps)

@@ -16,7 +16,7 @@ Two ways to take a product (``method``):
 - ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(E), (θ,), (v,))``; blocks of vectors
   go through ``torch.func.vmap``.
 - ``"finite-difference"``: ``(∇E(θ + εv) − ∇E(θ − εv)) / 2ε`` (:mod:`pfkernels.finite_difference`:
-  the step ε from the dtype, ‖θ‖ and ‖v‖, relative error O(u^(2/3))): two gradients per product,
+  the step ε from the dtype, the RMS parameter ‖θ‖/√n and ‖v‖): two gradients per product,
   no second derivative, so it also serves models sharded by FSDP2 (below) and losses whose
   second derivative torch lacks. Never picked by ``"auto"``.
 
@@ -115,14 +115,14 @@ def _double_backward_term(op: HessianOperator, v: Tensor) -> Callable:
 
 def _finite_difference_term(op: HessianOperator, v: Tensor) -> Callable:
     """Central differences of the batch gradients at θ ± εv (θ is a flat copy: the model's
-    parameters are never touched); one ε per vector, from ‖θ‖ and ‖v‖ (the same on every rank of
-    a process group: θ and v are replicated)."""
-    theta_norm = math.sqrt(_fd.sum_of_squares(op.source.point()))
+    parameters are never touched); one ε per vector, from ‖θ‖/√n and ‖v‖ (the same on every rank
+    of a process group: θ and v are replicated)."""
+    theta_rms = math.sqrt(_fd.sum_of_squares(op.source.point()) / max(op.num_parameters, 1))
     rows = v.reshape(-1, op.num_parameters)
     steps = []
     for u in rows:
         norm = math.sqrt(_fd.sum_of_squares(u))
-        steps.append(_fd.finite_difference_eps(op.dtype, theta_norm, norm, op._fd_eps)
+        steps.append(_fd.finite_difference_eps(op.dtype, theta_rms, norm, op._fd_eps)
                      if norm > 0 else 0.0)
 
     def gradient_at(closure, point: Tensor) -> Tensor:
@@ -193,7 +193,7 @@ class HessianOperator(CurvatureOperator):
             pulled in by a pattern; list its names to include it). The others are held fixed.
         method: ``"double-backward"``, ``"forward-over-reverse"``, ``"finite-difference"`` or
             ``"auto"`` (see the module docstring for the measurements behind the choice).
-        fd_eps: finite-difference only: ``None`` (ε from the dtype, ‖θ‖ and ‖v‖, see
+        fd_eps: finite-difference only: ``None`` (ε from the dtype, ‖θ‖/√n and ‖v‖, see
             :mod:`pfkernels.finite_difference`) or the length ``‖εv‖`` of each perturbation.
         dtype: ``None`` (the parameters' dtype) or a floating dtype: then parameters, buffers and
             floating inputs/targets are copied to it (``torch.float64`` for accuracy work).
