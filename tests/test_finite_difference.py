@@ -291,3 +291,42 @@ def test_fsdp_eigsh_on_shards_matches_single_process(fsdp_results):
             assert abs(got - want) < 1e-8 * abs(want), (rank, got, want)
         assert out["overlap"] > 1 - 1e-6
         assert out["vals"] == fsdp_results[0]["vals"]  # the same bits on every rank
+
+
+_NO_GROUP = r"""
+import tempfile, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import pfkernels
+from pfkernels.finite_difference import GradientHessian
+
+f = tempfile.mktemp()
+dist.init_process_group("gloo", init_method=f"file://{f}", rank=0, world_size=1)
+p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), init_device_mesh("cpu", (1,)),
+                                         [Shard(0)]))
+model = torch.nn.Linear(3, 4)
+model.weight = p
+before = p.to_local().clone()
+dist.destroy_process_group()  # sharded parameters left without a process group
+for call in (lambda: GradientHessian(lambda: None, [p]),
+             lambda: pfkernels.HessianOperator(model, lambda o, y: o.sum(), (torch.ones(2, 3), None),
+                                               method="finite-difference")):
+    try:
+        call()
+    except ValueError as exc:
+        print(exc)
+assert torch.equal(p.to_local(), before)
+"""
+
+
+def test_sharded_parameters_without_a_process_group_name_the_argument():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-P", "-c", _NO_GROUP], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done.stdout
+    assert lines[0].startswith("argument 'params':") and "no initialised process group" in lines[0]
+    assert lines[1].startswith("argument 'model':") and "no initialised process group" in lines[1]

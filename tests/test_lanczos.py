@@ -711,3 +711,19 @@ def test_block_warm_start_survives_a_crossing(gen, seed):
     batch = torch.stack([A_new, A_new])
     rb = eigsh(batch, k=1, guard=1, eigenvalue_tol=tol, v0=torch.stack([previous, previous]))
     assert torch.allclose(rb.eigenvalues[:, 0], res.eigenvalues[0].expand(2), rtol=1e-12)
+
+
+def test_progress_bar_counts_products_and_shows_the_top_ritz_value(gen, seed, capsys):
+    """progress=True draws a tqdm bar (stderr) of products with the top Ritz value and residual;
+    the default draws nothing and the result is the same."""
+    A = _with_spectrum(SPECTRA["separated"](300, gen), gen)
+    quiet = eigsh(A, k=1, tol=1e-8, seed=seed)
+    assert capsys.readouterr().err == ""
+    shown = eigsh(A, k=1, tol=1e-8, seed=seed, progress=True)
+    err = capsys.readouterr().err
+    assert "eigsh" in err and "HVP" in err and "top=" in err and "res=" in err, err
+    assert f"{shown.num_matvecs}/" in err or f"{shown.num_matvecs}HVP" in err.replace(" ", ""), err
+    assert torch.equal(shown.eigenvalues, quiet.eigenvalues)
+    assert shown.num_matvecs == quiet.num_matvecs
+    with pytest.raises(TypeError, match="'progress'"):
+        eigsh(A, progress=1)
