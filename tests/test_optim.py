@@ -839,3 +839,33 @@ def test_sqrt_loss_errors():
         sqrt_loss(torch.ones(2))
     with pytest.raises(ValueError, match="argument 'min_loss'"):
         sqrt_loss(torch.tensor(1.0), min_loss=math.inf)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Dropout(0.3), torch.nn.AlphaDropout(0.2)])
+def test_dal_finite_difference_warns_when_the_closure_runs_dropout(layer, seed):
+    """Two evaluations of a closure with dropout in training mode draw two masks, so the finite
+    difference's H·g is noise; DAL says so. Eval mode, p = 0 and exact products stay silent."""
+    import warnings
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), layer,
+                                torch.nn.Linear(8, 1))
+    x, y = torch.randn(16, 5), torch.randn(16, 1)
+
+    def closure():
+        return ((model(x) - y) ** 2).mean()
+
+    def warned(hvp, train):
+        model.train(train)
+        opt = DAL(model.parameters(), p=1, hvp=hvp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(closure)
+        return [str(w.message) for w in caught if "dropout" in str(w.message)]
+
+    got = warned("finite-difference", True)
+    assert len(got) == 1 and "eval mode" in got[0] and "hvp='exact'" in got[0], got
+    assert warned("finite-difference", False) == []
+    assert warned("exact", True) == []
+    layer.p = 0.0
+    assert warned("finite-difference", True) == []

@@ -9,10 +9,12 @@ that did is detected (the ``.grad`` of some parameter changed) and rejected with
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -118,3 +120,32 @@ def finite_difference_hvp(
     return [
         (-g if q is None else q - g) * scale.to(g.dtype) for g, q in zip(grads, probe)
     ]
+
+
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+             F.feature_alpha_dropout)
+
+
+class RandomOps(torch.overrides.TorchFunctionMode):
+    """Notes the first random operation run inside: a dropout function in training mode with
+    p > 0 (what ``nn.Dropout`` and its kin call) or attention with ``dropout_p > 0``.
+    ``found`` is its name, or None. Everything runs as it is; the mode is per thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.found is None:
+            if func in _DROPOUTS:
+                bound = inspect.signature(func).bind(*args, **kwargs)
+                bound.apply_defaults()
+                if bound.arguments["training"] and bound.arguments["p"] > 0:
+                    self.found = f"{func.__name__} (p={bound.arguments['p']:g}, training)"
+            elif func is F.scaled_dot_product_attention:
+                bound = inspect.signature(func).bind(*args, **kwargs)
+                if bound.arguments.get("dropout_p", 0.0) > 0:
+                    self.found = "scaled_dot_product_attention (dropout_p > 0)"
+        return func(*args, **kwargs)
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Callable
 
@@ -25,7 +26,13 @@ from .. import distributed as _dist
 from .. import ops
 from .._checks import check_arg, is_number
 from ..hvp import math_attention
-from ._closure import finite_difference_hvp, gradients, hessian_vector_products, run_closure
+from ._closure import (
+    RandomOps,
+    finite_difference_hvp,
+    gradients,
+    hessian_vector_products,
+    run_closure,
+)
 
 _HVP_METHODS = ("exact", "finite-difference")
 
@@ -233,7 +240,8 @@ class DAL(torch.optim.Optimizer):
     itself (gradient with ``create_graph``, then H·g by double backward, or the finite
     difference) and rejects a closure that touched ``.grad`` with a ValueError. ``.grad`` is left
     as it was. With ``hvp="finite-difference"`` the closure is called twice per step and must be
-    deterministic (no dropout), and the parameters are restored bit for bit after the probe.
+    deterministic (no dropout: a closure that runs dropout in training mode gets a warning), and
+    the parameters are restored bit for bit after the probe.
     Steps outside the window and groups with ``p = 0`` skip the HVP entirely.
 
     Args:
@@ -394,9 +402,18 @@ class DAL(torch.optim.Optimizer):
         ]
         need_hvp = any(uses_rule)
         exact = need_hvp and self.hvp == "exact"
-        # Differentiated twice: attention must run its math path (see hvp.math_attention).
-        with math_attention() if exact else contextlib.nullcontext():
+        # Differentiated twice: attention must run its math path (see hvp.math_attention). A
+        # finite difference evaluates the closure twice, so random ops (dropout in training
+        # mode) would make H·g the difference of two masks: noted and warned about.
+        random_ops = RandomOps() if need_hvp and not exact else None
+        with math_attention() if exact else (random_ops or contextlib.nullcontext()):
             loss = run_closure(closure, params, "DAL")
+        if random_ops is not None and random_ops.found is not None:
+            warnings.warn(
+                f"DAL(hvp='finite-difference'): the closure ran {random_ops.found}; the two "
+                "evaluations of a finite difference draw different masks, so H·g and the rate "
+                "are noise (training stalls or jumps). Put the model in eval mode for the step "
+                "or use hvp='exact', which differentiates one evaluation.", stacklevel=2)
         grads = gradients(loss, params, create_graph=exact)
         used = [i for i, g in enumerate(grads) if g is not None]
         u_grads = [grads[i] for i in used]
